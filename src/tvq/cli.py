@@ -1,0 +1,221 @@
+"""The ``tvq`` command: parses options, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tvq.compress import QuantizeOptions, average_checkpoints, quantize
+from tvq.config import load_quantize_config
+from tvq.errors import ConfigError, TvqError
+from tvq.export import export_task
+from tvq.quant.selection import KeyRule
+from tvq.report import pack_summary
+
+app = typer.Typer(
+    name="tvq",
+    help="Task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging from the packs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handles_errors(fn):
+    """Turn tvq's errors into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TvqError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: no output was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_named_paths(items: list[str], option: str = "--finetuned") -> dict[str, Path]:
+    """``NAME=PATH`` pairs (a bare PATH is named after its file or folder)."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, Path(item).stem if Path(item).is_file() else Path(item).name
+        if not name or not path:
+            raise ConfigError(f"{option} {item!r}: expected NAME=PATH")
+        if name in out:
+            raise ConfigError(f"{option}: task name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@app.command("quantize")
+@handles_errors
+def quantize_cmd(
+    pretrained: Annotated[Path, typer.Option("--pretrained", "-p", help="Pretrained checkpoint (file or HF folder).")],
+    finetuned: Annotated[list[str], typer.Option("--finetuned", "-f", help="NAME=PATH of a fine-tuned checkpoint; repeat per task.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Pack directory to create.")],
+    target: Annotated[Optional[str], typer.Option(help="task_vector (TVQ/RTVQ) or finetuned (FQ).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Bits per task-vector (or offset) element, 1-8.")] = None,
+    residual: Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="RTVQ: shared base + per-task offsets.")] = None,
+    base_bits: Annotated[Optional[int], typer.Option(help="RTVQ base-vector bits, 1-8 (default bits+1).")] = None,
+    error_correction: Annotated[Optional[bool], typer.Option("--error-correction/--no-error-correction", help="RTVQ: offsets against the quantized base.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The paper's quantize_config.json; flags override it.")] = None,
+    key_rule: Annotated[KeyRule, typer.Option(help="ndim: quantize float tensors of 2+ dims; paper: the official key rule.")] = KeyRule.NDIM,
+    average_out: Annotated[Optional[Path], typer.Option(help="Also write the averaged fine-tuned model here (.safetensors).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Quantize task vectors (or fine-tuned weights) into a bit-packed pack."""
+    opts = QuantizeOptions()
+    if config is not None:
+        cfg = load_quantize_config(config)
+        opts = QuantizeOptions(
+            target=cfg.quantize_target,
+            bits=cfg.quantize_task_bit,
+            residual=cfg.quantize_residual,
+            base_bits=cfg.quantize_base_bit,
+            error_correction=cfg.q_error_correction,
+        )
+    for field, value in (("target", target), ("bits", bits), ("residual", residual), ("base_bits", base_bits), ("error_correction", error_correction)):
+        if value is not None:
+            setattr(opts, field, value)
+    opts.key_rule = key_rule
+    report = quantize(
+        pretrained,
+        parse_named_paths(finetuned),
+        out,
+        opts,
+        average_out=average_out,
+        overwrite=overwrite,
+        unsafe_pickle=unsafe_pickle,
+        progress=progress,
+    )
+    m = report.manifest
+    console.print(
+        f"wrote [bold]{out}[/]: {m.method.label}, {len(m.tasks)} tasks, "
+        f"{report.bytes_written / 2**20:.2f} MiB on disk "
+        f"(read {report.bytes_read / 2**20:.1f} MiB, peak RSS {peak_rss_mib():.0f} MiB)",
+        highlight=False,
+    )
+    if average_out is not None:
+        console.print(f"wrote averaged fine-tuned model {average_out}", highlight=False)
+
+
+@app.command("average")
+@handles_errors
+def average_cmd(
+    finetuned: Annotated[list[str], typer.Option("--finetuned", "-f", help="NAME=PATH; repeat per task.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> None:
+    """Write the averaged fine-tuned model (the RTVQ reference θ_avg)."""
+    average_checkpoints(parse_named_paths(finetuned), out, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    console.print(f"wrote {out}", highlight=False)
+
+
+@app.command("info")
+@handles_errors
+def info_cmd(
+    pack: Annotated[Path, typer.Argument(help="Pack directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verify: Annotated[bool, typer.Option(help="Also re-hash every file.")] = False,
+) -> None:
+    """Tasks, method, bits, bytes on disk, compression ratio and quantization error."""
+    summary = pack_summary(pack, verify=verify)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"[bold]{pack}[/]  {summary['method']['label']}  ({summary['method']['key_rule']} key rule)", highlight=False)
+    table = Table(show_footer=True)
+    table.add_column("task", footer="total")
+    table.add_column("bytes on disk", justify="right", footer=f"{summary['total_bytes']:,}")
+    table.add_column("bits/param", justify="right", footer=f"{summary['bits_per_param']:.3f}")
+    table.add_column("FP32 bytes", justify="right", footer=f"{summary['total_fp32_bytes']:,}")
+    table.add_column("ratio", justify="right", footer=f"{summary['ratio']:.1f}x")
+    table.add_column("rel. L2 error", justify="right")
+    for t in summary["tasks"]:
+        table.add_row(t["name"], f"{t['bytes']:,}", f"{t['bits_per_param']:.3f}", f"{t['fp32_bytes']:,}", f"{t['ratio']:.1f}x", f"{t['rel_error']:.4f}")
+    console.print(table)
+    if summary["base_bytes"]:
+        console.print(f"base vector: {summary['base_bytes']:,} bytes (shared; each task above carries 1/T of it)", highlight=False)
+    console.print(
+        f"theoretical size {summary['theoretical_bytes']:,} bytes; on disk {summary['total_bytes']:,} "
+        f"(+{summary['overhead_bytes']:,} headers/manifest)" + ("; checksums verified" if verify else ""),
+        highlight=False,
+    )
+
+
+@app.command("export")
+@handles_errors
+def export_cmd(
+    pack: Annotated[Path, typer.Argument(help="Pack directory.")],
+    task: Annotated[str, typer.Option(help="Task name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    model: Annotated[bool, typer.Option("--model", help="Write θ_pre + τ̂ instead of the task vector.")] = False,
+    dtype: Annotated[str, typer.Option(help="Model dtype with --model: same, float32, float16 or bfloat16.")] = "same",
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+) -> None:
+    """Write one task's dequantized fp32 task vector (or its model) as safetensors."""
+    export_task(pack, task, out, pretrained=pretrained, model=model, dtype=dtype, overwrite=overwrite, unsafe_pickle=unsafe_pickle)
+    console.print(f"wrote {out}", highlight=False)
+
+
+@app.command("verify")
+@handles_errors
+def verify_cmd(pack: Annotated[Path, typer.Argument(help="Pack directory.")]) -> None:
+    """Check the manifest and every file's checksum."""
+    from tvq.pack.reader import open_pack
+
+    open_pack(pack).verify()
+    console.print(f"{pack}: ok", highlight=False)
+
+
+def _register_optional_commands() -> None:
+    """Sub-commands that live in their own packages (merging, benchmark)."""
+    try:
+        from tvq.merge.cli import register as register_merge
+    except ImportError:
+        pass
+    else:
+        register_merge(app, handles_errors)
+    try:
+        from tvq.bench.cli import app as bench_app
+    except ImportError:
+        pass
+    else:
+        app.add_typer(bench_app, name="bench", help="The real benchmark: build fine-tuned models, run every method x precision.")
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

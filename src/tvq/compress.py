@@ -1,0 +1,294 @@
+"""FQ / TVQ / RTVQ: turn one pretrained and T fine-tuned checkpoints into a pack.
+
+Everything streams tensor by tensor: peak memory is about (T + 3) x the largest tensor,
+whatever the model size. Arithmetic is fp32, as in the paper's code, and the operations
+are the paper's, in its order, so the stored codes are bit-identical to its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from tvq import __version__
+from tvq.errors import CheckpointError, ConfigError, where
+from tvq.io.atomic import atomic_dir, atomic_file, check_output
+from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
+from tvq.pack.writer import PackFileWriter
+from tvq.quant.minmax import check_bits
+from tvq.quant.selection import KeyRule, TensorRole, tensor_role
+from tvq.vector import check_compatible
+
+
+@dataclass
+class QuantizeOptions:
+    """What to quantize and how; mirrors the paper's quantize_config.json."""
+
+    target: Literal["task_vector", "finetuned"] = "task_vector"
+    bits: int = 4
+    residual: bool = False
+    base_bits: int | None = None
+    error_correction: bool = False
+    key_rule: KeyRule = KeyRule.NDIM
+
+    def validated(self) -> QuantizeOptions:
+        check_bits(self.bits, "bits")
+        if self.target not in ("task_vector", "finetuned"):
+            raise ConfigError(f"target={self.target!r} is unknown: choose task_vector or finetuned")
+        if self.residual:
+            if self.target != "task_vector":
+                raise ConfigError("residual (RTVQ) quantization needs target=task_vector")
+            if self.base_bits is None:
+                self.base_bits = min(8, self.bits + 1)
+            check_bits(self.base_bits, "base_bits")
+        elif self.error_correction:
+            raise ConfigError("error_correction only applies to residual (RTVQ) quantization")
+        return self
+
+    def method(self) -> Method:
+        return Method(
+            target=self.target,
+            residual=self.residual,
+            bits=self.bits,
+            base_bits=self.base_bits if self.residual else None,
+            error_correction=self.error_correction,
+            key_rule=KeyRule(self.key_rule).value,
+        )
+
+
+@dataclass
+class _Digest:
+    """Content hash of a checkpoint's float tensors, fed in sorted-key order as they stream by."""
+
+    h: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    def update(self, key: str, t: torch.Tensor) -> None:
+        from tvq.io.safetensors_writer import tensor_bytes
+
+        self.h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        self.h.update(tensor_bytes(t))
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+@dataclass
+class QuantizeReport:
+    manifest: Manifest
+    bytes_read: int
+    bytes_written: int
+
+
+def _safe_file_name(index: int, name: str) -> str:
+    return f"tasks/{index:03d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:80]}.safetensors"
+
+
+def _check_finite(t: torch.Tensor, path: Path, key: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{where(path, key)}: contains NaN or Inf")
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum in order, then divide: the paper's get_avg_model_statedict, bit for bit."""
+    total = torch.zeros_like(tensors[0])
+    for t in tensors:
+        total += t
+    return total / len(tensors)
+
+
+def _input_ref(path: str | Path, digest: _Digest, reader: CheckpointReader) -> InputRef:
+    return InputRef(path=str(Path(path).resolve()), digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
+
+
+def _check_task_names(finetuned: dict[str, object]) -> None:
+    if not finetuned:
+        raise ConfigError("no fine-tuned checkpoints given (use --finetuned NAME=PATH)")
+    for name in finetuned:
+        if not name or name != name.strip():
+            raise ConfigError(f"invalid task name {name!r}")
+
+
+def quantize(
+    pretrained: str | Path,
+    finetuned: dict[str, str | Path],
+    out: str | Path,
+    options: QuantizeOptions,
+    *,
+    average_out: str | Path | None = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model)."""
+    options = options.validated()
+    _check_task_names(finetuned)
+    out = Path(out)
+    pre = open_checkpoint(pretrained, unsafe_pickle)
+    readers: dict[str, CheckpointReader] = {name: open_checkpoint(p, unsafe_pickle) for name, p in finetuned.items()}
+    for reader in readers.values():
+        check_compatible(pre, reader)
+    inputs = [Path(pretrained), *map(Path, finetuned.values())]
+    check_output(out, overwrite, inputs)
+    if average_out is not None:
+        check_output(Path(average_out), overwrite, inputs)
+
+    keys = sorted(pre.keys())
+    roles = {k: tensor_role(k, pre.meta(k), options.key_rule) for k in keys}
+    float_keys = [k for k in keys if roles[k] != TensorRole.SKIP]
+    quant_keys = [k for k in float_keys if roles[k] == TensorRole.QUANTIZE]
+    if not float_keys:
+        raise CheckpointError(f"{where(pre.path)}: no floating-point tensors to quantize")
+
+    names = list(readers)
+    digests = {name: _Digest() for name in ["__pretrained__", *names]}
+    err_sq = dict.fromkeys(names, 0.0)
+    ref_sq = dict.fromkeys(names, 0.0)
+    bytes_read = 0
+
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(out))
+        avg_tmp = stack.enter_context(atomic_file(Path(average_out))) if average_out is not None else None
+        task_files = {name: _safe_file_name(i, name) for i, name in enumerate(names)}
+        writers = {name: PackFileWriter(tmp, task_files[name], float_keys, {"task": name}) for name in names}
+        base = PackFileWriter(tmp, "base.safetensors", quant_keys, {"role": "base"}) if options.residual else None
+        avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
+        all_writers = [*writers.values(), *([base] if base else []), *([avg_writer] if avg_writer else [])]
+        stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
+        for key in tqdm(keys, desc=f"quantize {options.method().label}", unit="tensor", disable=not progress):
+            theta_pre = pre.get(key)
+            bytes_read += theta_pre.numel() * theta_pre.element_size()
+            if roles[key] == TensorRole.SKIP:
+                if avg_writer is not None:
+                    avg_writer.add(key, theta_pre)
+                continue
+            _check_finite(theta_pre, pre.path, key)
+            digests["__pretrained__"].update(key, theta_pre)
+            fts = {}
+            for name, reader in readers.items():
+                t = reader.get(key)
+                _check_finite(t, reader.path, key)
+                digests[name].update(key, t)
+                bytes_read += t.numel() * t.element_size()
+                fts[name] = t
+            pre32 = theta_pre.float()
+            avg = None
+            if options.residual or avg_writer is not None:
+                avg = _mean([t.float() for t in fts.values()])
+                if avg_writer is not None:
+                    avg_writer.add(key, avg.to(theta_pre.dtype))
+            for name, (err, ref) in _encode_tensor(key, roles[key], pre32, fts, avg, options, writers, base).items():
+                err_sq[name] += err
+                ref_sq[name] += ref
+        file_entries = {task_files[name]: w.close() for name, w in writers.items()}
+        if base is not None:
+            file_entries["base.safetensors"] = base.close()
+        if avg_writer is not None:
+            avg_writer.close()
+
+        manifest = Manifest(
+            created_by=f"tvq {__version__}",
+            method=options.method(),
+            pretrained=_input_ref(pretrained, digests["__pretrained__"], pre),
+            tasks=[
+                TaskEntry(
+                    name=name,
+                    file=task_files[name],
+                    source=_input_ref(finetuned[name], digests[name], readers[name]),
+                    rel_error=(err_sq[name] / ref_sq[name]) ** 0.5 if ref_sq[name] > 0 else 0.0,
+                )
+                for name in names
+            ],
+            base_file="base.safetensors" if base is not None else None,
+            skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
+            files=file_entries,
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    written = sum(f.bytes for f in manifest.files.values()) + (out / MANIFEST_NAME).stat().st_size
+    return QuantizeReport(manifest=manifest, bytes_read=bytes_read, bytes_written=written)
+
+
+def _encode_tensor(
+    key: str,
+    role: TensorRole,
+    pre32: torch.Tensor,
+    fts: dict[str, torch.Tensor],
+    avg: torch.Tensor | None,
+    options: QuantizeOptions,
+    writers: dict[str, PackFileWriter],
+    base: PackFileWriter | None,
+) -> dict[str, tuple[float, float]]:
+    """Store one tensor for every task; returns per task (squared error, squared norm) of τ̂."""
+    out = {}
+    if role == TensorRole.KEEP:
+        for name, t in fts.items():
+            tau = t.float() - pre32
+            if options.target == "finetuned":
+                writers[name].add_raw(key, t)  # FQ keeps the fine-tuned tensor itself
+            else:
+                writers[name].add_raw(key, tau)
+            out[name] = (0.0, float(tau.double().pow(2).sum()))
+        return out
+
+    if options.target == "finetuned":
+        for name, t in fts.items():
+            tau = t.float() - pre32
+            tau_hat = writers[name].add_quantized(key, t.float(), options.bits) - pre32
+            out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
+        return out
+
+    if not options.residual:
+        for name, t in fts.items():
+            tau = t.float() - pre32
+            tau_hat = writers[name].add_quantized(key, tau, options.bits)
+            out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
+        return out
+
+    assert base is not None and avg is not None and options.base_bits is not None
+    beta = avg - pre32
+    beta_hat = base.add_quantized(key, beta, options.base_bits)
+    reference = (beta_hat + pre32) if options.error_correction else avg
+    for name, t in fts.items():
+        tau = t.float() - pre32
+        offset_hat = writers[name].add_quantized(key, t.float() - reference, options.bits)
+        tau_hat = beta_hat + offset_hat
+        out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
+    return out
+
+
+def average_checkpoints(
+    finetuned: dict[str, str | Path], out: str | Path, *, overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = True
+) -> None:
+    """θ_avg = (1/T) Σ θ_t, the paper's avg_ft_model, streamed to a safetensors file."""
+    _check_task_names(finetuned)
+    readers = [open_checkpoint(p, unsafe_pickle) for p in finetuned.values()]
+    first = readers[0]
+    for r in readers[1:]:
+        check_compatible(first, r)
+    out = Path(out)
+    check_output(out, overwrite, [Path(p) for p in finetuned.values()])
+    keys = sorted(first.keys())
+    with atomic_file(out) as tmp:
+        writer = StreamingSafetensorsWriter(tmp, keys, {"format": "pt"})
+        try:
+            for key in tqdm(keys, desc="average", unit="tensor", disable=not progress):
+                t0 = first.get(key)
+                if not t0.is_floating_point():
+                    writer.add(key, t0)
+                    continue
+                tensors = [r.get(key) for r in readers]
+                for r, t in zip(readers, tensors):
+                    _check_finite(t, r.path, key)
+                writer.add(key, _mean([t.float() for t in tensors]).to(t0.dtype))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise

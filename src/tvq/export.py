@@ -1,0 +1,55 @@
+"""Export one task from a pack: its dequantized task vector, or the reconstructed model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tvq.errors import ConfigError
+from tvq.io.atomic import atomic_file, check_output
+from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.pack.reader import open_pack
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_task(
+    pack_path: str | Path,
+    task: str,
+    out: str | Path,
+    *,
+    pretrained: str | Path | None = None,
+    model: bool = False,
+    dtype: str = "same",
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> None:
+    """Stream τ̂ (fp32) or θ_pre + τ̂ (in the pretrained dtype, or ``dtype``) to ``out``."""
+    if dtype != "same" and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is unknown: choose same, {', '.join(DTYPES)}")
+    pack = open_pack(pack_path, pretrained, unsafe_pickle)
+    pack.manifest.task(task)
+    out = Path(out)
+    inputs = [Path(pack_path)] + ([Path(pretrained)] if pretrained else [])
+    check_output(out, overwrite, inputs)
+    names = list(pack.pretrained.keys()) if model else pack.keys
+    with atomic_file(out) as tmp:
+        writer = StreamingSafetensorsWriter(tmp, names, {"format": "pt", "tvq_task": task})
+        try:
+            for key in tqdm(names, desc=f"export {task}", unit="tensor", disable=not progress):
+                if not model:
+                    writer.add(key, pack.task_tensor(task, key))
+                    continue
+                base = pack.pretrained.get(key)
+                if key not in pack.keys:
+                    writer.add(key, base)  # non-float buffers come from the pretrained model
+                    continue
+                target = base.dtype if dtype == "same" else DTYPES[dtype]
+                writer.add(key, (base.float() + pack.task_tensor(task, key)).to(target))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise

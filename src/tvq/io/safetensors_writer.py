@@ -1,0 +1,101 @@
+"""A streaming safetensors writer: tensors are appended one at a time, never all in RAM.
+
+The safetensors library can only save a complete dict. Packs and merged models are
+written tensor by tensor, so we reserve room for the JSON header up front (sized for the
+worst case), append data, and fill the header in at the end. The result is a standard
+safetensors file (the header is padded with spaces, which the format allows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without a copy when it is contiguous."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+class StreamingSafetensorsWriter:
+    """Append tensors to ``path`` (already a temporary path: atomicity is the caller's job)."""
+
+    def __init__(self, path: Path, names: list[str], metadata: dict[str, str] | None = None) -> None:
+        self.path = path
+        self._metadata = dict(metadata or {})
+        self._allowed = set(names)
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        # Room for the header: each entry's name plus the most its dtype/shape/offsets can take.
+        self._reserved = 256 + sum(len(json.dumps(n)) + 200 for n in names) + len(json.dumps(self._metadata))
+        self._reserved += (-self._reserved) % 8
+        self._fh = open(path, "wb")
+        self._fh.write(b"\0" * (8 + self._reserved))
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Append one tensor; returns the sha256 of its bytes."""
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if name not in self._allowed:
+            raise ValueError(f"tensor {name!r} was not announced to the writer")
+        data = tensor_bytes(tensor)
+        nbytes = data.nbytes
+        self._entries[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._fh.write(data)
+        self._offset += nbytes
+        return hashlib.sha256(data).hexdigest()
+
+    def close(self) -> int:
+        """Write the header into its reserved room; returns the file size in bytes."""
+        header = dict(self._entries)
+        if self._metadata:
+            header["__metadata__"] = self._metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > self._reserved:
+            raise RuntimeError("safetensors header larger than reserved")
+        raw += b" " * (self._reserved - len(raw))
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._fh.flush()
+        self._fh.close()
+        return 8 + len(raw) + self._offset
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

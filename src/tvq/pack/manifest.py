@@ -1,0 +1,101 @@
+"""The pack manifest: a versioned, self-checking JSON description of a pack's contents.
+
+See docs/pack-format.md for the full specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_NAME = "tvq-pack"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorEntry(_Strict):
+    """One stored tensor. ``q``: packed codes; ``raw``: stored as is; ``const``: no data."""
+
+    kind: Literal["q", "raw", "const"]
+    shape: list[int]
+    dtype: str  # dtype of the stored array (raw) or of the reconstruction (q/const: float32)
+    bits: int | None = None
+    scale: float | None = None
+    zero_point: float | None = None
+    value: float | None = None
+    nbytes: int = 0
+    sha256: str | None = None
+
+
+class FileEntry(_Strict):
+    bytes: int
+    sha256: str
+    tensors: dict[str, TensorEntry]
+
+
+class Method(_Strict):
+    """How the pack was made: the paper's four loaders map onto target + residual."""
+
+    target: Literal["task_vector", "finetuned"]
+    residual: bool = False
+    bits: int
+    base_bits: int | None = None
+    error_correction: bool = False
+    quantizer: Literal["minmax"] = "minmax"
+    key_rule: Literal["ndim", "paper"] = "ndim"
+
+    @property
+    def label(self) -> str:
+        if self.residual:
+            ec = "+EC" if self.error_correction else ""
+            return f"RTVQ B{self.base_bits}O{self.bits}{ec}"
+        return f"{'FQ' if self.target == 'finetuned' else 'TVQ'} INT{self.bits}"
+
+
+class InputRef(_Strict):
+    path: str
+    digest: str = Field(description="sha256 over (key, dtype, shape, bytes) of the float tensors, keys sorted")
+    fp32_bytes: int
+
+
+class TaskEntry(_Strict):
+    name: str
+    file: str
+    source: InputRef
+    rel_error: float | None = None
+
+
+class Manifest(_Strict):
+    format: Literal["tvq-pack"] = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    created_by: str
+    method: Method
+    pretrained: InputRef
+    tasks: list[TaskEntry]
+    base_file: str | None = None
+    skipped: list[str] = []
+    files: dict[str, FileEntry]
+    digest: str = ""
+
+    def compute_digest(self) -> str:
+        body = self.model_dump(mode="json", exclude={"digest"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        self.digest = self.compute_digest()
+        return json.dumps(self.model_dump(mode="json"), indent=1)
+
+    def task(self, name: str) -> TaskEntry:
+        for entry in self.tasks:
+            if entry.name == name:
+                return entry
+        from tvq.errors import PackError
+
+        raise PackError(f"no task {name!r} in this pack; tasks: {', '.join(t.name for t in self.tasks)}")

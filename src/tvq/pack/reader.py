@@ -1,0 +1,179 @@
+"""Reading packs lazily: one tensor of one task is decoded without touching the rest.
+
+Every read checks the tensor's sha256 against the manifest; opening checks the manifest's
+own digest, the format version, and each file's size (a truncated file fails at once).
+``Pack.verify()`` re-hashes whole files.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from tvq.errors import PackError, where
+from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.io.safetensors_writer import sha256_file, sha256_tensor
+from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry
+from tvq.quant.minmax import MinMaxParams, minmax_dequantize
+from tvq.quant.packing import unpack_codes
+from tvq.vector import TaskVector
+
+
+def read_manifest(path: Path) -> Manifest:
+    file = path / MANIFEST_NAME
+    if not path.exists():
+        raise PackError(f"{where(path)}: pack not found")
+    if not file.is_file():
+        raise PackError(f"{where(path)}: not a tvq pack (no {MANIFEST_NAME})")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{where(file)}: unreadable manifest ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise PackError(f"{where(file)}: not a tvq pack manifest")
+    if raw.get("version") != FORMAT_VERSION:
+        raise PackError(f"{where(file)}: pack format version {raw.get('version')} is not supported (this tvq reads {FORMAT_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PackError(f"{where(file)}: invalid manifest at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if manifest.digest != manifest.compute_digest():
+        raise PackError(f"{where(file)}: manifest checksum mismatch (the file was modified)")
+    return manifest
+
+
+class Pack:
+    """An opened pack. FQ packs need the pretrained model to form task vectors."""
+
+    def __init__(self, path: str | Path, pretrained: str | Path | CheckpointReader | None = None, unsafe_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._handles: dict[str, object] = {}
+        self._pretrained_arg = pretrained
+        self._unsafe_pickle = unsafe_pickle
+        for rel, entry in self.manifest.files.items():
+            file = self.path / rel
+            if not file.is_file():
+                raise PackError(f"{where(file)}: missing from the pack")
+            size = file.stat().st_size
+            if size != entry.bytes:
+                raise PackError(f"{where(file)}: size {size} bytes, manifest says {entry.bytes} (truncated or modified)")
+
+    # -- what is inside -------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.manifest.tasks]
+
+    @property
+    def method(self):
+        return self.manifest.method
+
+    @cached_property
+    def keys(self) -> list[str]:
+        """The task-vector tensor names (float tensors of the model)."""
+        first = self.manifest.tasks[0].file
+        return list(self.manifest.files[first].tensors)
+
+    def entry(self, task: str, key: str) -> TensorEntry:
+        return self._tensor_entry(self.manifest.task(task).file, key)
+
+    def _tensor_entry(self, rel: str, key: str) -> TensorEntry:
+        try:
+            return self.manifest.files[rel].tensors[key]
+        except KeyError:
+            raise PackError(f"{where(self.path / rel, key)}: no such tensor in the pack") from None
+
+    def file_bytes(self, rel: str) -> int:
+        return self.manifest.files[rel].bytes
+
+    def total_bytes(self) -> int:
+        """Bytes on disk of the whole pack, manifest included."""
+        return sum(f.bytes for f in self.manifest.files.values()) + (self.path / "manifest.json").stat().st_size
+
+    # -- decoding -------------------------------------------------------------------------
+    def _handle(self, rel: str):
+        if rel not in self._handles:
+            try:
+                self._handles[rel] = safe_open(str(self.path / rel), framework="pt")
+            except Exception as exc:
+                raise PackError(f"{where(self.path / rel)}: corrupt pack file ({exc})") from None
+        return self._handles[rel]
+
+    def decode(self, rel: str, key: str) -> torch.Tensor:
+        """The stored value of one tensor: dequantized codes, or the raw tensor as stored."""
+        entry = self._tensor_entry(rel, key)
+        if entry.kind == "const":
+            return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)
+        try:
+            data = self._handle(rel).get_tensor(key)
+        except PackError:
+            raise
+        except Exception as exc:
+            raise PackError(f"{where(self.path / rel, key)}: unreadable ({exc})") from None
+        if sha256_tensor(data) != entry.sha256:
+            raise PackError(f"{where(self.path / rel, key)}: checksum mismatch (pack file corrupted or tampered)")
+        if entry.kind == "raw":
+            return data
+        n = 1
+        for d in entry.shape:
+            n *= d
+        codes = unpack_codes(data, entry.bits, n)
+        params = MinMaxParams(entry.bits, entry.scale, entry.zero_point)
+        return minmax_dequantize(codes, params, tuple(entry.shape))
+
+    @cached_property
+    def pretrained(self) -> CheckpointReader:
+        """The pretrained model (given, or the path recorded at quantization time)."""
+        arg = self._pretrained_arg
+        if arg is not None and hasattr(arg, "get"):
+            return arg
+        path = Path(arg) if arg is not None else Path(self.manifest.pretrained.path)
+        if not path.exists():
+            raise PackError(
+                f"{where(self.path)}: needs the pretrained model, but {path} does not exist; pass --pretrained"
+            )
+        reader = open_checkpoint(path, self._unsafe_pickle)
+        for key in self.keys[:]:
+            if key not in reader.keys() or list(reader.meta(key).shape) != self.entry(self.tasks[0], key).shape:
+                raise PackError(f"{where(path, key)}: the pretrained model does not match the pack")
+        return reader
+
+    def task_tensor(self, task: str, key: str) -> torch.Tensor:
+        """τ̂ for one tensor of one task, in fp32, reading only what it needs."""
+        rel = self.manifest.task(task).file
+        stored = self.decode(rel, key)
+        method = self.manifest.method
+        if method.target == "finetuned":
+            return stored.float() - self.pretrained.get(key).float()
+        if method.residual and key in self.manifest.files[self.manifest.base_file].tensors:
+            return self.decode(self.manifest.base_file, key) + stored
+        return stored.float()
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        if not self.manifest.base_file:
+            raise PackError(f"{where(self.path)}: not an RTVQ pack (no base vector)")
+        return self.decode(self.manifest.base_file, key)
+
+    def task_vector(self, task: str) -> TaskVector:
+        self.manifest.task(task)  # fails early on unknown names
+        return TaskVector(self.keys, lambda key: self.task_tensor(task, key), name=task)
+
+    def task_vectors(self) -> dict[str, TaskVector]:
+        return {name: self.task_vector(name) for name in self.tasks}
+
+    def verify(self) -> None:
+        """Re-hash every file against the manifest (reads the whole pack)."""
+        for rel, entry in self.manifest.files.items():
+            if sha256_file(self.path / rel) != entry.sha256:
+                raise PackError(f"{where(self.path / rel)}: checksum mismatch (pack file corrupted or tampered)")
+
+
+def open_pack(path: str | Path, pretrained: str | Path | CheckpointReader | None = None, unsafe_pickle: bool = False) -> Pack:
+    """Open a pack lazily: ``open_pack(p).task_vector("sst2")["layer.0.weight"]``."""
+    return Pack(path, pretrained, unsafe_pickle)

@@ -1,0 +1,80 @@
+"""The paper's quantizer: asymmetric min-max, one scale per tensor, round half to even.
+
+Reproduces AIM-SKKU/TVQ ``asymmetric_quantization`` bit for bit: the same fp32 operations
+in the same order (scale = (2^b-1)/(max-min), zero_point = -round(scale*min),
+q = clamp(round(scale*x + zero_point), 0, 2^b-1), x_hat = (q - zero_point)/scale).
+Unlike the original, a constant tensor (max == min) is not turned into NaN: it is flagged
+as constant and dequantizes to exactly its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 1, 8
+_CHUNK = 1 << 24  # elements per chunk: bounds temporaries on huge tensors
+
+
+@dataclass(frozen=True)
+class MinMaxParams:
+    """Per-tensor parameters; ``scale`` is the inverse step, as in the paper's code."""
+
+    bits: int
+    scale: float
+    zero_point: float
+    constant: float | None = None  # set when max == min: every element equals this value
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        from tvq.errors import ConfigError
+
+        raise ConfigError(f"{what}={bits!r} is out of range: choose an integer from {MIN_BITS} to {MAX_BITS}")
+    return bits
+
+
+def minmax_params(x: torch.Tensor, bits: int) -> MinMaxParams:
+    """Compute scale and zero point from the tensor's range (fp32, like the reference)."""
+    x = x.float()
+    lo, hi = x.min(), x.max()
+    if bool(lo == hi):
+        return MinMaxParams(bits, 1.0, 0.0, constant=float(lo))
+    qmax = 2**bits - 1
+    scale = qmax / (hi - lo)
+    zero_point = -1 * torch.round(scale * lo)
+    return MinMaxParams(bits, float(scale), float(zero_point))
+
+
+def minmax_quantize(x: torch.Tensor, params: MinMaxParams) -> torch.Tensor:
+    """Integer codes in [0, 2^b-1] as a flat uint8 tensor."""
+    flat = x.reshape(-1)
+    if params.constant is not None:
+        return torch.zeros(flat.numel(), dtype=torch.uint8)
+    scale = torch.tensor(params.scale, dtype=torch.float32)
+    zero_point = torch.tensor(params.zero_point, dtype=torch.float32)
+    qmax = 2**params.bits - 1
+    out = torch.empty(flat.numel(), dtype=torch.uint8)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK].float()
+        out[start : start + _CHUNK] = torch.round(scale * part + zero_point).clamp(0, qmax).to(torch.uint8)
+    return out
+
+
+def minmax_dequantize(codes: torch.Tensor, params: MinMaxParams, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 reconstruction (q - zero_point) / scale, reshaped to ``shape``."""
+    if params.constant is not None:
+        return torch.full(shape, params.constant, dtype=torch.float32)
+    scale = torch.tensor(params.scale, dtype=torch.float32)
+    zero_point = torch.tensor(params.zero_point, dtype=torch.float32)
+    out = torch.empty(codes.numel(), dtype=torch.float32)
+    for start in range(0, codes.numel(), _CHUNK):
+        out[start : start + _CHUNK] = (codes[start : start + _CHUNK].to(torch.float32) - zero_point) / scale
+    return out.reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize (fp32), for error measurement and tests."""
+    params = minmax_params(x, bits)
+    return minmax_dequantize(minmax_quantize(x, params), params, tuple(x.shape))

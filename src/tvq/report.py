@@ -1,0 +1,62 @@
+"""Numbers about a pack, shared by ``tvq info`` and the benchmark reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tvq.pack.manifest import MANIFEST_NAME
+from tvq.pack.reader import open_pack
+
+
+def pack_summary(path: str | Path, verify: bool = False) -> dict:
+    """Bytes on disk per task (with its share of the base), ratios, bits/param and errors."""
+    pack = open_pack(path)
+    if verify:
+        pack.verify()
+    m = pack.manifest
+    n_tasks = len(m.tasks)
+    base_bytes = m.files[m.base_file].bytes if m.base_file else 0
+    manifest_bytes = (Path(path) / MANIFEST_NAME).stat().st_size
+    first = m.files[m.tasks[0].file].tensors
+    n_params = sum(_numel(e.shape) for e in first.values())
+    tasks = []
+    for t in m.tasks:
+        own = m.files[t.file].bytes
+        share = own + base_bytes / n_tasks + manifest_bytes / n_tasks
+        tasks.append(
+            {
+                "name": t.name,
+                "bytes": round(share),
+                "file_bytes": own,
+                "fp32_bytes": t.source.fp32_bytes,
+                "ratio": t.source.fp32_bytes / share,
+                "bits_per_param": share * 8 / max(n_params, 1),
+                "rel_error": t.rel_error,
+                "source": t.source.path,
+            }
+        )
+    total = pack.total_bytes()
+    total_fp32 = sum(t.source.fp32_bytes for t in m.tasks)
+    theoretical = sum(e.nbytes for f in m.files.values() for e in f.tensors.values())
+    return {
+        "path": str(path),
+        "method": {**m.method.model_dump(), "label": m.method.label},
+        "tasks": tasks,
+        "base_bytes": base_bytes,
+        "total_bytes": total,
+        "total_fp32_bytes": total_fp32,
+        "ratio": total_fp32 / total,
+        "bits_per_param": total * 8 / max(n_params * n_tasks, 1),
+        "n_params": n_params,
+        "theoretical_bytes": theoretical,
+        "overhead_bytes": total - theoretical,
+        "pretrained": m.pretrained.path,
+        "skipped": m.skipped,
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
