@@ -178,9 +178,10 @@ def export_cmd(
     dtype: Annotated[str, typer.Option(help="Model dtype with --model: same, float32, float16 or bfloat16.")] = "same",
     overwrite: bool = False,
     unsafe_pickle: bool = False,
+    progress: bool = True,
 ) -> None:
     """Write one task's dequantized fp32 task vector (or its model) as safetensors."""
-    export_task(pack, task, out, pretrained=pretrained, model=model, dtype=dtype, overwrite=overwrite, unsafe_pickle=unsafe_pickle)
+    export_task(pack, task, out, pretrained=pretrained, model=model, dtype=dtype, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
     console.print(f"wrote {out}", highlight=False)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -50,8 +52,9 @@ class StreamingSafetensorsWriter:
         self._allowed = set(names)
         self._entries: dict[str, dict] = {}
         self._offset = 0
-        # Room for the header: each entry's name plus the most its dtype/shape/offsets can take.
-        self._reserved = 256 + sum(len(json.dumps(n)) + 200 for n in names) + len(json.dumps(self._metadata))
+        # Room for the header: each entry's name plus what its dtype/shape/offsets usually take;
+        # close() rewrites the file in the rare case this is not enough (e.g. 5-D shapes).
+        self._reserved = 256 + sum(len(json.dumps(n)) + 120 for n in names) + len(json.dumps(self._metadata))
         self._reserved += (-self._reserved) % 8
         self._fh = open(path, "wb")
         self._fh.write(b"\0" * (8 + self._reserved))
@@ -80,13 +83,26 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = self._metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         if len(raw) > self._reserved:
-            raise RuntimeError("safetensors header larger than reserved")
+            return self._close_with_larger_header(raw)
         raw += b" " * (self._reserved - len(raw))
         self._fh.seek(0)
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
         self._fh.flush()
         self._fh.close()
+        return 8 + len(raw) + self._offset
+
+    def _close_with_larger_header(self, raw: bytes) -> int:
+        """Move the data behind a header that did not fit the reserved room."""
+        raw += b" " * (-len(raw) % 8)
+        self._fh.close()
+        moved = self.path.with_name(self.path.name + ".grow")
+        with open(self.path, "rb") as src, open(moved, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)))
+            dst.write(raw)
+            src.seek(8 + self._reserved)
+            shutil.copyfileobj(src, dst, 1 << 22)
+        os.replace(moved, self.path)
         return 8 + len(raw) + self._offset
 
     def abort(self) -> None:

