@@ -165,7 +165,7 @@ def test_tampered_manifest(tiny):
     out = _packed(tiny)
     m = json.loads((out / "manifest.json").read_text())
     entry = next(iter(m["files"].values()))["tensors"]["encoder.layer.0.attn.weight"]
-    entry["scale"] *= 2
+    entry["params"]["scale"] *= 2
     (out / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(run("info", out), "manifest.json", "checksum mismatch")
 

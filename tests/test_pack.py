@@ -153,7 +153,10 @@ def test_manifest_records_method_inputs_and_checksums(tiny):
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True), progress=False)
     m = json.loads((tiny["dir"] / "p" / "manifest.json").read_text())
     assert m["format"] == "tvq-pack" and m["version"] == 1
-    assert m["method"] == {"target": "task_vector", "residual": True, "bits": 2, "base_bits": 3, "error_correction": True, "quantizer": "minmax", "key_rule": "ndim"}
+    assert m["method"] == {
+        "target": "task_vector", "residual": True, "bits": 2, "base_bits": 3, "error_correction": True,
+        "quantizer": "minmax", "group_size": None, "key_rule": "ndim", "budget_bits": None,
+    }
     assert len(m["pretrained"]["digest"]) == 64 and all(len(t["source"]["digest"]) == 64 for t in m["tasks"])
     assert len({t["source"]["digest"] for t in m["tasks"]}) == 3
     for f in m["files"].values():

@@ -80,6 +80,8 @@ def quantize_cmd(
     error_correction: Annotated[Optional[bool], typer.Option("--error-correction/--no-error-correction", help="RTVQ: offsets against the quantized base.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="The paper's quantize_config.json; flags override it.")] = None,
     key_rule: Annotated[KeyRule, typer.Option(help="ndim: quantize float tensors of 2+ dims; paper: the official key rule.")] = KeyRule.NDIM,
+    quantizer: Annotated[str, typer.Option(help="minmax (paper), mse, group, symmetric, ternary (2 bits) or sign (1 bit).")] = "minmax",
+    group_size: Annotated[int, typer.Option(help="Elements per scale for --quantizer group.")] = 128,
     average_out: Annotated[Optional[Path], typer.Option(help="Also write the averaged fine-tuned model here (.safetensors).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
@@ -100,6 +102,8 @@ def quantize_cmd(
         if value is not None:
             setattr(opts, field, value)
     opts.key_rule = key_rule
+    opts.quantizer = quantizer
+    opts.group_size = group_size
     report = quantize(
         pretrained,
         parse_named_paths(finetuned),

@@ -23,10 +23,23 @@ from tvq.io.atomic import atomic_dir, atomic_file, check_output
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
-from tvq.pack.writer import PackFileWriter
+from tvq.pack.writer import PackFileWriter, announced_names
 from tvq.quant.minmax import check_bits
+from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import KeyRule, TensorRole, tensor_role
 from tvq.vector import check_compatible
+
+
+@dataclass
+class BitPlan:
+    """Bit widths chosen per tensor (and for the RTVQ base) under a memory budget."""
+
+    budget_bits: float
+    bits: dict[str, int]
+    base_bits: dict[str, int] = field(default_factory=dict)
+
+    def get(self, key: str, base: bool = False) -> int | None:
+        return (self.base_bits if base else self.bits).get(key)
 
 
 @dataclass
@@ -39,6 +52,20 @@ class QuantizeOptions:
     base_bits: int | None = None
     error_correction: bool = False
     key_rule: KeyRule = KeyRule.NDIM
+    quantizer: str = "minmax"  # see tvq.quant.schemes; "minmax" is the paper's
+    group_size: int = 128  # for quantizer="group"
+    # per-tensor bit widths chosen by tvq.allocate (None: ``bits``/``base_bits`` everywhere)
+    bit_plan: BitPlan | None = None
+
+    def bits_for(self, key: str, base: bool = False) -> int:
+        if self.bit_plan is not None:
+            planned = self.bit_plan.get(key, base)
+            if planned is not None:
+                return planned
+        return self.base_bits if base else self.bits
+
+    def scheme_options(self) -> dict:
+        return {"group_size": self.group_size} if self.quantizer == "group" else {}
 
     def validated(self) -> QuantizeOptions:
         check_bits(self.bits, "bits")
@@ -50,8 +77,12 @@ class QuantizeOptions:
             if self.base_bits is None:
                 self.base_bits = min(8, self.bits + 1)
             check_bits(self.base_bits, "base_bits")
+            get_scheme(self.quantizer, self.base_bits)
         elif self.error_correction:
             raise ConfigError("error_correction only applies to residual (RTVQ) quantization")
+        get_scheme(self.quantizer, self.bits)
+        if self.quantizer == "group" and not (isinstance(self.group_size, int) and self.group_size >= 2):
+            raise ConfigError(f"group_size={self.group_size!r} must be an integer >= 2")
         return self
 
     def method(self) -> Method:
@@ -62,6 +93,9 @@ class QuantizeOptions:
             base_bits=self.base_bits if self.residual else None,
             error_correction=self.error_correction,
             key_rule=KeyRule(self.key_rule).value,
+            quantizer=self.quantizer,
+            group_size=self.group_size if self.quantizer == "group" else None,
+            budget_bits=self.bit_plan.budget_bits if self.bit_plan is not None else None,
         )
 
 
@@ -158,8 +192,11 @@ def quantize(
         tmp = stack.enter_context(atomic_dir(out))
         avg_tmp = stack.enter_context(atomic_file(Path(average_out))) if average_out is not None else None
         task_files = {name: _safe_file_name(i, name) for i, name in enumerate(names)}
-        writers = {name: PackFileWriter(tmp, task_files[name], float_keys, {"task": name}) for name in names}
-        base = PackFileWriter(tmp, "base.safetensors", quant_keys, {"role": "base"}) if options.residual else None
+        aux = get_scheme(options.quantizer).aux_names
+        task_names = announced_names(float_keys, set(quant_keys), aux)
+        writers = {name: PackFileWriter(tmp, task_files[name], task_names, {"task": name}) for name in names}
+        base_names = announced_names(quant_keys, set(quant_keys), aux)
+        base = PackFileWriter(tmp, "base.safetensors", base_names, {"role": "base"}) if options.residual else None
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
         all_writers = [*writers.values(), *([base] if base else []), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
@@ -228,6 +265,7 @@ def _encode_tensor(
 ) -> dict[str, tuple[float, float]]:
     """Store one tensor for every task; returns per task (squared error, squared norm) of τ̂."""
     out = {}
+    opts = options.scheme_options()
     if role == TensorRole.KEEP:
         for name, t in fts.items():
             tau = t.float() - pre32
@@ -241,24 +279,24 @@ def _encode_tensor(
     if options.target == "finetuned":
         for name, t in fts.items():
             tau = t.float() - pre32
-            tau_hat = writers[name].add_quantized(key, t.float(), options.bits) - pre32
+            tau_hat = writers[name].add_quantized(key, t.float(), options.bits_for(key), options.quantizer, **opts) - pre32
             out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
         return out
 
     if not options.residual:
         for name, t in fts.items():
             tau = t.float() - pre32
-            tau_hat = writers[name].add_quantized(key, tau, options.bits)
+            tau_hat = writers[name].add_quantized(key, tau, options.bits_for(key), options.quantizer, **opts)
             out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
         return out
 
     assert base is not None and avg is not None and options.base_bits is not None
     beta = avg - pre32
-    beta_hat = base.add_quantized(key, beta, options.base_bits)
+    beta_hat = base.add_quantized(key, beta, options.bits_for(key, base=True), options.quantizer, **opts)
     reference = (beta_hat + pre32) if options.error_correction else avg
     for name, t in fts.items():
         tau = t.float() - pre32
-        offset_hat = writers[name].add_quantized(key, t.float() - reference, options.bits)
+        offset_hat = writers[name].add_quantized(key, t.float() - reference, options.bits_for(key), options.quantizer, **opts)
         tau_hat = beta_hat + offset_hat
         out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
     return out

@@ -37,7 +37,7 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
         )
     total = pack.total_bytes()
     total_fp32 = sum(t.source.fp32_bytes for t in m.tasks)
-    theoretical = sum(e.nbytes for f in m.files.values() for e in f.tensors.values())
+    theoretical = sum(e.stored_bytes for f in m.files.values() for e in f.tensors.values())
     return {
         "path": str(path),
         "method": {**m.method.model_dump(), "label": m.method.label},

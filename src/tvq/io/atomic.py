@@ -17,8 +17,10 @@ def check_output(path: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
     resolved = path.resolve()
     for inp in inputs:
         inp_r = Path(inp).resolve()
-        if resolved == inp_r or inp_r.is_relative_to(resolved) or resolved.is_relative_to(inp_r) and inp_r.is_dir():
+        if resolved == inp_r or inp_r.is_relative_to(resolved):
             raise TvqError(f"{where(path)}: output would overwrite the input {inp}")
+        if inp_r.is_dir() and resolved.is_relative_to(inp_r):
+            raise TvqError(f"{where(path)}: output would be written inside the input folder {inp}")
     if path.exists() and not overwrite:
         raise TvqError(f"{where(path)}: output already exists (pass --overwrite to replace it)")
 

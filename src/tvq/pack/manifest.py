@@ -20,6 +20,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AuxEntry(_Strict):
+    """A per-group parameter array stored next to the codes as ``<tensor>::<name>``."""
+
+    nbytes: int
+    sha256: str
+
+
 class TensorEntry(_Strict):
     """One stored tensor. ``q``: packed codes; ``raw``: stored as is; ``const``: no data."""
 
@@ -27,11 +34,16 @@ class TensorEntry(_Strict):
     shape: list[int]
     dtype: str  # dtype of the stored array (raw) or of the reconstruction (q/const: float32)
     bits: int | None = None
-    scale: float | None = None
-    zero_point: float | None = None
+    scheme: str | None = None  # quantizer of a ``q`` tensor (see tvq.quant.schemes)
+    params: dict[str, float] = {}  # its scalar parameters, e.g. scale and zero_point
+    aux: dict[str, AuxEntry] = {}
     value: float | None = None
-    nbytes: int = 0
+    nbytes: int = 0  # bytes of the packed codes or raw data, aux arrays excluded
     sha256: str | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.nbytes + sum(a.nbytes for a in self.aux.values())
 
 
 class FileEntry(_Strict):
@@ -48,15 +60,20 @@ class Method(_Strict):
     bits: int
     base_bits: int | None = None
     error_correction: bool = False
-    quantizer: Literal["minmax"] = "minmax"
+    quantizer: str = "minmax"
+    group_size: int | None = None
     key_rule: Literal["ndim", "paper"] = "ndim"
+    budget_bits: float | None = None  # set when bits were allocated per tensor under a budget
 
     @property
     def label(self) -> str:
+        q = "" if self.quantizer == "minmax" else f" [{self.quantizer}{self.group_size or ''}]"
+        if self.budget_bits is not None:
+            q += f" budget {self.budget_bits:g} bits"
         if self.residual:
             ec = "+EC" if self.error_correction else ""
-            return f"RTVQ B{self.base_bits}O{self.bits}{ec}"
-        return f"{'FQ' if self.target == 'finetuned' else 'TVQ'} INT{self.bits}"
+            return f"RTVQ B{self.base_bits}O{self.bits}{ec}{q}"
+        return f"{'FQ' if self.target == 'finetuned' else 'TVQ'} INT{self.bits}{q}"
 
 
 class InputRef(_Strict):

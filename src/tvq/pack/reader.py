@@ -19,8 +19,9 @@ from tvq.errors import PackError, where
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
 from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry
-from tvq.quant.minmax import MinMaxParams, minmax_dequantize
+from tvq.pack.writer import aux_key
 from tvq.quant.packing import unpack_codes
+from tvq.quant.schemes import get_scheme
 from tvq.vector import TaskVector
 
 
@@ -110,22 +111,26 @@ class Pack:
         entry = self._tensor_entry(rel, key)
         if entry.kind == "const":
             return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)
-        try:
-            data = self._handle(rel).get_tensor(key)
-        except PackError:
-            raise
-        except Exception as exc:
-            raise PackError(f"{where(self.path / rel, key)}: unreadable ({exc})") from None
-        if sha256_tensor(data) != entry.sha256:
-            raise PackError(f"{where(self.path / rel, key)}: checksum mismatch (pack file corrupted or tampered)")
+        data = self._read_verified(rel, key, entry.sha256)
         if entry.kind == "raw":
             return data
         n = 1
         for d in entry.shape:
             n *= d
         codes = unpack_codes(data, entry.bits, n)
-        params = MinMaxParams(entry.bits, entry.scale, entry.zero_point)
-        return minmax_dequantize(codes, params, tuple(entry.shape))
+        aux = {name: self._read_verified(rel, aux_key(key, name), a.sha256) for name, a in entry.aux.items()}
+        return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
+
+    def _read_verified(self, rel: str, name: str, sha256: str | None) -> torch.Tensor:
+        try:
+            data = self._handle(rel).get_tensor(name)
+        except PackError:
+            raise
+        except Exception as exc:
+            raise PackError(f"{where(self.path / rel, name)}: unreadable ({exc})") from None
+        if sha256_tensor(data) != sha256:
+            raise PackError(f"{where(self.path / rel, name)}: checksum mismatch (pack file corrupted or tampered)")
+        return data
 
     @cached_property
     def pretrained(self) -> CheckpointReader:
@@ -139,8 +144,9 @@ class Pack:
                 f"{where(self.path)}: needs the pretrained model, but {path} does not exist; pass --pretrained"
             )
         reader = open_checkpoint(path, self._unsafe_pickle)
-        for key in self.keys[:]:
-            if key not in reader.keys() or list(reader.meta(key).shape) != self.entry(self.tasks[0], key).shape:
+        available = set(reader.keys())
+        for key in self.keys:
+            if key not in available or list(reader.meta(key).shape) != self.entry(self.tasks[0], key).shape:
                 raise PackError(f"{where(path, key)}: the pretrained model does not match the pack")
         return reader
 
