@@ -82,6 +82,9 @@ def quantize_cmd(
     key_rule: Annotated[KeyRule, typer.Option(help="ndim: quantize float tensors of 2+ dims; paper: the official key rule.")] = KeyRule.NDIM,
     quantizer: Annotated[str, typer.Option(help="minmax (paper), mse, group, symmetric, ternary (2 bits) or sign (1 bit).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Elements per scale for --quantizer group.")] = 128,
+    budget_bits: Annotated[Optional[float], typer.Option(help="Allocate bits per tensor: average bits per parameter per task, base included.")] = None,
+    budget_bytes: Annotated[Optional[int], typer.Option(help="Allocate bits per tensor so the pack fits in this many bytes.")] = None,
+    sensitivity: Annotated[Optional[Path], typer.Option(help="JSON {tensor name: weight} for the allocation (e.g. mean Fisher); default 1.")] = None,
     average_out: Annotated[Optional[Path], typer.Option(help="Also write the averaged fine-tuned model here (.safetensors).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
@@ -104,16 +107,17 @@ def quantize_cmd(
     opts.key_rule = key_rule
     opts.quantizer = quantizer
     opts.group_size = group_size
-    report = quantize(
-        pretrained,
-        parse_named_paths(finetuned),
-        out,
-        opts,
-        average_out=average_out,
-        overwrite=overwrite,
-        unsafe_pickle=unsafe_pickle,
-        progress=progress,
-    )
+    named = parse_named_paths(finetuned)
+    common = dict(average_out=average_out, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    if budget_bits is not None or budget_bytes is not None:
+        from tvq.allocate import quantize_within_budget
+
+        report = quantize_within_budget(
+            pretrained, named, out, opts, budget_bits=budget_bits, budget_bytes=budget_bytes,
+            sensitivity=read_sensitivity(sensitivity), **common,
+        )
+    else:
+        report = quantize(pretrained, named, out, opts, **common)
     m = report.manifest
     console.print(
         f"wrote [bold]{out}[/]: {m.method.label}, {len(m.tasks)} tasks, "
@@ -123,6 +127,19 @@ def quantize_cmd(
     )
     if average_out is not None:
         console.print(f"wrote averaged fine-tuned model {average_out}", highlight=False)
+
+
+def read_sensitivity(path: Path | None) -> dict[str, float] | None:
+    """A JSON/YAML mapping of tensor name to a non-negative weight."""
+    if path is None:
+        return None
+    from tvq.config import read_config_file
+
+    weights = read_config_file(path)
+    bad = [k for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+    if bad:
+        raise ConfigError(f"{path}: tensor '{bad[0]}': sensitivity must be a non-negative number")
+    return weights
 
 
 @app.command("average")
@@ -164,6 +181,10 @@ def info_cmd(
     console.print(table)
     if summary["base_bytes"]:
         console.print(f"base vector: {summary['base_bytes']:,} bytes (shared; each task above carries 1/T of it)", highlight=False)
+    if len(summary["allocation"].get("tasks", {})) > 1 or summary["method"]["budget_bits"] is not None:
+        for part, hist in summary["allocation"].items():
+            spread = ", ".join(f"{b} bits: {h['tensors']} tensors / {h['params']:,} params" for b, h in hist.items())
+            console.print(f"allocation ({part}): {spread}", highlight=False)
     console.print(
         f"theoretical size {summary['theoretical_bytes']:,} bytes; on disk {summary['total_bytes']:,} "
         f"(+{summary['overhead_bytes']:,} headers/manifest)" + ("; checksums verified" if verify else ""),

@@ -37,6 +37,7 @@ class BitPlan:
     budget_bits: float
     bits: dict[str, int]
     base_bits: dict[str, int] = field(default_factory=dict)
+    budget_bytes: int | None = None
 
     def get(self, key: str, base: bool = False) -> int | None:
         return (self.base_bits if base else self.bits).get(key)
@@ -131,8 +132,12 @@ def _check_finite(t: torch.Tensor, path: Path, key: str) -> None:
         raise CheckpointError(f"{where(path, key)}: contains NaN or Inf")
 
 
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in order, then divide: the paper's get_avg_model_statedict, bit for bit."""
+def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum in order, then divide: the paper's get_avg_model_statedict, bit for bit, except
+    that the mean of identical tensors is that tensor. (In fp32 (x+x+x)/3 != x; for a tensor
+    no task changed, that rounding noise would cost RTVQ a full base and noisy offsets.)"""
+    if all(torch.equal(t, tensors[0]) for t in tensors[1:]):
+        return tensors[0].clone()
     total = torch.zeros_like(tensors[0])
     for t in tensors:
         total += t
@@ -219,7 +224,7 @@ def quantize(
             pre32 = theta_pre.float()
             avg = None
             if options.residual or avg_writer is not None:
-                avg = _mean([t.float() for t in fts.values()])
+                avg = mean_of([t.float() for t in fts.values()])
                 if avg_writer is not None:
                     avg_writer.add(key, avg.to(theta_pre.dtype))
             for name, (err, ref) in _encode_tensor(key, roles[key], pre32, fts, avg, options, writers, base).items():
@@ -325,7 +330,7 @@ def average_checkpoints(
                 tensors = [r.get(key) for r in readers]
                 for r, t in zip(readers, tensors):
                     _check_finite(t, r.path, key)
-                writer.add(key, _mean([t.float() for t in tensors]).to(t0.dtype))
+                writer.add(key, mean_of([t.float() for t in tensors]).to(t0.dtype))
             writer.close()
         except BaseException:
             writer.abort()

@@ -38,8 +38,21 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
     total = pack.total_bytes()
     total_fp32 = sum(t.source.fp32_bytes for t in m.tasks)
     theoretical = sum(e.stored_bytes for f in m.files.values() for e in f.tensors.values())
+    allocation = {}
+    for label, rel in [("base", m.base_file), ("tasks", m.tasks[0].file)]:
+        if rel is None:
+            continue
+        hist: dict[str, dict[str, int]] = {}
+        for e in m.files[rel].tensors.values():
+            if e.kind == "raw":
+                continue
+            h = hist.setdefault("0" if e.kind == "const" else str(e.bits), {"tensors": 0, "params": 0})
+            h["tensors"] += 1
+            h["params"] += _numel(e.shape)
+        allocation[label] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     return {
         "path": str(path),
+        "allocation": allocation,
         "method": {**m.method.model_dump(), "label": m.method.label},
         "tasks": tasks,
         "base_bytes": base_bytes,

@@ -1,0 +1,97 @@
+"""Bit allocation under a byte budget: fits on disk, and beats one global width."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tvq import QuantizeOptions, open_pack, quantize
+from tvq.allocate import Option, choose, quantize_within_budget
+from tvq.cli import app
+from tvq.errors import ConfigError
+from tvq.report import pack_summary
+
+
+def test_choose_is_the_knapsack_optimum_on_a_small_case():
+    table = {
+        "a": [Option(1, None, 10, 100.0), Option(2, None, 20, 10.0), Option(4, None, 40, 1.0)],
+        "b": [Option(1, None, 10, 5.0), Option(2, None, 20, 4.0), Option(4, None, 40, 3.9)],
+    }
+    # budget 40: best is a@2 (10) + b@2 (4) = 14 (a@4 + b@? does not fit; a@2+b@1 = 15)
+    sel = choose(table, 40)
+    assert (sel["a"].bits, sel["b"].bits) == (2, 2)
+    sel = choose(table, 50)  # a@4 + b@1 = 6 beats a@2 + b@2 = 14
+    assert (sel["a"].bits, sel["b"].bits) == (4, 1)
+    with pytest.raises(ConfigError, match="budget too small"):
+        choose(table, 19)
+
+
+@pytest.fixture
+def uneven(tmp_path):
+    """Task vectors whose size differs a lot between tensors: where allocation pays."""
+    g = torch.Generator().manual_seed(0)
+    pre = {f"l{i}.weight": torch.randn(128, 128, generator=g) for i in range(6)}
+    pre |= {f"l{i}.bias": torch.zeros(128) for i in range(6)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    fts = {}
+    for t in range(3):
+        ft = {k: v + (10.0 ** -(int(k[1]) % 3 + 2)) * torch.distributions.Laplace(0.0, 1.0).sample(v.shape) for k, v in pre.items()}
+        save_file(ft, tmp_path / f"t{t}.safetensors")
+        fts[f"t{t}"] = tmp_path / f"t{t}.safetensors"
+    return tmp_path, fts
+
+
+def _sq_error(pack_dir, pre_path, fts):
+    from tvq import TaskVector
+
+    pack = open_pack(pack_dir)
+    err = 0.0
+    for name, path in fts.items():
+        exact = TaskVector.from_checkpoints(pre_path, path)
+        err += sum(float((pack.task_tensor(name, k) - exact[k]).pow(2).sum()) for k in exact)
+    return err
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    uniform = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
+    quantize(pre, fts, tmp / "uniform", uniform, progress=False)
+    budget = pack_summary(tmp / "uniform")["total_bytes"]
+    opts = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
+    quantize_within_budget(pre, fts, tmp / "alloc", opts, budget_bytes=budget, progress=False)
+    assert pack_summary(tmp / "alloc")["total_bytes"] <= budget
+    plan = opts.bit_plan
+    # it really chose different widths per tensor
+    assert len({(b, plan.base_bits.get(k)) for k, b in plan.bits.items()}) > 1
+    assert _sq_error(tmp / "alloc", pre, fts) < 0.8 * _sq_error(tmp / "uniform", pre, fts)
+
+
+def test_cli_budget_bits_and_info_shows_allocation(uneven):
+    tmp, fts = uneven
+    args = ["quantize", "-p", str(tmp / "pre.safetensors"), "-o", str(tmp / "p"), "--budget-bits", "2.5", "--no-progress"]
+    args += [a for n, p in fts.items() for a in ("-f", f"{n}={p}")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    info = json.loads(CliRunner().invoke(app, ["info", str(tmp / "p"), "--json"]).output)
+    assert info["method"]["budget_bits"] == 2.5
+    assert info["bits_per_param"] <= 2.5
+    assert len(info["allocation"]["tasks"]) > 1
+    text = CliRunner().invoke(app, ["info", str(tmp / "p")]).output
+    assert "allocation (tasks)" in text
+
+
+def test_cli_budget_errors(uneven):
+    tmp, fts = uneven
+    base = ["quantize", "-p", str(tmp / "pre.safetensors"), "-o", str(tmp / "p"), "--no-progress", "-f", f"t0={fts['t0']}"]
+    r = CliRunner().invoke(app, [*base, "--budget-bits", "0.01"])
+    assert r.exit_code == 2 and "budget too small" in r.output
+    sens = tmp / "s.json"
+    sens.write_text(json.dumps({"l0.weight": "high"}))
+    r = CliRunner().invoke(app, [*base, "--budget-bits", "3", "--sensitivity", str(sens)])
+    assert r.exit_code == 2 and "l0.weight" in r.output and "non-negative" in r.output
