@@ -210,6 +210,46 @@ def export_cmd(
     console.print(f"wrote {out}", highlight=False)
 
 
+@app.command("add")
+@handles_errors
+def add_cmd(
+    pack: Annotated[Path, typer.Argument(help="Pack directory to grow.")],
+    finetuned: Annotated[list[str], typer.Option("--finetuned", "-f", help="NAME=PATH of a new task; repeat.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a new pack here instead of updating PACK.")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Update PACK itself (atomically).")] = False,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> None:
+    """Add tasks to a pack without re-encoding the others (RTVQ keeps its base)."""
+    from tvq.incremental import add_tasks
+
+    if (out is None) == (not in_place):
+        raise ConfigError("give either --out NEW_PACK or --in-place")
+    report = add_tasks(pack, parse_named_paths(finetuned), out, pretrained=pretrained, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    added = ", ".join(t.name for t in report.manifest.tasks[-len(finetuned):])
+    console.print(f"added {added} to {out or pack} ({report.bytes_written / 2**20:.2f} MiB new)", highlight=False)
+
+
+@app.command("rebase")
+@handles_errors
+def rebase_cmd(
+    pack: Annotated[Path, typer.Argument(help="RTVQ pack.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New pack.")],
+    from_pack: Annotated[bool, typer.Option("--from-pack", help="Use the pack's reconstructions, not the original checkpoints.")] = False,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> None:
+    """Recompute an RTVQ pack's base over all its tasks and re-encode the offsets."""
+    from tvq.incremental import rebase
+
+    report = rebase(pack, out, pretrained=pretrained, from_pack=from_pack, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    console.print(f"wrote {out}: {report.manifest.method.label}, {len(report.manifest.tasks)} tasks", highlight=False)
+
+
 @app.command("verify")
 @handles_errors
 def verify_cmd(pack: Annotated[Path, typer.Argument(help="Pack directory.")]) -> None:

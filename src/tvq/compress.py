@@ -144,6 +144,10 @@ def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total / len(tensors)
 
 
+def _as_reader(source, unsafe_pickle: bool) -> CheckpointReader:
+    return source if hasattr(source, "get") else open_checkpoint(source, unsafe_pickle)
+
+
 def _input_ref(path: str | Path, digest: _Digest, reader: CheckpointReader) -> InputRef:
     return InputRef(path=str(Path(path).resolve()), digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
 
@@ -166,16 +170,21 @@ def quantize(
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
+    expect_digests: dict[str, str] | None = None,
 ) -> QuantizeReport:
-    """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model)."""
+    """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model).
+
+    Inputs are paths or already-open readers. ``expect_digests`` (task -> content hash)
+    makes the write fail, leaving nothing behind, if an input is not the expected one.
+    """
     options = options.validated()
     _check_task_names(finetuned)
     out = Path(out)
-    pre = open_checkpoint(pretrained, unsafe_pickle)
-    readers: dict[str, CheckpointReader] = {name: open_checkpoint(p, unsafe_pickle) for name, p in finetuned.items()}
+    pre = _as_reader(pretrained, unsafe_pickle)
+    readers: dict[str, CheckpointReader] = {name: _as_reader(p, unsafe_pickle) for name, p in finetuned.items()}
     for reader in readers.values():
         check_compatible(pre, reader)
-    inputs = [Path(pretrained), *map(Path, finetuned.values())]
+    inputs = [Path(pre.path), *(Path(r.path) for r in readers.values())]
     check_output(out, overwrite, inputs)
     if average_out is not None:
         check_output(Path(average_out), overwrite, inputs)
@@ -188,11 +197,6 @@ def quantize(
         raise CheckpointError(f"{where(pre.path)}: no floating-point tensors to quantize")
 
     names = list(readers)
-    digests = {name: _Digest() for name in ["__pretrained__", *names]}
-    err_sq = dict.fromkeys(names, 0.0)
-    ref_sq = dict.fromkeys(names, 0.0)
-    bytes_read = 0
-
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out))
         avg_tmp = stack.enter_context(atomic_file(Path(average_out))) if average_out is not None else None
@@ -205,31 +209,10 @@ def quantize(
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
         all_writers = [*writers.values(), *([base] if base else []), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
-        for key in tqdm(keys, desc=f"quantize {options.method().label}", unit="tensor", disable=not progress):
-            theta_pre = pre.get(key)
-            bytes_read += theta_pre.numel() * theta_pre.element_size()
-            if roles[key] == TensorRole.SKIP:
-                if avg_writer is not None:
-                    avg_writer.add(key, theta_pre)
-                continue
-            _check_finite(theta_pre, pre.path, key)
-            digests["__pretrained__"].update(key, theta_pre)
-            fts = {}
-            for name, reader in readers.items():
-                t = reader.get(key)
-                _check_finite(t, reader.path, key)
-                digests[name].update(key, t)
-                bytes_read += t.numel() * t.element_size()
-                fts[name] = t
-            pre32 = theta_pre.float()
-            avg = None
-            if options.residual or avg_writer is not None:
-                avg = mean_of([t.float() for t in fts.values()])
-                if avg_writer is not None:
-                    avg_writer.add(key, avg.to(theta_pre.dtype))
-            for name, (err, ref) in _encode_tensor(key, roles[key], pre32, fts, avg, options, writers, base).items():
-                err_sq[name] += err
-                ref_sq[name] += ref
+        stats = stream_encode(pre, readers, keys, roles, options, writers, base, avg_writer, progress=progress)
+        for name, digest in (expect_digests or {}).items():
+            if stats.digests[name].hexdigest() != digest:
+                raise CheckpointError(f"{where(readers[name].path)}: content differs from the expected checkpoint of task {name!r}")
         file_entries = {task_files[name]: w.close() for name, w in writers.items()}
         if base is not None:
             file_entries["base.safetensors"] = base.close()
@@ -239,23 +222,87 @@ def quantize(
         manifest = Manifest(
             created_by=f"tvq {__version__}",
             method=options.method(),
-            pretrained=_input_ref(pretrained, digests["__pretrained__"], pre),
-            tasks=[
-                TaskEntry(
-                    name=name,
-                    file=task_files[name],
-                    source=_input_ref(finetuned[name], digests[name], readers[name]),
-                    rel_error=(err_sq[name] / ref_sq[name]) ** 0.5 if ref_sq[name] > 0 else 0.0,
-                )
-                for name in names
-            ],
+            pretrained=_input_ref(pre.path, stats.digests[PRETRAINED], pre),
+            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], _reference(options)) for name in names],
             base_file="base.safetensors" if base is not None else None,
             skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
             files=file_entries,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     written = sum(f.bytes for f in manifest.files.values()) + (out / MANIFEST_NAME).stat().st_size
-    return QuantizeReport(manifest=manifest, bytes_read=bytes_read, bytes_written=written)
+    return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
+
+
+PRETRAINED = "__pretrained__"
+
+
+def _reference(options: QuantizeOptions) -> str | None:
+    if not options.residual:
+        return None
+    return "quantized_base" if options.error_correction else "avg"
+
+
+@dataclass
+class StreamStats:
+    """What one streaming pass measured: input content hashes, errors, bytes read."""
+
+    digests: dict[str, _Digest]
+    err_sq: dict[str, float]
+    ref_sq: dict[str, float]
+    bytes_read: int = 0
+
+    def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader, reference: str | None = None) -> TaskEntry:
+        err, ref = self.err_sq[name], self.ref_sq[name]
+        return TaskEntry(
+            name=name,
+            file=file,
+            source=_input_ref(path, self.digests[name], reader),
+            rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
+            reference=reference,
+        )
+
+
+def stream_encode(
+    pre: CheckpointReader,
+    readers: dict[str, CheckpointReader],
+    keys: list[str],
+    roles: dict[str, TensorRole],
+    options: QuantizeOptions,
+    writers: dict[str, PackFileWriter],
+    base: PackFileWriter | None,
+    avg_writer: StreamingSafetensorsWriter | None = None,
+    stored_base=None,
+    progress: bool = True,
+) -> StreamStats:
+    """The one tensor-by-tensor pass: read, check, hash, encode every task's tensor."""
+    stats = StreamStats({n: _Digest() for n in [PRETRAINED, *readers]}, dict.fromkeys(readers, 0.0), dict.fromkeys(readers, 0.0))
+    for key in tqdm(keys, desc=f"quantize {options.method().label}", unit="tensor", disable=not progress):
+        theta_pre = pre.get(key)
+        stats.bytes_read += theta_pre.numel() * theta_pre.element_size()
+        if roles[key] == TensorRole.SKIP:
+            if avg_writer is not None:
+                avg_writer.add(key, theta_pre)
+            continue
+        _check_finite(theta_pre, pre.path, key)
+        stats.digests[PRETRAINED].update(key, theta_pre)
+        fts = {}
+        for name, reader in readers.items():
+            t = reader.get(key)
+            _check_finite(t, reader.path, key)
+            stats.digests[name].update(key, t)
+            stats.bytes_read += t.numel() * t.element_size()
+            fts[name] = t
+        pre32 = theta_pre.float()
+        avg = None
+        if base is not None or avg_writer is not None:
+            avg = mean_of([t.float() for t in fts.values()])
+            if avg_writer is not None:
+                avg_writer.add(key, avg.to(theta_pre.dtype))
+        beta_hat = stored_base(key) if stored_base is not None else None
+        for name, (err, ref) in _encode_tensor(key, roles[key], pre32, fts, avg, options, writers, base, beta_hat).items():
+            stats.err_sq[name] += err
+            stats.ref_sq[name] += ref
+    return stats
 
 
 def _encode_tensor(
@@ -267,42 +314,34 @@ def _encode_tensor(
     options: QuantizeOptions,
     writers: dict[str, PackFileWriter],
     base: PackFileWriter | None,
+    stored_base: torch.Tensor | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Store one tensor for every task; returns per task (squared error, squared norm) of τ̂."""
-    out = {}
+    """Store one tensor for every task; returns per task (squared error, squared norm) of τ̂.
+
+    ``stored_base`` is deq(Q(β)) of an existing RTVQ pack that tasks are being added to.
+    """
     opts = options.scheme_options()
-    if role == TensorRole.KEEP:
-        for name, t in fts.items():
-            tau = t.float() - pre32
-            if options.target == "finetuned":
-                writers[name].add_raw(key, t)  # FQ keeps the fine-tuned tensor itself
-            else:
-                writers[name].add_raw(key, tau)
-            out[name] = (0.0, float(tau.double().pow(2).sum()))
-        return out
-
-    if options.target == "finetuned":
-        for name, t in fts.items():
-            tau = t.float() - pre32
-            tau_hat = writers[name].add_quantized(key, t.float(), options.bits_for(key), options.quantizer, **opts) - pre32
-            out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
-        return out
-
-    if not options.residual:
-        for name, t in fts.items():
-            tau = t.float() - pre32
-            tau_hat = writers[name].add_quantized(key, tau, options.bits_for(key), options.quantizer, **opts)
-            out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
-        return out
-
-    assert base is not None and avg is not None and options.base_bits is not None
-    beta = avg - pre32
-    beta_hat = base.add_quantized(key, beta, options.bits_for(key, base=True), options.quantizer, **opts)
-    reference = (beta_hat + pre32) if options.error_correction else avg
+    bits = options.bits_for(key)
+    residual = role == TensorRole.QUANTIZE and options.residual
+    if residual and stored_base is not None:
+        beta_hat, reference = stored_base, stored_base + pre32
+    elif residual:
+        assert base is not None and avg is not None
+        beta_hat = base.add_quantized(key, avg - pre32, options.bits_for(key, base=True), options.quantizer, **opts)
+        reference = (beta_hat + pre32) if options.error_correction else avg
+    out = {}
     for name, t in fts.items():
         tau = t.float() - pre32
-        offset_hat = writers[name].add_quantized(key, t.float() - reference, options.bits_for(key), options.quantizer, **opts)
-        tau_hat = beta_hat + offset_hat
+        writer = writers[name]
+        if role == TensorRole.KEEP:
+            writer.add_raw(key, t if options.target == "finetuned" else tau)  # FQ keeps θ_t itself
+            tau_hat = tau
+        elif options.target == "finetuned":
+            tau_hat = writer.add_quantized(key, t.float(), bits, options.quantizer, **opts) - pre32
+        elif residual:
+            tau_hat = beta_hat + writer.add_quantized(key, t.float() - reference, bits, options.quantizer, **opts)
+        else:
+            tau_hat = writer.add_quantized(key, tau, bits, options.quantizer, **opts)
         out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
     return out
 

@@ -87,6 +87,9 @@ class TaskEntry(_Strict):
     file: str
     source: InputRef
     rel_error: float | None = None
+    # RTVQ offsets are measured against θ_avg ("avg") or θ_pre + deq(Q(β)) ("quantized_base",
+    # error correction, and every task added to an existing pack); None for TVQ/FQ.
+    reference: Literal["avg", "quantized_base"] | None = None
 
 
 class Manifest(_Strict):

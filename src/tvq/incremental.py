@@ -1,0 +1,202 @@
+"""Growing and re-basing packs without touching what is already encoded.
+
+Adding a task to an RTVQ pack keeps the stored base deq(Q(β)) and encodes only the new
+offset against θ_pre + deq(Q(β)) (error-correction style: θ_avg of the old tasks is not
+stored). The old files are hard-linked into the new pack, byte for byte. Re-basing
+recomputes β over all current tasks, from their original checkpoints when they are still
+there (their content hashes are checked) or, with ``from_pack``, from the pack's own
+reconstructions θ_pre + τ̂.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tvq import __version__
+from tvq.compress import (
+    PRETRAINED,
+    BitPlan,
+    QuantizeOptions,
+    QuantizeReport,
+    _check_task_names,
+    _safe_file_name,
+    quantize,
+    stream_encode,
+)
+from tvq.errors import CheckpointError, ConfigError, PackError, where
+from tvq.io.atomic import atomic_dir, check_output
+from tvq.io.readers import TensorMeta, open_checkpoint
+from tvq.pack.manifest import MANIFEST_NAME, Manifest
+from tvq.pack.reader import Pack, open_pack
+from tvq.pack.writer import PackFileWriter, announced_names
+from tvq.quant.schemes import get_scheme
+from tvq.quant.selection import TensorRole
+from tvq.vector import check_compatible
+
+
+def options_of(pack: Pack) -> QuantizeOptions:
+    """The QuantizeOptions that produced a pack, per-tensor bit widths included."""
+    m = pack.manifest.method
+    first = pack.manifest.files[pack.manifest.tasks[0].file].tensors
+    bits = {k: e.bits for k, e in first.items() if e.kind != "raw" and e.bits is not None}
+    base_bits = {}
+    if pack.manifest.base_file:
+        base_bits = {k: e.bits for k, e in pack.manifest.files[pack.manifest.base_file].tensors.items() if e.bits is not None}
+    return QuantizeOptions(
+        target=m.target,
+        bits=m.bits,
+        residual=m.residual,
+        base_bits=m.base_bits,
+        error_correction=m.error_correction,
+        key_rule=m.key_rule,
+        quantizer=m.quantizer,
+        group_size=m.group_size or 128,
+        bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits),
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def add_tasks(
+    pack_path: str | Path,
+    finetuned: dict[str, str | Path],
+    out: str | Path | None = None,
+    *,
+    pretrained: str | Path | None = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Add tasks to a pack; the existing tasks (and an RTVQ base) are not re-encoded.
+
+    ``out=None`` updates the pack in place, atomically (the old pack stays whole until the
+    new one is complete).
+    """
+    _check_task_names(finetuned)
+    pack_path = Path(pack_path)
+    pack = open_pack(pack_path, pretrained, unsafe_pickle)
+    pack.verify()  # never carry corrupted files over
+    clash = sorted(set(finetuned) & set(pack.tasks))
+    if clash:
+        raise ConfigError(f"{where(pack_path)}: task {clash[0]!r} is already in the pack")
+    options = options_of(pack)
+    pre = pack.pretrained
+    readers = {n: open_checkpoint(p, unsafe_pickle) for n, p in finetuned.items()}
+    for r in readers.values():
+        check_compatible(pre, r)
+    out_path = pack_path if out is None else Path(out)
+    if out is not None:
+        check_output(out_path, overwrite, [pack_path, *map(Path, finetuned.values())])
+
+    m = pack.manifest
+    first = m.files[m.tasks[0].file].tensors
+    keys = sorted(pre.keys())
+    roles = {}
+    for k in keys:
+        if k not in first:
+            roles[k] = TensorRole.SKIP
+        else:
+            roles[k] = TensorRole.KEEP if first[k].kind == "raw" else TensorRole.QUANTIZE
+    float_keys = [k for k in keys if roles[k] != TensorRole.SKIP]
+    quant_keys = {k for k in float_keys if roles[k] == TensorRole.QUANTIZE}
+    base_keys = set(m.files[m.base_file].tensors) if m.base_file else set()
+
+    with atomic_dir(out_path) as tmp:
+        for rel in m.files:
+            _link_or_copy(pack_path / rel, tmp / rel)
+        start = len(m.tasks)
+        task_files = {n: _safe_file_name(start + i, n) for i, n in enumerate(readers)}
+        names = announced_names(float_keys, quant_keys, get_scheme(options.quantizer).aux_names)
+        writers = {n: PackFileWriter(tmp, task_files[n], names, {"task": n}) for n in readers}
+        try:
+            stats = stream_encode(
+                pre, readers, keys, roles, options, writers, base=None,
+                stored_base=(lambda k: pack.base_tensor(k) if k in base_keys else None) if options.residual else None,
+                progress=progress,
+            )
+            new_files = {task_files[n]: w.close() for n, w in writers.items()}
+        finally:
+            for w in writers.values():
+                w.abort()
+        if stats.digests[PRETRAINED].hexdigest() != m.pretrained.digest:
+            raise CheckpointError(f"{where(pre.path)}: not the pretrained model this pack was made from (content hash differs)")
+        reference = "quantized_base" if options.residual else None
+        manifest = Manifest(
+            created_by=f"tvq {__version__}",
+            method=m.method,
+            pretrained=m.pretrained,
+            tasks=[*m.tasks, *(stats.task_entry(n, task_files[n], finetuned[n], readers[n], reference) for n in readers)],
+            base_file=m.base_file,
+            skipped=m.skipped,
+            files={**m.files, **new_files},
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    written = sum(f.bytes for f in new_files.values())
+    return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
+
+
+class ReconstructedModel:
+    """θ_pre + τ̂ of one task of a pack, read like a checkpoint (for re-basing from a pack)."""
+
+    def __init__(self, pack: Pack, task: str) -> None:
+        self.pack, self.task = pack, task
+        self.path = Path(f"{pack.path}#{task}")
+        self._pre = pack.pretrained
+        self._float = set(pack.keys)
+
+    def keys(self) -> list[str]:
+        return self._pre.keys()
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._pre.meta(key)
+
+    def float_bytes(self) -> int:
+        return self._pre.float_bytes()
+
+    def get(self, key: str) -> torch.Tensor:
+        base = self._pre.get(key)
+        if key not in self._float:
+            return base
+        return (base.float() + self.pack.task_tensor(self.task, key)).to(base.dtype)
+
+
+def rebase(
+    pack_path: str | Path,
+    out: str | Path,
+    *,
+    pretrained: str | Path | None = None,
+    from_pack: bool = False,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Re-encode every task against a base recomputed over all of them (same method)."""
+    pack_path = Path(pack_path)
+    pack = open_pack(pack_path, pretrained, unsafe_pickle)
+    options = options_of(pack)
+    if not options.residual:
+        raise ConfigError(f"{where(pack_path)}: only RTVQ packs have a base to re-compute")
+    options.bit_plan = None if not pack.manifest.method.budget_bits else options.bit_plan
+    pre_path = pretrained if pretrained is not None else pack.manifest.pretrained.path
+    if from_pack:
+        sources = {t: ReconstructedModel(pack, t) for t in pack.tasks}
+    else:
+        sources = {}
+        for t in pack.manifest.tasks:
+            if not Path(t.source.path).exists():
+                raise PackError(f"{where(t.source.path)}: source checkpoint of task {t.name!r} is gone; pass --from-pack to re-base from the pack itself")
+            sources[t.name] = t.source.path
+    expect = None if from_pack else {t.name: t.source.digest for t in pack.manifest.tasks}
+    return quantize(
+        pre_path, sources, out, options, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress, expect_digests=expect
+    )
