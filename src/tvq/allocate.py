@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tvq.compress import BitPlan, QuantizeOptions, QuantizeReport, mean_of, quantize
+from tvq.compress import BitPlan, QuantizeOptions, QuantizeReport, quantize
+from tvq.encode import mean_of
 from tvq.errors import ConfigError
 from tvq.io.readers import open_checkpoint
 from tvq.quant.packing import packed_nbytes
@@ -232,6 +233,7 @@ def quantize_within_budget(
     unsafe_pickle: bool = False,
     progress: bool = True,
     average_out: str | Path | None = None,
+    executor=None,
 ) -> QuantizeReport:
     """Allocate, write, measure: the pack's bytes on disk end at or under the budget."""
     from collections import Counter
@@ -252,7 +254,7 @@ def quantize_within_budget(
             options.base_bits = Counter(plan.base_bits.values()).most_common(1)[0][0]
         report = quantize(
             pretrained, finetuned, out, options, overwrite=overwrite or attempt > 0,
-            unsafe_pickle=unsafe_pickle, progress=progress, average_out=average_out,
+            unsafe_pickle=unsafe_pickle, progress=progress, average_out=average_out, executor=executor,
         )
         if report.bytes_written <= plan.budget_bytes:
             return report

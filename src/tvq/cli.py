@@ -16,6 +16,7 @@ from rich.table import Table
 from tvq.compress import QuantizeOptions, average_checkpoints, quantize
 from tvq.config import load_quantize_config
 from tvq.errors import ConfigError, TvqError
+from tvq.execute import make_executor
 from tvq.export import export_task
 from tvq.quant.selection import KeyRule
 from tvq.report import pack_summary
@@ -89,6 +90,9 @@ def quantize_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    executor: Annotated[str, typer.Option(help="local, or ray (tensors spread over a Ray cluster; same output).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    threads: Annotated[int, typer.Option(help="Local executor: tensors encoded concurrently.")] = 1,
 ) -> None:
     """Quantize task vectors (or fine-tuned weights) into a bit-packed pack."""
     opts = QuantizeOptions()
@@ -108,7 +112,10 @@ def quantize_cmd(
     opts.quantizer = quantizer
     opts.group_size = group_size
     named = parse_named_paths(finetuned)
-    common = dict(average_out=average_out, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    common = dict(
+        average_out=average_out, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress,
+        executor=make_executor(executor, address, threads),
+    )
     if budget_bits is not None or budget_bytes is not None:
         from tvq.allocate import quantize_within_budget
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from tqdm import tqdm
 
 from tvq import __version__
@@ -22,6 +21,8 @@ from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.atomic import atomic_dir, atomic_file, check_output
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.encode import BASE, PRETRAINED, KeyJob, KeyResult, check_finite, encode_key, mean_of
+from tvq.execute import Executor, LocalExecutor
 from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
 from tvq.pack.writer import PackFileWriter, announced_names
 from tvq.quant.minmax import check_bits
@@ -100,20 +101,20 @@ class QuantizeOptions:
         )
 
 
-@dataclass
-class _Digest:
-    """Content hash of a checkpoint's float tensors, fed in sorted-key order as they stream by."""
+class InputDigest:
+    """Content hash of a checkpoint: sha256 over per-tensor digest lines, keys sorted.
 
-    h: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    The lines are computed where each tensor is read (any worker), so hashing runs in
+    parallel and the result does not depend on the executor."""
 
-    def update(self, key: str, t: torch.Tensor) -> None:
-        from tvq.io.safetensors_writer import tensor_bytes
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
 
-        self.h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        self.h.update(tensor_bytes(t))
+    def update(self, line: str) -> None:
+        self._h.update(line.encode())
 
     def hexdigest(self) -> str:
-        return self.h.hexdigest()
+        return self._h.hexdigest()
 
 
 @dataclass
@@ -127,28 +128,11 @@ def _safe_file_name(index: int, name: str) -> str:
     return f"tasks/{index:03d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:80]}.safetensors"
 
 
-def _check_finite(t: torch.Tensor, path: Path, key: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise CheckpointError(f"{where(path, key)}: contains NaN or Inf")
-
-
-def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in order, then divide: the paper's get_avg_model_statedict, bit for bit, except
-    that the mean of identical tensors is that tensor. (In fp32 (x+x+x)/3 != x; for a tensor
-    no task changed, that rounding noise would cost RTVQ a full base and noisy offsets.)"""
-    if all(torch.equal(t, tensors[0]) for t in tensors[1:]):
-        return tensors[0].clone()
-    total = torch.zeros_like(tensors[0])
-    for t in tensors:
-        total += t
-    return total / len(tensors)
-
-
 def _as_reader(source, unsafe_pickle: bool) -> CheckpointReader:
     return source if hasattr(source, "get") else open_checkpoint(source, unsafe_pickle)
 
 
-def _input_ref(path: str | Path, digest: _Digest, reader: CheckpointReader) -> InputRef:
+def _input_ref(path: str | Path, digest: InputDigest, reader: CheckpointReader) -> InputRef:
     return InputRef(path=str(Path(path).resolve()), digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
 
 
@@ -158,6 +142,68 @@ def _check_task_names(finetuned: dict[str, object]) -> None:
     for name in finetuned:
         if not name or name != name.strip():
             raise ConfigError(f"invalid task name {name!r}")
+
+
+def _reference(options: QuantizeOptions) -> str | None:
+    if not options.residual:
+        return None
+    return "quantized_base" if options.error_correction else "avg"
+
+
+def roles_for(pre: CheckpointReader, rule: KeyRule) -> dict[str, TensorRole]:
+    return {k: tensor_role(k, pre.meta(k), rule) for k in sorted(pre.keys())}
+
+
+@dataclass
+class StreamStats:
+    """What the encoding pass measured: input content hashes, errors, bytes read."""
+
+    digests: dict[str, InputDigest]
+    err_sq: dict[str, float]
+    ref_sq: dict[str, float]
+    bytes_read: int = 0
+
+    @classmethod
+    def for_tasks(cls, names: list[str]) -> StreamStats:
+        return cls({n: InputDigest() for n in [PRETRAINED, *names]}, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0))
+
+    def add(self, result: KeyResult) -> None:
+        self.bytes_read += result.bytes_read
+        for name, line in result.digests.items():
+            self.digests[name].update(line)
+        for name, (err, ref) in result.errors.items():
+            self.err_sq[name] += err
+            self.ref_sq[name] += ref
+
+    def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader, reference: str | None = None) -> TaskEntry:
+        err, ref = self.err_sq[name], self.ref_sq[name]
+        return TaskEntry(
+            name=name,
+            file=file,
+            source=_input_ref(path, self.digests[name], reader),
+            rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
+            reference=reference,
+        )
+
+
+def encode_all(
+    jobs: list[KeyJob],
+    writers: dict[str, PackFileWriter],
+    stats: StreamStats,
+    executor: Executor | None = None,
+    avg_writer: StreamingSafetensorsWriter | None = None,
+    desc: str = "quantize",
+    progress: bool = True,
+) -> None:
+    """Run the jobs (any executor) and write each result, in key order, to its files."""
+    executor = executor or LocalExecutor()
+    results = executor.map(encode_key, jobs)
+    for result in tqdm(results, total=len(jobs), desc=desc, unit="tensor", disable=not progress):
+        stats.add(result)
+        for file_id, stored in result.stored.items():
+            writers[file_id].add(result.key, stored)
+        if avg_writer is not None and result.average is not None:
+            avg_writer.add(result.key, result.average)
 
 
 def quantize(
@@ -171,6 +217,7 @@ def quantize(
     unsafe_pickle: bool = False,
     progress: bool = True,
     expect_digests: dict[str, str] | None = None,
+    executor: Executor | None = None,
 ) -> QuantizeReport:
     """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model).
 
@@ -189,14 +236,22 @@ def quantize(
     if average_out is not None:
         check_output(Path(average_out), overwrite, inputs)
 
-    keys = sorted(pre.keys())
-    roles = {k: tensor_role(k, pre.meta(k), options.key_rule) for k in keys}
+    roles = roles_for(pre, options.key_rule)
+    keys = list(roles)
     float_keys = [k for k in keys if roles[k] != TensorRole.SKIP]
     quant_keys = [k for k in float_keys if roles[k] == TensorRole.QUANTIZE]
     if not float_keys:
         raise CheckpointError(f"{where(pre.path)}: no floating-point tensors to quantize")
-
     names = list(readers)
+    # Remote workers get paths (jobs must be shipped); local ones the readers opened above.
+    remote = getattr(executor, "remote", False)
+    pre_src = pretrained if remote and not hasattr(pretrained, "get") else pre
+    ft_src = {n: (p if remote and not hasattr(p, "get") else readers[n]) for n, p in finetuned.items()}
+    jobs = [
+        KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle)
+        for k in keys
+    ]
+
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out))
         avg_tmp = stack.enter_context(atomic_file(Path(average_out))) if average_out is not None else None
@@ -204,18 +259,19 @@ def quantize(
         aux = get_scheme(options.quantizer).aux_names
         task_names = announced_names(float_keys, set(quant_keys), aux)
         writers = {name: PackFileWriter(tmp, task_files[name], task_names, {"task": name}) for name in names}
-        base_names = announced_names(quant_keys, set(quant_keys), aux)
-        base = PackFileWriter(tmp, "base.safetensors", base_names, {"role": "base"}) if options.residual else None
+        if options.residual:
+            writers[BASE] = PackFileWriter(tmp, "base.safetensors", announced_names(quant_keys, set(quant_keys), aux), {"role": "base"})
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
-        all_writers = [*writers.values(), *([base] if base else []), *([avg_writer] if avg_writer else [])]
+        all_writers = [*writers.values(), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
-        stats = stream_encode(pre, readers, keys, roles, options, writers, base, avg_writer, progress=progress)
+        stats = StreamStats.for_tasks(names)
+        encode_all(jobs, writers, stats, executor, avg_writer, f"quantize {options.method().label}", progress)
         for name, digest in (expect_digests or {}).items():
             if stats.digests[name].hexdigest() != digest:
                 raise CheckpointError(f"{where(readers[name].path)}: content differs from the expected checkpoint of task {name!r}")
-        file_entries = {task_files[name]: w.close() for name, w in writers.items()}
-        if base is not None:
-            file_entries["base.safetensors"] = base.close()
+        file_entries = {task_files[name]: writers[name].close() for name in names}
+        if options.residual:
+            file_entries["base.safetensors"] = writers[BASE].close()
         if avg_writer is not None:
             avg_writer.close()
 
@@ -224,126 +280,13 @@ def quantize(
             method=options.method(),
             pretrained=_input_ref(pre.path, stats.digests[PRETRAINED], pre),
             tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], _reference(options)) for name in names],
-            base_file="base.safetensors" if base is not None else None,
+            base_file="base.safetensors" if options.residual else None,
             skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
             files=file_entries,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     written = sum(f.bytes for f in manifest.files.values()) + (out / MANIFEST_NAME).stat().st_size
     return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
-
-
-PRETRAINED = "__pretrained__"
-
-
-def _reference(options: QuantizeOptions) -> str | None:
-    if not options.residual:
-        return None
-    return "quantized_base" if options.error_correction else "avg"
-
-
-@dataclass
-class StreamStats:
-    """What one streaming pass measured: input content hashes, errors, bytes read."""
-
-    digests: dict[str, _Digest]
-    err_sq: dict[str, float]
-    ref_sq: dict[str, float]
-    bytes_read: int = 0
-
-    def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader, reference: str | None = None) -> TaskEntry:
-        err, ref = self.err_sq[name], self.ref_sq[name]
-        return TaskEntry(
-            name=name,
-            file=file,
-            source=_input_ref(path, self.digests[name], reader),
-            rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
-            reference=reference,
-        )
-
-
-def stream_encode(
-    pre: CheckpointReader,
-    readers: dict[str, CheckpointReader],
-    keys: list[str],
-    roles: dict[str, TensorRole],
-    options: QuantizeOptions,
-    writers: dict[str, PackFileWriter],
-    base: PackFileWriter | None,
-    avg_writer: StreamingSafetensorsWriter | None = None,
-    stored_base=None,
-    progress: bool = True,
-) -> StreamStats:
-    """The one tensor-by-tensor pass: read, check, hash, encode every task's tensor."""
-    stats = StreamStats({n: _Digest() for n in [PRETRAINED, *readers]}, dict.fromkeys(readers, 0.0), dict.fromkeys(readers, 0.0))
-    for key in tqdm(keys, desc=f"quantize {options.method().label}", unit="tensor", disable=not progress):
-        theta_pre = pre.get(key)
-        stats.bytes_read += theta_pre.numel() * theta_pre.element_size()
-        if roles[key] == TensorRole.SKIP:
-            if avg_writer is not None:
-                avg_writer.add(key, theta_pre)
-            continue
-        _check_finite(theta_pre, pre.path, key)
-        stats.digests[PRETRAINED].update(key, theta_pre)
-        fts = {}
-        for name, reader in readers.items():
-            t = reader.get(key)
-            _check_finite(t, reader.path, key)
-            stats.digests[name].update(key, t)
-            stats.bytes_read += t.numel() * t.element_size()
-            fts[name] = t
-        pre32 = theta_pre.float()
-        avg = None
-        if base is not None or avg_writer is not None:
-            avg = mean_of([t.float() for t in fts.values()])
-            if avg_writer is not None:
-                avg_writer.add(key, avg.to(theta_pre.dtype))
-        beta_hat = stored_base(key) if stored_base is not None else None
-        for name, (err, ref) in _encode_tensor(key, roles[key], pre32, fts, avg, options, writers, base, beta_hat).items():
-            stats.err_sq[name] += err
-            stats.ref_sq[name] += ref
-    return stats
-
-
-def _encode_tensor(
-    key: str,
-    role: TensorRole,
-    pre32: torch.Tensor,
-    fts: dict[str, torch.Tensor],
-    avg: torch.Tensor | None,
-    options: QuantizeOptions,
-    writers: dict[str, PackFileWriter],
-    base: PackFileWriter | None,
-    stored_base: torch.Tensor | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Store one tensor for every task; returns per task (squared error, squared norm) of τ̂.
-
-    ``stored_base`` is deq(Q(β)) of an existing RTVQ pack that tasks are being added to.
-    """
-    opts = options.scheme_options()
-    bits = options.bits_for(key)
-    residual = role == TensorRole.QUANTIZE and options.residual
-    if residual and stored_base is not None:
-        beta_hat, reference = stored_base, stored_base + pre32
-    elif residual:
-        assert base is not None and avg is not None
-        beta_hat = base.add_quantized(key, avg - pre32, options.bits_for(key, base=True), options.quantizer, **opts)
-        reference = (beta_hat + pre32) if options.error_correction else avg
-    out = {}
-    for name, t in fts.items():
-        tau = t.float() - pre32
-        writer = writers[name]
-        if role == TensorRole.KEEP:
-            writer.add_raw(key, t if options.target == "finetuned" else tau)  # FQ keeps θ_t itself
-            tau_hat = tau
-        elif options.target == "finetuned":
-            tau_hat = writer.add_quantized(key, t.float(), bits, options.quantizer, **opts) - pre32
-        elif residual:
-            tau_hat = beta_hat + writer.add_quantized(key, t.float() - reference, bits, options.quantizer, **opts)
-        else:
-            tau_hat = writer.add_quantized(key, tau, bits, options.quantizer, **opts)
-        out[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
-    return out
 
 
 def average_checkpoints(
@@ -368,7 +311,7 @@ def average_checkpoints(
                     continue
                 tensors = [r.get(key) for r in readers]
                 for r, t in zip(readers, tensors):
-                    _check_finite(t, r.path, key)
+                    check_finite(t, r.path, key)
                 writer.add(key, mean_of([t.float() for t in tensors]).to(t0.dtype))
             writer.close()
         except BaseException:

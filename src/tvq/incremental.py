@@ -18,15 +18,17 @@ import torch
 
 from tvq import __version__
 from tvq.compress import (
-    PRETRAINED,
     BitPlan,
     QuantizeOptions,
     QuantizeReport,
+    StreamStats,
     _check_task_names,
     _safe_file_name,
+    encode_all,
     quantize,
-    stream_encode,
 )
+from tvq.encode import PRETRAINED, KeyJob
+from tvq.execute import Executor
 from tvq.errors import CheckpointError, ConfigError, PackError, where
 from tvq.io.atomic import atomic_dir, check_output
 from tvq.io.readers import TensorMeta, open_checkpoint
@@ -76,6 +78,7 @@ def add_tasks(
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> QuantizeReport:
     """Add tasks to a pack; the existing tasks (and an RTVQ base) are not re-encoded.
 
@@ -118,12 +121,17 @@ def add_tasks(
         task_files = {n: _safe_file_name(start + i, n) for i, n in enumerate(readers)}
         names = announced_names(float_keys, quant_keys, get_scheme(options.quantizer).aux_names)
         writers = {n: PackFileWriter(tmp, task_files[n], names, {"task": n}) for n in readers}
+        remote = getattr(executor, "remote", False)
+        sources = {n: (finetuned[n] if remote else readers[n]) for n in readers}
+        pre_src = pre.path if remote else pre
+        jobs = [
+            KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
+                   base_pack=str(pack_path) if options.residual and k in base_keys else None)
+            for k in keys
+        ]
+        stats = StreamStats.for_tasks(list(readers))
         try:
-            stats = stream_encode(
-                pre, readers, keys, roles, options, writers, base=None,
-                stored_base=(lambda k: pack.base_tensor(k) if k in base_keys else None) if options.residual else None,
-                progress=progress,
-            )
+            encode_all(jobs, writers, stats, executor, desc="add tasks", progress=progress)
             new_files = {task_files[n]: w.close() for n, w in writers.items()}
         finally:
             for w in writers.values():

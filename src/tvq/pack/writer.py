@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter, sha256_file
+from tvq.encode import StoredTensor, encode_quantized, encode_raw
 from tvq.pack.manifest import AuxEntry, FileEntry, TensorEntry
-from tvq.quant.packing import pack_codes
-from tvq.quant.schemes import get_scheme
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -35,42 +34,37 @@ class PackFileWriter:
         self._writer = StreamingSafetensorsWriter(root / rel_name, names, metadata)
         self._tensors: dict[str, TensorEntry] = {}
 
-    def add_quantized(self, key: str, x: torch.Tensor, bits: int, scheme: str = "minmax", **opts) -> torch.Tensor:
-        """Quantize ``x`` (fp32), store packed codes (+ aux arrays), return the reconstruction."""
-        quantizer = get_scheme(scheme, bits)
-        enc = quantizer.encode(x, bits, opts)
-        shape = list(x.shape)
-        if enc.constant is not None:
-            self._tensors[key] = TensorEntry(kind="const", shape=shape, dtype="float32", bits=bits, value=enc.constant)
-            return torch.full(tuple(shape), enc.constant, dtype=torch.float32)
-        packed = pack_codes(enc.codes, bits)
-        digest = self._writer.add(key, packed)
+    def add(self, key: str, stored: StoredTensor) -> None:
+        """Append one encoded tensor (codes + aux arrays, raw data, or nothing for a constant)."""
+        if stored.kind == "const":
+            self._tensors[key] = TensorEntry(kind="const", shape=stored.shape, dtype="float32", bits=stored.bits, value=stored.value)
+            return
+        data = stored.data
+        digest = self._writer.add(key, data)
         aux = {}
-        for name, arr in enc.aux.items():
+        for name, arr in stored.aux.items():
             aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=self._writer.add(aux_key(key, name), arr))
         self._tensors[key] = TensorEntry(
-            kind="q",
-            shape=shape,
-            dtype="float32",
-            bits=bits,
-            scheme=scheme,
-            params=enc.params,
+            kind=stored.kind,
+            shape=stored.shape,
+            dtype="float32" if stored.kind == "q" else dtype_name(data.dtype),
+            bits=stored.bits,
+            scheme=stored.scheme,
+            params=stored.params,
             aux=aux,
-            nbytes=packed.numel(),
+            nbytes=data.numel() * data.element_size(),
             sha256=digest,
         )
-        return quantizer.decode(enc.codes, bits, enc.params, enc.aux).reshape(shape)
+
+    def add_quantized(self, key: str, x: torch.Tensor, bits: int, scheme: str = "minmax", **opts) -> torch.Tensor:
+        """Quantize ``x`` (fp32), store it, and return the reconstruction."""
+        stored, recon = encode_quantized(x, bits, scheme, **opts)
+        self.add(key, stored)
+        return recon
 
     def add_raw(self, key: str, tensor: torch.Tensor) -> None:
         """Store a tensor exactly as given (kept tensors: biases, norms, or FQ's originals)."""
-        digest = self._writer.add(key, tensor)
-        self._tensors[key] = TensorEntry(
-            kind="raw",
-            shape=list(tensor.shape),
-            dtype=dtype_name(tensor.dtype),
-            nbytes=tensor.numel() * tensor.element_size(),
-            sha256=digest,
-        )
+        self.add(key, encode_raw(tensor))
 
     def close(self) -> FileEntry:
         size = self._writer.close()
