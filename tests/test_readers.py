@@ -81,3 +81,23 @@ def test_missing_shard_is_named(tiny):
     (tiny["dir"] / "pre_hf" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
         open_checkpoint(tiny["dir"] / "pre_hf")
+
+
+def test_scalar_parameters_round_trip(tiny):
+    """0-d tensors (CLIP's logit_scale) are kept exactly, in packs and in exports."""
+    pre = dict(tiny["pre"]) | {"logit_scale": torch.tensor(4.6052)}
+    ft = dict(tiny["fts"]["task0"]) | {"logit_scale": torch.tensor(4.7)}
+    save_file(pre, tiny["dir"] / "pre_s.safetensors")
+    save_file(ft, tiny["dir"] / "ft_s.safetensors")
+    quantize(tiny["dir"] / "pre_s.safetensors", {"t": tiny["dir"] / "ft_s.safetensors"}, tiny["dir"] / "p", QuantizeOptions(bits=2), progress=False)
+    tv = open_pack(tiny["dir"] / "p").task_tensor("t", "logit_scale")
+    assert tv.shape == () and torch.equal(tv, ft["logit_scale"] - pre["logit_scale"])
+
+
+def test_pack_reads_never_alias_each_other(tiny):
+    quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", QuantizeOptions(bits=2), progress=False)
+    pack = open_pack(tiny["dir"] / "p")
+    k = "encoder.layer.0.attn.bias"
+    first = pack.task_tensor("task0", k)
+    first += 100.0
+    assert float(pack.task_tensor("task0", k).abs().max()) < 1.0

@@ -30,7 +30,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], name: str = "") -> TaskVector:
-        return cls(list(tensors), lambda k: tensors[k].float(), name)
+        return cls(list(tensors), lambda k: tensors[k].float().clone(), name)  # never alias the caller's tensors
 
     @classmethod
     def from_checkpoints(

@@ -121,6 +121,7 @@ class SafetensorsReader(_ReaderBase):
                 raise CheckpointError(f"{where(shards[key], key)}: listed in the index but absent from the shard")
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor, memory-mapped and shared between calls: treat it as read-only."""
         file = self._file_of.get(key)
         if file is None:
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint")

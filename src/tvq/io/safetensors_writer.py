@@ -36,7 +36,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
 def sha256_tensor(t: torch.Tensor) -> str:

@@ -113,7 +113,7 @@ class Pack:
             return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)
         data = self._read_verified(rel, key, entry.sha256)
         if entry.kind == "raw":
-            return data
+            return data.clone()  # safetensors hands out shared memory-mapped tensors: never alias them
         n = 1
         for d in entry.shape:
             n *= d

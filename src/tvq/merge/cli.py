@@ -1,0 +1,149 @@
+"""``tvq merge``: options in, library call, one line out. Method options are free-form flags.
+
+Method options are not declared to typer: ``--density 0.2 --lambda 0.3`` reach the command as
+extra arguments, are parsed here (YAML scalars: numbers, booleans, lists, mappings) and then
+validated by the method's pydantic model, so an unknown option is one line listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from tvq.errors import ConfigError
+
+
+def parse_method_args(args: list[str]) -> dict[str, Any]:
+    """``['--density', '0.2', '--rescale', '--no-rescale', '--lambda=0.3']`` -> options dict."""
+    opts: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r} (method options look like --name VALUE)")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            elif name.startswith("no-"):
+                name, value = name[3:], "false"
+            else:
+                value = "true"
+        key = name.replace("-", "_")
+        if key in opts:
+            raise ConfigError(f"method option --{name} given twice")
+        try:
+            opts[key] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            opts[key] = value
+        i += 1
+    return opts
+
+
+def read_merge_config(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """A YAML/JSON merge config: ``method`` plus its options (flat, or under ``options:``)."""
+    from tvq.config import read_config_file
+
+    data = dict(read_config_file(path))
+    method = data.pop("method", None)
+    nested = data.pop("options", None)
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{path}: 'options' must be a mapping")
+        data = {**nested, **data}
+    return (str(method) if method is not None else None), {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def register(app: typer.Typer, handles_errors) -> None:
+    """Add ``tvq merge`` to the main app (called by tvq.cli when this module exists)."""
+    from tvq.merge.registry import describe_methods
+
+    epilog = "Methods and their options (defaults):\n\n" + "\n\n".join(describe_methods().splitlines())
+
+    @app.command(
+        "merge",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        epilog=epilog,
+    )
+    @handles_errors
+    def merge_cmd(
+        ctx: typer.Context,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Output: HF folder (HF pretrained), .safetensors file, or EMR pack.")],
+        method: Annotated[
+            Optional[str], typer.Option("--method", "-m", help="Merge method or alias (see below); method options follow as --name VALUE.")
+        ] = None,
+        pretrained: Annotated[
+            Optional[Path],
+            typer.Option("--pretrained", "-p", help="Pretrained model (default with --pack: the path recorded in the pack)."),
+        ] = None,
+        pack: Annotated[
+            Optional[list[Path]], typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
+        ] = None,
+        finetuned: Annotated[
+            Optional[list[str]], typer.Option("--finetuned", "-f", help="NAME=PATH of an FP32 fine-tuned checkpoint; repeatable.")
+        ] = None,
+        config: Annotated[
+            Optional[Path], typer.Option("--config", help="YAML/JSON merge config: method + options (flags override).")
+        ] = None,
+        load_config: Annotated[
+            Optional[Path], typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")
+        ] = None,
+        task: Annotated[Optional[str], typer.Option("--task", help="EMR: write this task's model instead of the unified pack.")] = None,
+        unified: Annotated[Optional[Path], typer.Option("--unified", help="EMR: an existing unified pack to read --task from.")] = None,
+        dtype: Annotated[str, typer.Option(help="Output dtype: same (pretrained's), float32, float16 or bfloat16.")] = "same",
+        max_shard_size: Annotated[str, typer.Option(help="HF output: largest shard, e.g. 5GB or 500MB.")] = "5GB",
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+        unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    ) -> None:
+        """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
+        from tvq.cli import console, parse_named_paths, peak_rss_mib
+        from tvq.config import PaperLoadConfig, read_config_file, validate_config
+        from tvq.merge.engine import emr_task_model, merge
+        from tvq.merge.registry import method_class
+        from tvq.merge.source import check_load_config, load_task_vectors
+        from tvq.pack.reader import open_pack
+
+        cfg_method, options = read_merge_config(config) if config is not None else (None, {})
+        options.update(parse_method_args(list(ctx.args)))
+        name = method or cfg_method
+        if name is None:
+            raise ConfigError("no merge method: pass --method NAME (or 'method:' in --config)")
+        cls = method_class(name)
+        packs = list(pack or [])
+        fts = parse_named_paths(finetuned or [])
+
+        if unified is not None:
+            if cls.name != "emr" or task is None:
+                raise ConfigError("--unified reads an EMR pack: use it with --method emr --task NAME")
+            if packs or fts or options:
+                raise ConfigError("--unified already holds the merge: drop --pack/--finetuned and method options")
+            if pretrained is None:
+                raise ConfigError("--unified needs --pretrained")
+            report = emr_task_model(
+                unified, pretrained, task, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
+            )
+        else:
+            if load_config is not None:
+                lc = validate_config(PaperLoadConfig, read_config_file(load_config), load_config)
+                check_load_config(lc, packs, len(fts))  # type: ignore[arg-type]
+            if pretrained is None:
+                if not packs:
+                    raise ConfigError("--pretrained is required with --finetuned checkpoints")
+                pretrained = Path(open_pack(packs[0]).manifest.pretrained.path)
+            pre, vectors = load_task_vectors(pretrained, packs=packs, finetuned=fts, unsafe_pickle=unsafe_pickle)
+            report = merge(
+                cls.name, pre, vectors, out, options,
+                task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                inputs=[pretrained, *packs, *fts.values()],
+            )  # fmt: skip
+        what = "unified EMR pack" if cls.per_task and task is None else "model"
+        console.print(
+            f"wrote {what} [bold]{out}[/] ({report.method}, {len(report.tasks)} tasks, {len(report.files)} file(s), "
+            f"{report.bytes_written / 2**20:.1f} MiB, peak RSS {peak_rss_mib():.0f} MiB)",
+            highlight=False,
+        )

@@ -1,0 +1,84 @@
+"""DARE (Yu et al. 2024, "Language Models are Super Mario"): drop and rescale, then merge.
+
+Reference (yule-BUAA/MergeLM ``mask_input_with_mask_rate``): each entry of each task vector
+is dropped with probability p (Bernoulli) and the survivors are divided by 1 − p; the
+sparsified vectors then go to an ordinary merge (``base``: average, task arithmetic or TIES,
+with TIES's own trimming as in MergeLM). The random mask is seeded per (seed, task, tensor
+name), so the result does not depend on the order tensors are processed in, and a pre-pass
+(global TIES) sees exactly the same dropped vectors as the main pass. DARE "alone" on one
+task is ``base=task_arithmetic, lambda=1``. mergekit's ``dare_*`` differ: they rescale by the
+L1 norm instead of 1/(1−p) and use torch's global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from tvq.merge.methods.ties import TiesStats, ties_tensor
+from tvq.merge.ops import dare_, task_seed
+from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
+from tvq.merge.source import TaskSource
+
+_TIES_ONLY = ("density", "scope")
+
+
+class DareOptions(MethodOptions):
+    drop_rate: float = Field(0.9, ge=0, le=1, description="probability p of dropping each entry")
+    rescale: bool = Field(True, description="divide survivors by 1 - p")
+    seed: int = Field(0, description="base seed; each (task, tensor) derives its own")
+    base: Literal["task_arithmetic", "average", "ties"] = Field("task_arithmetic", description="merge applied after DARE")
+    lam: float = Field(0.3, alias="lambda", description="scale for task_arithmetic / ties (average uses 1/T)")
+    density: float = Field(0.2, ge=0, le=1, description="ties base only: fraction kept by TIES's trim")
+    scope: Literal["global", "tensor"] = Field("global", description="ties base only: top-k scope")
+
+    @model_validator(mode="after")
+    def _options_fit_base(self) -> DareOptions:
+        if self.base != "ties":
+            for name in _TIES_ONLY:
+                if name in self.model_fields_set:
+                    raise ValueError(f"option '{name}' only applies with base=ties")
+        if self.base == "average" and "lam" in self.model_fields_set:
+            raise ValueError("option 'lambda' does not apply with base=average (it uses 1/T)")
+        return self
+
+
+@merge_method("dare", aliases=("dare_ta", "dare_task_arithmetic"))
+class Dare(MergeMethod):
+    Options = DareOptions
+    options: DareOptions
+    stats: TiesStats | None = None
+
+    def _drop(self, task: str, key: str, tau: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return dare_(tau, o.drop_rate, o.rescale, task_seed(o.seed, task, key))
+
+    def prepare(self, source: TaskSource, progress: bool = False) -> None:
+        o = self.options
+        if o.base == "ties" and o.scope == "global":
+            self.stats = TiesStats.compute(source.with_transform(self._drop), o.density, progress)
+
+    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        for task, row in zip(self.tasks, taus, strict=True):
+            self._drop(task, key, row)
+        if o.base == "average":
+            return taus.mean(dim=0)
+        if o.base == "task_arithmetic":
+            return taus.sum(dim=0).mul_(o.lam)
+        if o.scope == "global" and self.stats is None:
+            raise RuntimeError("DARE+TIES with scope=global needs prepare() before merge_tensor()")
+        return ties_tensor(taus, o.density, self.stats, "mean").mul_(o.lam)
+
+
+class DareTiesOptions(DareOptions):
+    base: Literal["task_arithmetic", "average", "ties"] = Field("ties", description="merge applied after DARE")
+
+
+@merge_method("dare_ties")
+class DareTies(Dare):
+    """DARE followed by TIES (MergeLM's mask_merging with ties_merging)."""
+
+    Options = DareTiesOptions

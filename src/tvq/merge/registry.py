@@ -1,0 +1,152 @@
+"""One registry of merge methods, mergekit style: a method is one small class with a decorator.
+
+A method sees one tensor at a time: ``merge_tensor(key, taus)`` gets the stacked fp32 task
+vectors ``[T, *shape]`` of that tensor and returns the merged task vector. Methods that need
+global statistics compute them in ``prepare`` (a cheap streaming pre-pass). Options are a
+pydantic model with ``extra="forbid"``, so a typo is an error and not a silent default.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tvq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tvq.merge.source import TaskSource
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options: unknown keys are errors, values are range-checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names users type (the alias when there is one, e.g. ``lambda``)."""
+        return [f.alias or name for name, f in cls.model_fields.items()]
+
+
+class MergeMethod(ABC):
+    """A merge method. Subclasses set ``Options`` and implement ``merge_tensor``."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    per_task: ClassVar[bool] = False  # yields one model per task (EMR): needs ``task`` or writes a pack
+
+    def __init__(self, options: MethodOptions, tasks: list[str], task: str | None = None) -> None:
+        self.options = options
+        self.tasks = list(tasks)
+        self.task = task
+
+    def prepare(self, source: TaskSource, progress: bool = False) -> None:
+        """Global statistics before the streaming pass (default: none needed)."""
+
+    @abstractmethod
+    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        """The merged task vector of one tensor. ``taus`` is ``[T, *shape]`` fp32, owned by the method."""
+
+    def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
+        """Per-task methods only: write the compact all-tasks artifact instead of one model."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[MergeMethod]] = {}
+_ALIASES: dict[str, str] = {}
+M = TypeVar("M", bound=type[MergeMethod])
+
+
+def merge_method(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[M], M]:
+    """Class decorator: ``@merge_method("ties", aliases=("ties_merging",))``."""
+
+    def register(cls: M) -> M:
+        for n in (name, *aliases):
+            if n in _METHODS or n in _ALIASES:
+                raise ValueError(f"merge method name {n!r} registered twice")
+        cls.name, cls.aliases = name, tuple(aliases)
+        _METHODS[name] = cls
+        _ALIASES.update(dict.fromkeys(aliases, name))
+        return cls
+
+    return register
+
+
+def _load_builtin() -> None:
+    import tvq.merge.methods  # noqa: F401  (registers every module in the package)
+
+
+def available_methods() -> dict[str, type[MergeMethod]]:
+    """Canonical name -> class, sorted by name."""
+    _load_builtin()
+    return dict(sorted(_METHODS.items()))
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    """Resolve a name or alias; unknown names fail with the list of valid ones."""
+    _load_builtin()
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in _METHODS:
+        valid = ", ".join(f"{n} ({', '.join(c.aliases)})" if c.aliases else n for n, c in sorted(_METHODS.items()))
+        raise ConfigError(f"unknown merge method {name!r} (valid methods: {valid})")
+    return _METHODS[key]
+
+
+def parse_options(cls: type[MergeMethod], options: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:
+    """Validate options for ``cls``; errors are one line naming the valid options."""
+    if isinstance(options, cls.Options):
+        return options
+    if isinstance(options, MethodOptions):
+        options = options.model_dump(by_alias=True)
+    data = {str(k).replace("-", "_"): v for k, v in (options or {}).items()}
+    valid = cls.Options.names()
+    accepted = set(valid) | set(cls.Options.model_fields)
+    for key in data:
+        if key not in accepted:
+            listing = ", ".join(valid) if valid else "none"
+            raise ConfigError(f"merge method {cls.name!r}: unknown option {key!r} (valid options: {listing})")
+    try:
+        return cls.Options.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "options"
+        field = cls.Options.model_fields.get(loc)
+        shown = field.alias if field is not None and field.alias else loc
+        if first["type"] == "missing" and field is not None:
+            raise ConfigError(f"merge method {cls.name!r}: option {shown!r} is required ({field.description})") from None
+        raise ConfigError(f"merge method {cls.name!r}: invalid value for {shown!r}: {first['msg']}") from None
+
+
+def build_method(name: str, options: Mapping[str, Any] | MethodOptions | None, tasks: list[str], task: str | None = None) -> MergeMethod:
+    """Name + options + task names -> a ready method object (everything validated)."""
+    cls = method_class(name)
+    opts = parse_options(cls, options)
+    if not tasks:
+        raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
+    if task is not None:
+        if not cls.per_task:
+            raise ConfigError(f"--task only applies to per-task methods (emr); {cls.name!r} writes one merged model")
+        if task not in tasks:
+            raise ConfigError(f"--task {task!r} is not one of the tasks: {', '.join(tasks)}")
+    return cls(opts, tasks, task)
+
+
+def describe_methods() -> str:
+    """One line per method with its options and defaults (for ``tvq merge --help``)."""
+    lines = []
+    for name, cls in available_methods().items():
+        opts = []
+        for field_name, f in cls.Options.model_fields.items():
+            default = "required" if f.is_required() else ("auto" if f.default is None else f.default)
+            opts.append(f"{f.alias or field_name}={default}")
+        alias = f" ({', '.join(cls.aliases)})" if cls.aliases else ""
+        lines.append(f"{name}{alias}: {', '.join(opts) or 'no options'}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Where task vectors come from: FP32 checkpoints, packs, or a mix, checked against θ_pre.
+
+The common currency is a mapping name -> ``TaskVector``. ``TaskSource`` reads them one
+tensor at a time (``stack(key)`` -> ``[T, *shape]`` fp32), so a merge never holds more than
+one tensor per task, whatever the model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from tvq.config import PaperLoadConfig
+from tvq.errors import CheckpointError, ConfigError, where
+from tvq.io.readers import CheckpointReader, TensorMeta, open_checkpoint
+from tvq.vector import TaskVector
+
+Transform = Callable[[str, str, torch.Tensor], torch.Tensor]  # (task, key, tau) -> tau'
+
+
+class MemoryReader:
+    """A state dict in memory behind the reader interface (tests, notebooks)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<state dict>") -> None:
+        self.path = Path(path)
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._tensors[key]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def as_reader(pretrained: str | Path | CheckpointReader | Mapping[str, torch.Tensor], unsafe_pickle: bool = False) -> CheckpointReader:
+    if hasattr(pretrained, "get") and hasattr(pretrained, "meta"):
+        return pretrained  # type: ignore[return-value]
+    if isinstance(pretrained, Mapping):
+        return MemoryReader(pretrained)
+    return open_checkpoint(pretrained, unsafe_pickle)
+
+
+class TaskSource:
+    """The task vectors of one merge, checked against the pretrained model's float tensors."""
+
+    def __init__(self, pretrained: CheckpointReader, vectors: Mapping[str, TaskVector], transform: Transform | None = None) -> None:
+        if not vectors:
+            raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
+        self.pretrained = pretrained
+        self.vectors = dict(vectors)
+        self.tasks = list(self.vectors)
+        self.keys = [k for k in pretrained.keys() if pretrained.meta(k).is_float]
+        self._transform = transform
+        key_set = set(self.keys)
+        for name, tv in self.vectors.items():
+            tv_keys = set(tv)
+            for key in sorted(key_set - tv_keys)[:1]:
+                raise CheckpointError(f"task {name!r}: tensor '{key}' is missing (the pretrained model {pretrained.path} has it)")
+            for key in sorted(tv_keys - key_set)[:1]:
+                raise CheckpointError(f"task {name!r}: tensor '{key}' is not a float tensor of the pretrained model {pretrained.path}")
+
+    def with_transform(self, transform: Transform) -> TaskSource:
+        """The same source with every τ passed through ``transform`` (e.g. DARE)."""
+        return TaskSource(self.pretrained, self.vectors, transform)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.pretrained.meta(key).shape)
+
+    def numel(self, key: str) -> int:
+        return self.pretrained.meta(key).numel
+
+    def tensor(self, task: str, key: str) -> torch.Tensor:
+        """τ of one task for one tensor, fp32, shape-checked."""
+        tau = self.vectors[task][key]
+        if tuple(tau.shape) != self.shape(key):
+            where_ = where(self.pretrained.path, key)
+            raise CheckpointError(
+                f"task {task!r}: {where_}: shape {list(tau.shape)} differs from the pretrained model's {list(self.shape(key))}"
+            )
+        tau = tau.float()
+        if self._transform is None:
+            return tau
+        return self._transform(task, key, tau.clone())  # transforms may work in place; never on the caller's data
+
+    def stack(self, key: str) -> torch.Tensor:
+        """``[T, *shape]`` fp32, filled one task at a time (no second copy)."""
+        out = torch.empty((len(self.tasks), *self.shape(key)), dtype=torch.float32)
+        for i, task in enumerate(self.tasks):
+            out[i] = self.tensor(task, key)
+        return out
+
+
+def load_task_vectors(
+    pretrained: str | Path | CheckpointReader,
+    *,
+    packs: Sequence[str | Path] = (),
+    finetuned: Mapping[str, str | Path] | None = None,
+    unsafe_pickle: bool = False,
+) -> tuple[CheckpointReader, dict[str, TaskVector]]:
+    """Open θ_pre and every source; returns the reader and name -> TaskVector (packs first)."""
+    from tvq.pack.reader import open_pack
+
+    pre = as_reader(pretrained, unsafe_pickle)
+    vectors: dict[str, TaskVector] = {}
+
+    def add(name: str, tv: TaskVector, origin: object) -> None:
+        if name in vectors:
+            raise ConfigError(f"task name {name!r} appears twice (again in {origin}); rename one with NAME=PATH")
+        vectors[name] = tv
+
+    float_keys = {k: pre.meta(k) for k in pre.keys() if pre.meta(k).is_float}
+    for pack_path in packs:
+        pack = open_pack(pack_path, pre, unsafe_pickle)
+        _check_pack_shapes(pack, float_keys, pre)
+        for name in pack.tasks:
+            add(name, pack.task_vector(name), pack_path)
+    for name, path in (finetuned or {}).items():
+        add(name, TaskVector.from_checkpoints(pre, open_checkpoint(path, unsafe_pickle), name=name), path)
+    if not vectors:
+        raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
+    return pre, vectors
+
+
+def _check_pack_shapes(pack, float_keys: dict[str, TensorMeta], pre: CheckpointReader) -> None:
+    """Fail before any work when a pack was made from another model (manifest only, no data read)."""
+    task = pack.tasks[0]
+    for key in sorted(set(float_keys) - set(pack.keys))[:1]:
+        raise CheckpointError(f"{where(pack.path, key)}: missing from the pack (the pretrained model {pre.path} has it)")
+    for key in sorted(set(pack.keys) - set(float_keys))[:1]:
+        raise CheckpointError(f"{where(pack.path, key)}: not a float tensor of the pretrained model {pre.path}")
+    for key in pack.keys:
+        shape = tuple(pack.entry(task, key).shape)
+        if shape != tuple(float_keys[key].shape):
+            raise CheckpointError(
+                f"{where(pack.path, key)}: shape {list(shape)} differs from the pretrained model's {list(float_keys[key].shape)}"
+            )
+
+
+def check_load_config(cfg: PaperLoadConfig, packs: Sequence[str | Path], n_finetuned: int) -> None:
+    """The paper's load_config.json must describe the inputs actually given."""
+    from tvq.pack.reader import open_pack
+
+    if cfg.load_tv_type == "baseline":
+        if packs:
+            raise ConfigError("load_config: load_tv_type 'baseline' means FP32 task vectors; drop --pack or change load_tv_type")
+        if not n_finetuned:
+            raise ConfigError("load_config: load_tv_type 'baseline' needs --finetuned NAME=PATH checkpoints")
+        return
+    if not packs:
+        raise ConfigError(f"load_config: load_tv_type {cfg.load_tv_type!r} needs a pack (--pack)")
+    want_target = "finetuned" if cfg.load_tv_type == "quantized_finetuned" else "task_vector"
+    want_residual = cfg.load_tv_type == "quantized_residual_task_vector"
+    for path in packs:
+        m = open_pack(path).manifest.method
+        got = f"{m.label} (target={m.target}, residual={m.residual}, bits={m.bits}, base_bits={m.base_bits})"
+        if m.target != want_target or m.residual != want_residual:
+            raise ConfigError(f"load_config: load_tv_type {cfg.load_tv_type!r} does not match the pack {path}: {got}")
+        if cfg.load_task_bits is not None and cfg.load_task_bits != m.bits:
+            raise ConfigError(f"load_config: load_task_bits={cfg.load_task_bits} but the pack {path} has {got}")
+        if want_residual and cfg.load_base_bits is not None and cfg.load_base_bits != m.base_bits:
+            raise ConfigError(f"load_config: load_base_bits={cfg.load_base_bits} but the pack {path} has {got}")
