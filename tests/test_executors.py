@@ -27,14 +27,6 @@ def test_unknown_executor():
         make_executor("dask")
 
 
-@pytest.fixture(scope="module")
-def ray_executor():
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'tvq[ray]')")
-    from tvq.execute import RayExecutor
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield RayExecutor(window=4)
-    ray.shutdown()
 
 
 def test_ray_local_cluster_writes_the_same_pack(tiny, ray_executor):

@@ -116,17 +116,13 @@ def test_kept_tensors_exact_and_nonfloat_skipped(tiny):
 def test_single_tensor_read_touches_only_that_tensor(tiny, monkeypatch):
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", QuantizeOptions(bits=3, residual=True, base_bits=4), progress=False)
     reads: list[tuple[str, str]] = []
-    real_safe_open = pack_reader.safe_open
 
-    class Spy:
-        def __init__(self, path, framework):
-            self._h, self._p = real_safe_open(path, framework=framework), path
-
+    class Spy(pack_reader.SafetensorsFile):
         def get_tensor(self, key):
-            reads.append((self._p.split("/")[-1], key))
-            return self._h.get_tensor(key)
+            reads.append((self.path.name, key))
+            return super().get_tensor(key)
 
-    monkeypatch.setattr(pack_reader, "safe_open", Spy)
+    monkeypatch.setattr(pack_reader, "SafetensorsFile", Spy)
     pack = open_pack(tiny["dir"] / "p")
     pack.task_tensor("task2", "encoder.layer.2.mlp.weight")
     assert sorted(reads) == [("002-task2.safetensors", "encoder.layer.2.mlp.weight"), ("base.safetensors", "encoder.layer.2.mlp.weight")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,6 +19,7 @@ from tvq.execute import make_executor
 from tvq.export import export_task
 from tvq.quant.selection import KeyRule
 from tvq.report import pack_summary
+from tvq.runstats import RunMeter, output_bytes
 
 app = typer.Typer(
     name="tvq",
@@ -64,10 +64,6 @@ def parse_named_paths(items: list[str], option: str = "--finetuned") -> dict[str
     return out
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @app.command("quantize")
 @handles_errors
 def quantize_cmd(
@@ -95,6 +91,7 @@ def quantize_cmd(
     threads: Annotated[int, typer.Option(help="Local executor: tensors encoded concurrently.")] = 1,
 ) -> None:
     """Quantize task vectors (or fine-tuned weights) into a bit-packed pack."""
+    meter = RunMeter()
     opts = QuantizeOptions()
     if config is not None:
         cfg = load_quantize_config(config)
@@ -128,12 +125,12 @@ def quantize_cmd(
     m = report.manifest
     console.print(
         f"wrote [bold]{out}[/]: {m.method.label}, {len(m.tasks)} tasks, "
-        f"{report.bytes_written / 2**20:.2f} MiB on disk "
-        f"(read {report.bytes_read / 2**20:.1f} MiB, peak RSS {peak_rss_mib():.0f} MiB)",
+        f"{report.bytes_written / 2**20:.2f} MiB on disk",
         highlight=False,
     )
     if average_out is not None:
         console.print(f"wrote averaged fine-tuned model {average_out}", highlight=False)
+    console.print(meter.stop(report.bytes_read, output_bytes(out, average_out)).line(), highlight=False)
 
 
 def read_sensitivity(path: Path | None) -> dict[str, float] | None:
@@ -232,11 +229,13 @@ def add_cmd(
     """Add tasks to a pack without re-encoding the others (RTVQ keeps its base)."""
     from tvq.incremental import add_tasks
 
+    meter = RunMeter()
     if (out is None) == (not in_place):
         raise ConfigError("give either --out NEW_PACK or --in-place")
     report = add_tasks(pack, parse_named_paths(finetuned), out, pretrained=pretrained, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
     added = ", ".join(t.name for t in report.manifest.tasks[-len(finetuned):])
     console.print(f"added {added} to {out or pack} ({report.bytes_written / 2**20:.2f} MiB new)", highlight=False)
+    console.print(meter.stop(report.bytes_read, report.bytes_written).line(), highlight=False)  # old files are linked, not written
 
 
 @app.command("rebase")
@@ -253,8 +252,10 @@ def rebase_cmd(
     """Recompute an RTVQ pack's base over all its tasks and re-encode the offsets."""
     from tvq.incremental import rebase
 
+    meter = RunMeter()
     report = rebase(pack, out, pretrained=pretrained, from_pack=from_pack, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
     console.print(f"wrote {out}: {report.manifest.method.label}, {len(report.manifest.tasks)} tasks", highlight=False)
+    console.print(meter.stop(report.bytes_read, output_bytes(out)).line(), highlight=False)
 
 
 @app.command("verify")
@@ -280,6 +281,9 @@ def _register_optional_commands() -> None:
     except ImportError:
         pass
     else:
+        from tvq.bench.run_cmd import run_cmd
+
+        bench_app.command("run")(run_cmd)
         app.add_typer(bench_app, name="bench", help="The real benchmark: build fine-tuned models, run every method x precision.")
 
 

@@ -9,6 +9,7 @@ results in key order: the pack is byte-identical whichever executor made it.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +74,13 @@ class KeyJob:
     base_pack: str | None = None  # adding tasks to this RTVQ pack: reuse its stored deq(Q(β))
     unsafe_pickle: bool = False
 
+    def memory_estimate(self) -> int:
+        """Peak bytes of encode_key for this tensor, roughly: (tasks + 4) fp32 copies."""
+        if self.role == TensorRole.SKIP:
+            return 0
+        numel = resolve(self.pretrained, self.unsafe_pickle).meta(self.key).numel
+        return numel * (len(self.finetuned) + 4) * 4
+
 
 @dataclass
 class KeyResult:
@@ -125,43 +133,89 @@ def check_finite(t: torch.Tensor, path: Path, key: str) -> None:
 
 
 def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Sum in order, then divide: the paper's get_avg_model_statedict, bit for bit, except
-    that the mean of identical tensors is that tensor. (In fp32 (x+x+x)/3 != x; for a tensor
-    no task changed, that rounding noise would cost RTVQ a full base and noisy offsets.)"""
+    """fp32 mean, summed in order from zero then divided: the paper's get_avg_model_statedict,
+    bit for bit (signed zeros included), with one fp32 buffer whatever the input dtype; the
+    mean of identical tensors is that tensor. (In fp32 (x+x+x)/3 != x; for a tensor no task
+    changed, that rounding noise would cost RTVQ a full base and noisy offsets.)"""
     if all(torch.equal(t, tensors[0]) for t in tensors[1:]):
-        return tensors[0].clone()
-    total = torch.zeros_like(tensors[0])
+        return tensors[0].to(torch.float32, copy=True)
+    total = torch.zeros(tensors[0].shape, dtype=torch.float32)
     for t in tensors:
-        total += t
-    return total / len(tensors)
+        total += t  # mixed-dtype in-place add converts exactly, like t.float()
+    return total.div_(len(tensors))
+
+
+_STAT_CHUNK = 1 << 20
+
+
+def sq_error(tau: torch.Tensor, *parts: torch.Tensor) -> tuple[float, float]:
+    """(|Σ parts − τ|², |τ|²): fp32 dot products per chunk, summed in double. These are
+    statistics (the manifest's rel_error), so fp32 chunks are plenty and 15x cheaper than fp64.
+    No parts means τ̂ = τ exactly (kept tensors)."""
+    flat = tau.reshape(-1)
+    flats = [p.reshape(-1) for p in parts]
+    buf = torch.empty(min(_STAT_CHUNK, flat.numel()), dtype=torch.float32) if parts else None
+    err = ref = 0.0
+    for start in range(0, flat.numel(), _STAT_CHUNK):
+        t = flat[start : start + _STAT_CHUNK]
+        ref += float(torch.dot(t, t))
+        if buf is None:
+            continue
+        d = buf[: t.numel()]
+        d.copy_(flats[0][start : start + _STAT_CHUNK])
+        for p in flats[1:]:
+            d.add_(p[start : start + _STAT_CHUNK])
+        d.sub_(t)
+        err += float(torch.dot(d, d))
+    return err, ref
+
+
+def check_inputs_finite(err_ref: tuple[float, float], inputs: list[tuple[torch.Tensor, Path]], key: str) -> None:
+    """A NaN/Inf in θ_pre or θ_t makes |τ|² (computed anyway) non-finite, so the exact check
+    runs only then, on the inputs in order (θ_pre first): the same error, at no cost."""
+    if math.isfinite(err_ref[1]):
+        return
+    for t, path in inputs:
+        check_finite(t, path, key)
+
+
+def read_inputs(job: KeyJob, result: KeyResult) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, Path]]]:
+    """θ_pre and every θ_t of the job's tensor, in their stored dtype, hashed."""
+    pre = resolve(job.pretrained, job.unsafe_pickle)
+    theta_pre = pre.get(job.key)
+    result.bytes_read += theta_pre.numel() * theta_pre.element_size()
+    fts: dict[str, tuple[torch.Tensor, Path]] = {}
+    if job.role == TensorRole.SKIP:
+        return theta_pre, fts
+    result.digests[PRETRAINED] = tensor_digest(job.key, theta_pre)
+    for name, source in job.finetuned.items():
+        reader = resolve(source, job.unsafe_pickle)
+        t = reader.get(job.key)
+        result.digests[name] = tensor_digest(job.key, t)
+        result.bytes_read += t.numel() * t.element_size()
+        fts[name] = (t, reader.path)
+    return theta_pre, fts
 
 
 def encode_key(job: KeyJob) -> KeyResult:
-    """Read, check, hash and encode one tensor for every task (and the RTVQ base)."""
-    pre = resolve(job.pretrained, job.unsafe_pickle)
+    """Read, check, hash and encode one tensor for every task (and the RTVQ base).
+
+    Inputs stay in their stored dtype (bf16 is half of fp32) and are converted where used;
+    full-size fp32 temporaries are dropped as soon as they are spent, so a job peaks at
+    about (tasks/2 + 6) x the tensor's fp32 size."""
     key, options = job.key, job.options
     result = KeyResult(key)
-    theta_pre = pre.get(key)
-    result.bytes_read += theta_pre.numel() * theta_pre.element_size()
+    theta_pre, fts = read_inputs(job, result)
     if job.role == TensorRole.SKIP:
         if job.with_average:
             result.average = theta_pre
         return result
-    check_finite(theta_pre, pre.path, key)
-    result.digests[PRETRAINED] = tensor_digest(key, theta_pre)
-    fts = {}
-    for name, source in job.finetuned.items():
-        reader = resolve(source, job.unsafe_pickle)
-        t = reader.get(key)
-        check_finite(t, reader.path, key)
-        result.digests[name] = tensor_digest(key, t)
-        result.bytes_read += t.numel() * t.element_size()
-        fts[name] = t
+    pre_path = resolve(job.pretrained, job.unsafe_pickle).path
     pre32 = theta_pre.float()
     residual = job.role == TensorRole.QUANTIZE and options.residual
     avg = None
     if job.with_average or (residual and job.base_pack is None):
-        avg = mean_of([t.float() for t in fts.values()])
+        avg = mean_of([t for t, _ in fts.values()])
         if job.with_average:
             result.average = avg.to(theta_pre.dtype)
     scheme, opts, bits = options.quantizer, options.scheme_options(), options.bits_for(key)
@@ -169,20 +223,28 @@ def encode_key(job: KeyJob) -> KeyResult:
         beta_hat = stored_base(job.base_pack, key)
         reference = beta_hat + pre32
     elif residual:
-        result.stored[BASE], beta_hat = encode_quantized(avg - pre32, options.bits_for(key, base=True), scheme, **opts)
+        spent = options.error_correction and not job.with_average  # θ_avg no longer needed (result.average may alias it)
+        beta = avg.sub_(pre32) if spent else avg - pre32
+        result.stored[BASE], beta_hat = encode_quantized(beta, options.bits_for(key, base=True), scheme, **opts)
+        del beta
         reference = (beta_hat + pre32) if options.error_correction else avg
-    for name, t in fts.items():
-        tau = t.float() - pre32
+    avg = None
+    for name, (t, path) in fts.items():
         if job.role == TensorRole.KEEP:
+            tau = t - pre32  # bf16 - fp32 promotes exactly: t.float() - pre32, one pass
             result.stored[name] = encode_raw(t if options.target == "finetuned" else tau)  # FQ keeps θ_t
-            tau_hat = tau
+            parts: tuple[torch.Tensor, ...] = ()
         elif options.target == "finetuned":
             result.stored[name], recon = encode_quantized(t.float(), bits, scheme, **opts)
-            tau_hat = recon - pre32
+            tau, parts = t - pre32, (recon.sub_(pre32),)
         elif residual:
-            result.stored[name], offset_hat = encode_quantized(t.float() - reference, bits, scheme, **opts)
-            tau_hat = beta_hat + offset_hat
+            result.stored[name], offset_hat = encode_quantized(t - reference, bits, scheme, **opts)
+            tau, parts = t - pre32, (beta_hat, offset_hat)
         else:
+            tau = t - pre32
             result.stored[name], tau_hat = encode_quantized(tau, bits, scheme, **opts)
-        result.errors[name] = (float((tau_hat - tau).double().pow(2).sum()), float(tau.double().pow(2).sum()))
+            parts = (tau_hat,)
+        result.errors[name] = sq_error(tau, *parts)
+        check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], key)
+        del tau, parts
     return result

@@ -149,7 +149,7 @@ def add_tasks(
             files={**m.files, **new_files},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-    written = sum(f.bytes for f in new_files.values())
+    written = sum(f.bytes for f in new_files.values()) + (out_path / MANIFEST_NAME).stat().st_size
     return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
 
 

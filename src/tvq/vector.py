@@ -21,6 +21,11 @@ Getter = Callable[[str], torch.Tensor]
 class TaskVector(Mapping[str, torch.Tensor]):
     """τ = θ_finetuned − θ_pretrained, tensor by tensor, computed when read."""
 
+    # Set by tvq.merge.source.load_task_vectors: where τ comes from, so a remote worker can
+    # reopen it ("pack" or "finetuned", path), and the input bytes one tensor costs to read.
+    origin: tuple[str, str] | None = None
+    nbytes: Callable[[str], int] | None = None
+
     def __init__(self, keys: list[str], getter: Getter, name: str = "") -> None:
         self._keys = list(keys)
         self._key_set = set(self._keys)

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import files_bytes, run_stats, shown
 from merge_helpers import make_pack
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tvq.cli import app
-from tvq.merge import load_task_vectors, merge_state_dict
+from tvq.merge import load_task_vectors, merge, merge_state_dict
 
 runner = CliRunner()
 
@@ -77,6 +78,21 @@ def test_hf_folder_from_a_pack_loads_with_transformers(hf, tmp_path):
     got = model.state_dict()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def test_threads_flag_and_io_memory_report(hf, tmp_path):
+    """--threads gives the same folder, byte for byte; the last line reports I/O and memory."""
+    r = run("--method", "ties", "--pack", hf["pack"], "--density", "0.3", "--out", tmp_path / "serial")
+    ok(r)
+    r = run("--method", "ties", "--pack", hf["pack"], "--density", "0.3", "--out", tmp_path / "threads", "--executor", "local", "--threads", "2")
+    ok(r)
+    for f in (tmp_path / "serial").iterdir():
+        assert f.read_bytes() == (tmp_path / "threads" / f.name).read_bytes(), f.name
+    stats = run_stats(r.output)
+    assert shown(stats["wrote"], files_bytes(tmp_path / "threads"))  # shards, config and tokenizer files
+    pre, vectors = load_task_vectors(hf["pre"], packs=[hf["pack"]])
+    assert shown(stats["read"], merge("ties", pre, vectors, tmp_path / "api.safetensors", {"density": 0.3}).bytes_read)
+    assert stats["peak_rss"] > 2**20
 
 
 def test_config_file_load_config_and_fp32_checkpoints(hf, tmp_path):

@@ -3,19 +3,22 @@
     from tvq.merge import load_task_vectors, merge
     pre, tvs = load_task_vectors("base/", packs=["pack/"], finetuned={"extra": "ft.safetensors"})
     merge("ties", pre, tvs, "merged/", {"density": 0.2, "lambda": 0.3})
+    merge("ties", pre, tvs, "merged/", executor=tvq.execute.make_executor("ray"))  # same bytes
 
 Methods stream tensor by tensor; see ``available_methods()`` and docs/merging.md.
 """
 
 from tvq.merge.adamerging import AdaMergingResult, adamerging, entropy_loss
-from tvq.merge.engine import MergeReport, emr_task_model, merge, merge_state_dict, write_model
+from tvq.merge.engine import MergeJob, MergeReport, emr_task_model, merge, merge_key, merge_state_dict, write_model
 from tvq.merge.methods.emr import EMRPack, open_emr
 from tvq.merge.registry import MergeMethod, MethodOptions, available_methods, build_method, merge_method, method_class
-from tvq.merge.source import TaskSource, load_task_vectors
+from tvq.merge.source import MergeInputs, TaskSource, load_task_vectors
 
 __all__ = [
     "AdaMergingResult",
     "EMRPack",
+    "MergeInputs",
+    "MergeJob",
     "MergeMethod",
     "MergeReport",
     "MethodOptions",
@@ -27,6 +30,7 @@ __all__ = [
     "entropy_loss",
     "load_task_vectors",
     "merge",
+    "merge_key",
     "merge_method",
     "merge_state_dict",
     "method_class",

@@ -99,15 +99,24 @@ def register(app: typer.Typer, handles_errors) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
         unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+        executor: Annotated[
+            str,
+            typer.Option(help="local, or ray (tensors merged over a Ray cluster; same output). EMR's unified pack and --unified run locally."),
+        ] = "local",
+        address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+        threads: Annotated[int, typer.Option(help="Local executor: tensors merged concurrently.")] = 1,
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
-        from tvq.cli import console, parse_named_paths, peak_rss_mib
+        from tvq.cli import console, parse_named_paths
         from tvq.config import PaperLoadConfig, read_config_file, validate_config
+        from tvq.execute import make_executor
         from tvq.merge.engine import emr_task_model, merge
         from tvq.merge.registry import method_class
         from tvq.merge.source import check_load_config, load_task_vectors
         from tvq.pack.reader import open_pack
+        from tvq.runstats import RunMeter, output_bytes
 
+        meter = RunMeter()
         cfg_method, options = read_merge_config(config) if config is not None else (None, {})
         options.update(parse_method_args(list(ctx.args)))
         name = method or cfg_method
@@ -116,6 +125,7 @@ def register(app: typer.Typer, handles_errors) -> None:
         cls = method_class(name)
         packs = list(pack or [])
         fts = parse_named_paths(finetuned or [])
+        writes_pack = cls.per_task and task is None  # EMR's unified pack: written locally, no Ray to start
 
         if unified is not None:
             if cls.name != "emr" or task is None:
@@ -139,11 +149,13 @@ def register(app: typer.Typer, handles_errors) -> None:
             report = merge(
                 cls.name, pre, vectors, out, options,
                 task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                inputs=[pretrained, *packs, *fts.values()],
+                inputs=[pretrained, *packs, *fts.values()], executor=None if writes_pack else make_executor(executor, address, threads),
+                unsafe_pickle=unsafe_pickle,
             )  # fmt: skip
-        what = "unified EMR pack" if cls.per_task and task is None else "model"
+        what = "unified EMR pack" if writes_pack else "model"
         console.print(
             f"wrote {what} [bold]{out}[/] ({report.method}, {len(report.tasks)} tasks, {len(report.files)} file(s), "
-            f"{report.bytes_written / 2**20:.1f} MiB, peak RSS {peak_rss_mib():.0f} MiB)",
+            f"{report.bytes_written / 2**20:.1f} MiB)",
             highlight=False,
         )
+        console.print(meter.stop(report.bytes_read, output_bytes(out)).line(), highlight=False)

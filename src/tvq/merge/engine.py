@@ -3,16 +3,23 @@
 Per tensor: stack the T task vectors (fp32), let the method merge them, add θ_pre in place,
 cast to the output dtype, append to the output. Peak memory ≈ (T + 2) × the largest tensor
 plus the method's temporaries and the output buffer, whatever the model size.
+
+That per-tensor work is a ``MergeJob`` run by any ``tvq.execute`` executor (local threads,
+Ray); the driver writes the results in key order, so the output is byte-identical whichever
+executor ran it. Global statistics (``prepare``) are computed once on the driver and travel
+inside the pickled method; remote jobs carry input paths, never open files.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +27,11 @@ import torch
 from tqdm import tqdm
 
 from tvq.errors import ConfigError
+from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import atomic_dir, atomic_file, check_output
 from tvq.io.readers import CheckpointReader
 from tvq.merge.registry import MergeMethod, MethodOptions, build_method
-from tvq.merge.source import TaskSource, as_reader
+from tvq.merge.source import MergeInputs, TaskSource, as_reader, meta_nbytes
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.vector import TaskVector
 
@@ -47,6 +55,7 @@ class MergeReport:
     tasks: list[str]
     files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
+    bytes_read: int = 0  # input tensor bytes: pre-passes, θ_pre and every τ (packed codes for packs)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -85,22 +94,88 @@ def hf_folder(pretrained: str | Path | CheckpointReader | Mapping) -> Path | Non
     return p if p.is_dir() and (p / "config.json").is_file() else None
 
 
+@dataclass
+class LocalWork:
+    """Live readers and the merge function: in-process jobs (threads share them)."""
+
+    pretrained: CheckpointReader
+    deltas: Deltas
+
+    def open(self) -> tuple[CheckpointReader, Deltas]:
+        return self.pretrained, self.deltas
+
+
+@dataclass(frozen=True)
+class RemoteWork:
+    """What a remote job carries: input paths, and the prepared method pickled once by the driver."""
+
+    inputs: MergeInputs
+    method: bytes
+
+    def open(self) -> tuple[CheckpointReader, Deltas]:
+        source = self.inputs.open()
+        return source.pretrained, method_deltas(_unpickled_method(self.method), source)
+
+
+@lru_cache(maxsize=4)
+def _unpickled_method(blob: bytes) -> MergeMethod:
+    return pickle.loads(blob)  # bytes our own driver pickled
+
+
+@dataclass
+class MergeJob:
+    """One float tensor of the output."""
+
+    key: str
+    work: LocalWork | RemoteWork
+    dtype: torch.dtype | None
+    memory: int = 0  # bytes it may hold: (T + 3) fp32 copies of the tensor (stack, method scratch, output)
+
+    def memory_estimate(self) -> int:
+        """For the executor's memory-aware admission: big tensors are not merged side by side."""
+        return self.memory
+
+
+def merge_key(job: MergeJob) -> torch.Tensor:
+    """θ_pre + δ for one tensor: fp32 arithmetic, then the cast (the same bytes on any executor)."""
+    pretrained, deltas = job.work.open()
+    base = pretrained.get(job.key)
+    return deltas(job.key).add_(base.float()).to(job.dtype or base.dtype)
+
+
 def iter_model(
-    pretrained: CheckpointReader, deltas: Deltas, float_keys: set[str], dtype: torch.dtype | None, desc: str, progress: bool
+    pretrained: CheckpointReader,
+    work: LocalWork | RemoteWork,
+    float_keys: set[str],
+    dtype: torch.dtype | None,
+    desc: str,
+    progress: bool,
+    executor: Executor | None = None,
+    tasks: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """θ_pre + δ for float keys (fp32 arithmetic, then cast), other tensors copied as they are."""
-    for key in tqdm(pretrained.keys(), desc=desc, unit="tensor", disable=not progress):
-        base = pretrained.get(key)
-        if key not in float_keys:
-            yield key, base
-            continue
-        merged = deltas(key).add_(base.float()).to(dtype or base.dtype)
-        yield key, merged
-        del base, merged  # before the next tensor is computed
+    """Merged float tensors (from the executor, in key order); other tensors copied as they are."""
+    keys = pretrained.keys()
+    jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in float_keys)
+    merged = (executor or LocalExecutor()).map(merge_key, jobs)
+    for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress):
+        yield key, (next(merged) if key in float_keys else pretrained.get(key))
 
 
 def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
     return lambda key: method.merge_tensor(key, source.stack(key))
+
+
+def method_work(method: MergeMethod, source: TaskSource, executor: Executor | None, unsafe_pickle: bool = False) -> LocalWork | RemoteWork:
+    """Jobs for ``executor``: live objects in process, paths and the pickled method when remote."""
+    if getattr(executor, "remote", False):
+        return RemoteWork(MergeInputs.of(source, unsafe_pickle), pickle.dumps(method))
+    return LocalWork(source.pretrained, method_deltas(method, source))
+
+
+def pass_bytes(source: TaskSource) -> int:
+    """Input bytes of the writing pass: all of θ_pre and τ of every task for every float key."""
+    pre = source.pretrained
+    return sum(meta_nbytes(pre, k) for k in pre.keys()) + sum(source.nbytes(k) for k in source.keys)
 
 
 def merge_state_dict(
@@ -119,7 +194,8 @@ def merge_state_dict(
     if m.per_task and task is None:
         raise ConfigError(f"{m.name} merges into one model per task: pass task=NAME")
     m.prepare(source)
-    return dict(iter_model(pre, method_deltas(m, source), set(source.keys), parse_dtype(dtype), m.name, False))
+    return dict(iter_model(pre, LocalWork(pre, method_deltas(m, source)), set(source.keys), parse_dtype(dtype), m.name, False,
+                           tasks=len(source.tasks)))  # fmt: skip
 
 
 def merge(
@@ -135,6 +211,8 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     inputs: Sequence[str | Path] = (),
+    executor: Executor | None = None,
+    unsafe_pickle: bool = False,
 ) -> MergeReport:
     """Merge ``task_vectors`` into ``pretrained`` with ``method`` and write the result to ``out``.
 
@@ -142,7 +220,9 @@ def merge(
     ``max_shard_size``, config and tokenizer files copied) unless ``out`` ends in
     ``.safetensors``; otherwise one safetensors file. Per-task methods (EMR) write their
     unified pack, or with ``task=NAME`` that task's model. ``inputs`` are paths that must not
-    be overwritten (the pretrained path is always protected).
+    be overwritten (the pretrained path is always protected). ``executor`` runs the per-tensor
+    merges (same bytes out); a remote one needs inputs opened by ``load_task_vectors`` from
+    paths, reopened on the workers (with ``unsafe_pickle``). EMR's unified pack is written locally.
     """
     pre = as_reader(pretrained)
     source = TaskSource(pre, task_vectors)
@@ -158,11 +238,15 @@ def merge(
     if m.per_task and task is None:
         with atomic_file(out) as tmp:
             m.write_pack(source, tmp, progress)
-        return MergeReport(out, m.name, source.tasks, [out], out.stat().st_size)
+        return MergeReport(out, m.name, source.tasks, [out], out.stat().st_size, source.bytes_read)
     m.prepare(source, progress)
+    prepared = source.bytes_read
     label = f"{m.name}" + (f" [{task}]" if task else "")
-    return write_model(pre, method_deltas(m, source), set(source.keys), out, label, source.tasks, dtype=dtype_,
-                       hf_from=hf_folder(pretrained), max_shard_size=shard_bytes, progress=progress)  # fmt: skip
+    report = write_model(pre, method_work(m, source, executor, unsafe_pickle), set(source.keys), out, label, source.tasks,
+                         dtype=dtype_, hf_from=hf_folder(pretrained), max_shard_size=shard_bytes, progress=progress,
+                         executor=executor)  # fmt: skip
+    report.bytes_read = prepared + pass_bytes(source)
+    return report
 
 
 def emr_task_model(
@@ -185,14 +269,16 @@ def emr_task_model(
     out = Path(out)
     protected = [Path(unified)] + ([Path(pretrained)] if isinstance(pretrained, (str, Path)) else [])
     check_output(out, overwrite, protected)
-    return write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
-                       dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
-                       max_shard_size=parse_size(max_shard_size), progress=progress)  # fmt: skip
+    report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
+                         dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
+                         max_shard_size=parse_size(max_shard_size), progress=progress)  # fmt: skip
+    report.bytes_read = pass_bytes(source)
+    return report
 
 
 def write_model(
     pretrained: CheckpointReader,
-    deltas: Deltas,
+    work: Deltas | LocalWork | RemoteWork,
     float_keys: set[str],
     out: Path,
     label: str,
@@ -202,9 +288,14 @@ def write_model(
     hf_from: str | Path | None = None,
     max_shard_size: int = 5 * 10**9,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> MergeReport:
-    """Write θ_pre + δ atomically: a Hugging Face folder when ``hf_from`` is given (and ``out`` is not a .safetensors path)."""
-    stream = iter_model(pretrained, deltas, float_keys, dtype, f"merge {label}", progress)
+    """Write θ_pre + δ atomically: a Hugging Face folder when ``hf_from`` is given (and ``out`` is not a .safetensors path).
+
+    ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``."""
+    if callable(work):
+        work = LocalWork(pretrained, work)
+    stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks))
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     report = MergeReport(out, label, tasks)
     if hf_from is None or out.suffix == ".safetensors":

@@ -69,24 +69,48 @@ def trimmed_sum(taus: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def elect_sign(total: torch.Tensor, majority: float | None = None) -> torch.Tensor:
-    """TIES 'mass' election: sign of Σ_t trimmed τ_t; exact zeros take the majority sign (of this tensor if not given)."""
-    sign = torch.sign(total)
+def row_thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
+    """Per-row top-k magnitude thresholds ``[T]`` (radix select: no copy of a row)."""
+    return torch.stack([magnitude_threshold(row, density) for row in taus])
+
+
+_TIES_CHUNK = 1 << 20  # columns per chunk: T x chunk temporaries instead of T x n
+
+
+def ties_merge(taus: torch.Tensor, thresholds: torch.Tensor, majority: float | None, aggregate: str = "mean") -> torch.Tensor:
+    """TIES on ``[T, *shape]`` with per-row trim thresholds: trim, elect the sign by mass (exact
+    zeros take ``majority``, or this tensor's majority sign), disjoint mean (or sum).
+
+    Column chunk by column chunk: every element sees the same fp32 operations in the same
+    order as whole-tensor code, but the scratch (trim mask, sums, buffers) is a few chunks,
+    not ~5 copies of the tensor; the elected sign is kept as int8."""
+    flat = taus.reshape(taus.shape[0], -1)
+    n = flat.shape[1]
+    thr = thresholds.reshape(-1, 1)
+    sign = torch.empty(n, dtype=torch.int8)
+    for start in range(0, n, _TIES_CHUNK):
+        part = flat[:, start : start + _TIES_CHUNK]
+        sign[start : start + part.shape[1]] = torch.sign(trimmed_sum(part, part.abs() >= thr))
     if majority is None:
-        majority = float(torch.sign(sign.sum()))
-    sign[sign == 0] = majority
-    return sign
+        majority = float(torch.sign(sign.sum(dtype=torch.int64)))
+    sign[sign == 0] = int(majority)
+    out = torch.empty(n, dtype=taus.dtype)
+    for start in range(0, n, _TIES_CHUNK):
+        part = flat[:, start : start + _TIES_CHUNK]
+        end = start + part.shape[1]
+        out[start:end] = disjoint_merge(part, part.abs() >= thr, sign[start:end], aggregate)
+    return out.reshape(taus.shape[1:])
 
 
 def disjoint_merge(taus: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
     """Keep each trimmed τ_t only where it agrees with the elected sign; mean (or sum) over those tasks."""
-    positive, negative = sign > 0, sign < 0
-    total = torch.zeros_like(sign)
+    total = torch.zeros(sign.shape, dtype=taus.dtype)
     count = torch.zeros(sign.shape, dtype=torch.int16)
-    buf = torch.empty_like(sign)
+    buf = torch.empty(sign.shape, dtype=taus.dtype)
     agree = torch.empty(sign.shape, dtype=torch.bool)
     for row, k in zip(taus, keep, strict=True):
-        torch.where(row > 0, positive, negative & (row < 0), out=agree)
+        # same sign as the election: row·sign > 0 (sign is exactly ±1 or 0, so no underflow)
+        torch.gt(torch.mul(row, sign, out=buf), 0, out=agree)
         agree &= k
         total += torch.where(agree, row, _ZERO, out=buf)
         count += agree

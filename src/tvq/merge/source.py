@@ -7,12 +7,16 @@ one tensor per task, whatever the model size.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
 
 from tvq.config import PaperLoadConfig
+from tvq.encode import _stamp as input_stamp  # the encoder's rule: a rewritten input is never served stale
 from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.readers import CheckpointReader, TensorMeta, open_checkpoint
 from tvq.vector import TaskVector
@@ -57,6 +61,7 @@ class TaskSource:
         self.tasks = list(self.vectors)
         self.keys = [k for k in pretrained.keys() if pretrained.meta(k).is_float]
         self._transform = transform
+        self._meter = _ByteMeter()
         key_set = set(self.keys)
         for name, tv in self.vectors.items():
             tv_keys = set(tv)
@@ -66,8 +71,19 @@ class TaskSource:
                 raise CheckpointError(f"task {name!r}: tensor '{key}' is not a float tensor of the pretrained model {pretrained.path}")
 
     def with_transform(self, transform: Transform) -> TaskSource:
-        """The same source with every τ passed through ``transform`` (e.g. DARE)."""
-        return TaskSource(self.pretrained, self.vectors, transform)
+        """The same source with every τ passed through ``transform`` (e.g. DARE); reads count in both."""
+        derived = TaskSource(self.pretrained, self.vectors, transform)
+        derived._meter = self._meter
+        return derived
+
+    @property
+    def bytes_read(self) -> int:
+        """Input bytes read by ``stack`` so far (pre-passes and, locally, the merge pass)."""
+        return self._meter.total
+
+    def nbytes(self, key: str) -> int:
+        """Input bytes that reading τ of every task for ``key`` costs (fp32 τ where the origin is unknown)."""
+        return sum(tv.nbytes(key) if tv.nbytes is not None else 4 * self.numel(key) for tv in self.vectors.values())
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.pretrained.meta(key).shape)
@@ -93,7 +109,37 @@ class TaskSource:
         out = torch.empty((len(self.tasks), *self.shape(key)), dtype=torch.float32)
         for i, task in enumerate(self.tasks):
             out[i] = self.tensor(task, key)
+        self._meter.add(self.nbytes(key))
         return out
+
+
+class _ByteMeter:
+    """A byte count that threads can add to."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+def meta_nbytes(reader: CheckpointReader, key: str) -> int:
+    meta = reader.meta(key)
+    return meta.numel * meta.dtype.itemsize
+
+
+def _pack_nbytes(pack, task: str, pre: CheckpointReader, key: str) -> int:
+    """Bytes τ̂ of one tensor reads from a pack: its codes, the RTVQ base's, and θ_pre for FQ."""
+    m = pack.manifest
+    n = pack.entry(task, key).stored_bytes
+    base = m.files[m.base_file].tensors.get(key) if m.base_file else None
+    if base is not None:
+        n += base.stored_bytes
+    if m.method.target == "finetuned":
+        n += meta_nbytes(pre, key)
+    return n
 
 
 def load_task_vectors(
@@ -119,12 +165,63 @@ def load_task_vectors(
         pack = open_pack(pack_path, pre, unsafe_pickle)
         _check_pack_shapes(pack, float_keys, pre)
         for name in pack.tasks:
-            add(name, pack.task_vector(name), pack_path)
+            tv = pack.task_vector(name)
+            tv.origin, tv.nbytes = ("pack", str(pack_path)), partial(_pack_nbytes, pack, name, pre)
+            add(name, tv, pack_path)
     for name, path in (finetuned or {}).items():
-        add(name, TaskVector.from_checkpoints(pre, open_checkpoint(path, unsafe_pickle), name=name), path)
+        ft = open_checkpoint(path, unsafe_pickle)
+        tv = TaskVector.from_checkpoints(pre, ft, name=name)
+        tv.origin, tv.nbytes = ("finetuned", str(path)), lambda key, ft=ft: meta_nbytes(ft, key) + meta_nbytes(pre, key)
+        add(name, tv, path)
     if not vectors:
         raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
     return pre, vectors
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """A merge's inputs as absolute paths: picklable, so remote workers reopen them themselves."""
+
+    pretrained: str
+    packs: tuple[str, ...]
+    finetuned: tuple[tuple[str, str], ...]  # (task, path)
+    tasks: tuple[str, ...]  # the merge's tasks, in its order
+    unsafe_pickle: bool = False
+
+    @classmethod
+    def of(cls, source: TaskSource, unsafe_pickle: bool = False) -> MergeInputs:
+        """The paths behind a source built by ``load_task_vectors``; in-memory inputs cannot travel."""
+        unknown = [n for n, tv in source.vectors.items() if tv.origin is None]
+        if isinstance(source.pretrained, MemoryReader) or unknown:
+            what = f"task {unknown[0]!r}" if unknown else "the pretrained model"
+            raise ConfigError(
+                f"a remote executor reopens the inputs on its workers, but {what} is in memory: "
+                "load task vectors from paths (load_task_vectors, or tvq merge --pack/--finetuned)"
+            )
+        origins = {n: tv.origin for n, tv in source.vectors.items()}
+        packs = tuple(dict.fromkeys(_absolute(p) for kind, p in origins.values() if kind == "pack"))
+        fts = tuple((n, _absolute(p)) for n, (kind, p) in origins.items() if kind == "finetuned")
+        return cls(_absolute(source.pretrained.path), packs, fts, tuple(source.tasks), unsafe_pickle)
+
+    def open(self) -> TaskSource:
+        """The source, opened once per process and version of the input files."""
+        files = [self.pretrained, *(f"{p}/manifest.json" for p in self.packs), *(p for _, p in self.finetuned)]
+        return _open_inputs(self, tuple(input_stamp(Path(f)) for f in files))
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+@lru_cache(maxsize=4)
+def _open_inputs(inputs: MergeInputs, stamps: tuple[tuple[int, int], ...]) -> TaskSource:
+    pre, vectors = load_task_vectors(
+        inputs.pretrained, packs=inputs.packs, finetuned=dict(inputs.finetuned), unsafe_pickle=inputs.unsafe_pickle
+    )
+    missing = [t for t in inputs.tasks if t not in vectors]
+    if missing:
+        raise CheckpointError(f"task {missing[0]!r} is not in the inputs as this worker sees them (packs changed?)")
+    return TaskSource(pre, {t: vectors[t] for t in inputs.tasks})
 
 
 def _check_pack_shapes(pack, float_keys: dict[str, TensorMeta], pre: CheckpointReader) -> None:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
 
 from tvq.errors import PackError, where
-from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
 from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry
 from tvq.pack.writer import aux_key
@@ -101,7 +100,7 @@ class Pack:
     def _handle(self, rel: str):
         if rel not in self._handles:
             try:
-                self._handles[rel] = safe_open(str(self.path / rel), framework="pt")
+                self._handles[rel] = SafetensorsFile(self.path / rel)
             except Exception as exc:
                 raise PackError(f"{where(self.path / rel)}: corrupt pack file ({exc})") from None
         return self._handles[rel]
@@ -113,7 +112,7 @@ class Pack:
             return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)
         data = self._read_verified(rel, key, entry.sha256)
         if entry.kind == "raw":
-            return data.clone()  # safetensors hands out shared memory-mapped tensors: never alias them
+            return data  # a fresh buffer (SafetensorsFile reads, never maps): safe to hand out
         n = 1
         for d in entry.shape:
             n *= d

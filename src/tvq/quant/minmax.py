@@ -36,9 +36,9 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 
 def minmax_params(x: torch.Tensor, bits: int) -> MinMaxParams:
-    """Compute scale and zero point from the tensor's range (fp32, like the reference)."""
-    x = x.float()
-    lo, hi = x.min(), x.max()
+    """Compute scale and zero point from the tensor's range (fp32, like the reference).
+    One ``aminmax`` pass gives the same min and max as two reductions."""
+    lo, hi = torch.aminmax(x if x.dtype == torch.float32 else x.float())
     if bool(lo == hi):
         return MinMaxParams(bits, 1.0, 0.0, constant=float(lo))
     qmax = 2**bits - 1
@@ -47,18 +47,28 @@ def minmax_params(x: torch.Tensor, bits: int) -> MinMaxParams:
     return MinMaxParams(bits, float(scale), float(zero_point))
 
 
+def _scalars(params: MinMaxParams) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(params.scale, dtype=torch.float32), torch.tensor(params.zero_point, dtype=torch.float32)
+
+
 def minmax_quantize(x: torch.Tensor, params: MinMaxParams) -> torch.Tensor:
-    """Integer codes in [0, 2^b-1] as a flat uint8 tensor."""
+    """Integer codes in [0, 2^b-1] as a flat uint8 tensor.
+
+    The reference's ops in its order (mul, add, round, clamp), in place on one reused
+    chunk buffer: no full-size temporaries, and ``x`` may be bf16 (converted per chunk)."""
     flat = x.reshape(-1)
     if params.constant is not None:
         return torch.zeros(flat.numel(), dtype=torch.uint8)
-    scale = torch.tensor(params.scale, dtype=torch.float32)
-    zero_point = torch.tensor(params.zero_point, dtype=torch.float32)
+    scale, zero_point = _scalars(params)
     qmax = 2**params.bits - 1
     out = torch.empty(flat.numel(), dtype=torch.uint8)
+    buf = torch.empty(min(_CHUNK, flat.numel()), dtype=torch.float32)
     for start in range(0, flat.numel(), _CHUNK):
-        part = flat[start : start + _CHUNK].float()
-        out[start : start + _CHUNK] = torch.round(scale * part + zero_point).clamp(0, qmax).to(torch.uint8)
+        part = flat[start : start + _CHUNK]
+        tmp = buf[: part.numel()]
+        tmp.copy_(part)
+        tmp.mul_(scale).add_(zero_point).round_().clamp_(0, qmax)
+        out[start : start + part.numel()].copy_(tmp)
     return out
 
 
@@ -66,12 +76,9 @@ def minmax_dequantize(codes: torch.Tensor, params: MinMaxParams, shape: tuple[in
     """fp32 reconstruction (q - zero_point) / scale, reshaped to ``shape``."""
     if params.constant is not None:
         return torch.full(shape, params.constant, dtype=torch.float32)
-    scale = torch.tensor(params.scale, dtype=torch.float32)
-    zero_point = torch.tensor(params.zero_point, dtype=torch.float32)
-    out = torch.empty(codes.numel(), dtype=torch.float32)
-    for start in range(0, codes.numel(), _CHUNK):
-        out[start : start + _CHUNK] = (codes[start : start + _CHUNK].to(torch.float32) - zero_point) / scale
-    return out.reshape(shape)
+    scale, zero_point = _scalars(params)
+    out = codes.to(torch.float32).reshape(shape)  # in place on the output: no temporaries to chunk
+    return out.sub_(zero_point).div_(scale)
 
 
 def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:

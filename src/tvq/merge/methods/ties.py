@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from tvq.merge.ops import disjoint_merge, elect_sign, global_kth_largest, keep_count, ties_keep, trimmed_sum
+from tvq.merge.ops import global_kth_largest, keep_count, row_thresholds, ties_keep, ties_merge, trimmed_sum
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.source import TaskSource
 
@@ -64,9 +64,9 @@ class TiesStats:
 
 def ties_tensor(taus: torch.Tensor, density: float, stats: TiesStats | None, aggregate: str) -> torch.Tensor:
     """Unscaled TIES merge of one tensor (``taus`` is left unchanged): global thresholds when ``stats`` is given."""
-    keep = ties_keep(taus, density, stats.thresholds if stats is not None else None)
-    sign = elect_sign(trimmed_sum(taus, keep), stats.majority if stats is not None else None)
-    return disjoint_merge(taus, keep, sign, aggregate)
+    if stats is not None:
+        return ties_merge(taus, stats.thresholds, stats.majority, aggregate)
+    return ties_merge(taus, row_thresholds(taus, density), None, aggregate)
 
 
 @merge_method("ties", aliases=("ties_merging",))

@@ -1,0 +1,167 @@
+"""``tvq bench``: fetch the task data, build the fine-tuned checkpoints, evaluate a model.
+
+Thin: parses options, calls ``tvq.bench``, prints. A data problem is one line and exit 1,
+any other tvq error one line and exit 2; heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tvq.bench import BenchDataError
+from tvq.errors import TvqError
+
+app = typer.Typer(
+    name="bench",
+    help="The real benchmark: 8 text tasks from packages, MiniLM fine-tunes, frozen heads.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+Cache = Annotated[Optional[Path], typer.Option("--cache", help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")]
+Preset = Annotated[str, typer.Option("--preset", help="full (8 tasks, 4,000 train) or ci (4 tasks, 512 train).")]
+Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task names (or name=file.jsonl); default: the preset's.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Split and training seed (default 0).")]
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BenchDataError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except TvqError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: completed tasks are kept; re-run to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _config(preset_name: str, tasks: str | None, seed: int | None, **extra: Any) -> Any:
+    from tvq.bench.config import preset
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    return preset(preset_name, tasks=names, seed=seed, **extra)
+
+
+@app.command("data")
+@_errors
+def data_cmd(preset: Preset = "full", tasks: Tasks = None, cache: Cache = None, seed: Seed = None) -> None:
+    """Fetch and convert the tasks' data (cached), and show classes and split sizes."""
+    from tvq.bench.data import get_task, load_task, split_task
+
+    config = _config(preset, tasks, seed)
+    table = Table(title=f"tvq bench data ({config.preset} splits, seed {config.seed})")
+    for col in ("task", "source", "classes", "examples", "train", "val", "test"):
+        table.add_column(col, justify="right" if col in ("examples", "train", "val", "test") else "left")
+    for name in config.tasks:
+        data = load_task(get_task(name), cache)
+        s = split_task(data, seed=config.seed, train=config.train_size, val=config.val_size, test=config.test_size)
+        names = ", ".join(data.classes)
+        classes = f"{len(data.classes)}: {names if len(names) <= 40 else names[:37] + '...'}"
+        table.add_row(data.name, data.source, classes, f"{len(data):,}", *(f"{n:,}" for n in s.sizes().values()))
+    console.print(table)
+
+
+@app.command("build")
+@_errors
+def build_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default <cache>/runs/<preset>).")] = None,
+    preset: Preset = "full",
+    tasks: Tasks = None,
+    cache: Cache = None,
+    seed: Seed = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Another HF encoder folder instead of all-MiniLM-L6-v2.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild a run folder made with other settings.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Fine-tune one encoder per task (cached, resumable) and save models, heads and splits."""
+    import torch
+
+    from tvq.bench.data import get_task
+    from tvq.bench.train import build
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = _config(preset, tasks, seed, encoder=encoder)
+    t0 = time.perf_counter()
+    manifest = build(config, out, cache_dir=cache, force=force, progress=progress, log=lambda s: console.print(s, highlight=False))
+    table = Table(title=f"tvq bench build ({config.preset}) in {time.perf_counter() - t0:.0f} s")
+    for col in ("task", "classes", "train", "test", "zero-shot %", "fine-tuned %", "train s"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    zs, ft = [], []
+    for name in (get_task(t).name for t in config.tasks):
+        info = manifest["task_info"][name]
+        zs.append(100 * info["zero_shot"]["test"])
+        ft.append(100 * info["finetuned"]["test"])
+        sizes = info["splits"]["sizes"]
+        table.add_row(name, str(len(info["classes"])), str(sizes["train"]), str(sizes["test"]), f"{zs[-1]:.1f}", f"{ft[-1]:.1f}", f"{info['timings']['train_s']:.0f}")
+    table.add_row("average", "", "", "", f"{sum(zs) / len(zs):.1f}", f"{sum(ft) / len(ft):.1f}", "", style="bold")
+    console.print(table)
+
+
+@app.command("eval")
+@_errors
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `tvq bench build`.")],
+    model: Annotated[Optional[Path], typer.Argument(help="HF folder or .safetensors to evaluate (default: the pretrained model).")] = None,
+    tasks: Tasks = None,
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Accuracy of a model (e.g. a merged one) on every task of a run."""
+    import torch
+
+    from tvq.bench.evaluate import evaluate_all, open_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    r = open_run(run)
+    names = [t.strip() for t in tasks.split(",")] if tasks else None
+    t0 = time.perf_counter()
+    acc = evaluate_all(r.load_model(model), r, split, names)
+    table = Table(title=f"{model or 'pretrained'} on {run} ({split}, {time.perf_counter() - t0:.0f} s)")
+    table.add_column("task")
+    table.add_column("accuracy %", justify="right")
+    for name, a in acc.items():
+        table.add_row(name, f"{100 * a:.1f}")
+    table.add_row("average", f"{100 * sum(acc.values()) / len(acc):.1f}", style="bold")
+    console.print(table)
+
+
+@app.command("fisher")
+@_errors
+def fisher_cmd(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `tvq bench build`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON to write, for `tvq quantize --sensitivity`.")],
+    examples: Annotated[int, typer.Option(min=1, help="Validation examples per task.")] = 32,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Per-tensor diagonal Fisher of the fine-tuned models: data-driven sensitivity for bit allocation."""
+    import torch
+
+    from tvq.bench.evaluate import open_run
+    from tvq.bench.fisher import diagonal_fisher, write_sensitivity
+
+    if threads:
+        torch.set_num_threads(threads)
+    weights = diagonal_fisher(open_run(run), examples=examples)
+    write_sensitivity(weights, out)
+    top = sorted(weights.items(), key=lambda kv: -kv[1])[:5]
+    console.print(f"wrote {out}: {len(weights)} tensors; most sensitive: " + ", ".join(f"{k} ({v:.2g})" for k, v in top), highlight=False)
