@@ -44,3 +44,16 @@ def test_ray_worker_errors_are_one_line_tvq_errors(tiny, ray_executor):
     save_file(sd, tiny["ft_paths"]["task2"])
     with pytest.raises(CheckpointError, match="task2.safetensors.*encoder.layer.0.mlp.weight.*NaN"):
         quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "ray", OPTS, progress=False, executor=ray_executor)
+
+
+def test_threaded_map_leaves_torch_threads_as_they_were():
+    """Workers run torch single-threaded; torch's setting is process-wide, so it is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert list(LocalExecutor(threads=2).map(lambda x: torch.get_num_threads() + 0 * x, range(4))) == [1, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

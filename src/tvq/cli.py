@@ -88,7 +88,7 @@ def quantize_cmd(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     executor: Annotated[str, typer.Option(help="local, or ray (tensors spread over a Ray cluster; same output).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
-    threads: Annotated[int, typer.Option(help="Local executor: tensors encoded concurrently.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors encoded concurrently (torch single-threaded in each).")] = 2,
 ) -> None:
     """Quantize task vectors (or fine-tuned weights) into a bit-packed pack."""
     meter = RunMeter()

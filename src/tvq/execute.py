@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,11 +62,18 @@ def job_cost(job: object) -> int:
     return int(estimate()) if callable(estimate) else 0
 
 
-def _one_torch_thread() -> None:
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
     """Workers run torch ops single-threaded and parallelise across tensors instead: on a
     busy machine, OpenMP barriers per chunk-sized op cost milliseconds each (measured 100x
-    slower chunk loops with 2 intra-op threads and another job running)."""
+    slower chunk loops with 2 intra-op threads and another job running). The setting is
+    process-wide in torch, so the caller's value is restored afterwards."""
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class LocalExecutor:
@@ -86,7 +94,7 @@ class LocalExecutor:
             for job in jobs:
                 yield fn(job)
             return
-        with ThreadPoolExecutor(self.threads, initializer=_one_torch_thread) as pool:
+        with one_torch_thread(), ThreadPoolExecutor(self.threads) as pool:
             pending: deque = deque()
             in_flight = 0
             for job in jobs:

@@ -104,7 +104,7 @@ def register(app: typer.Typer, handles_errors) -> None:
             typer.Option(help="local, or ray (tensors merged over a Ray cluster; same output). EMR's unified pack and --unified run locally."),
         ] = "local",
         address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
-        threads: Annotated[int, typer.Option(help="Local executor: tensors merged concurrently.")] = 1,
+        threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors merged concurrently (torch single-threaded in each).")] = 2,
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
         from tvq.cli import console, parse_named_paths
