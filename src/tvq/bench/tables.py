@@ -107,6 +107,8 @@ def frontier_table(results: dict[str, Any], mode: str = FIXED) -> str:
         limit = 1.5 if bits <= 1.6 else 0.5 if bits <= 2.4 else None
         goal = "–" if limit is None or worst is None else ("met" if worst >= -limit else f"missed (worst {worst:+.1f})")
         trained = info.get("bits_per_trained_param")
+        if trained is None and results.get("trained_params"):
+            trained = info["bytes_per_task"] * 8 / results["trained_params"]
         out.append(f"| {info['label']} | {bits:.2f} | {trained:.2f} | {info['bytes_per_task'] / 1e6:.2f} | " if trained is not None
                    else f"| {info['label']} | {bits:.2f} | – | {info['bytes_per_task'] / 1e6:.2f} | ")  # fmt: skip
         out[-1] += " | ".join(values) + f" | {goal} |"
