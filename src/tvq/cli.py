@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -14,39 +13,17 @@ from rich.table import Table
 
 from tvq.compress import QuantizeOptions, average_checkpoints, quantize
 from tvq.config import load_quantize_config
-from tvq.errors import ConfigError, TvqError
+from tvq.errors import ConfigError
 from tvq.execute import make_executor
 from tvq.export import export_task
 from tvq.quant.selection import KeyRule
 from tvq.report import pack_summary
 from tvq.runstats import RunMeter, output_bytes
+from tvq.cli_support import error_handler, new_app
 
-app = typer.Typer(
-    name="tvq",
-    help="Task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging from the packs.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = new_app("tvq", "Task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging from the packs.")
 console = Console()
-err_console = Console(stderr=True)
-
-
-def handles_errors(fn):
-    """Turn tvq's errors into one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TvqError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: no output was written")
-            raise typer.Exit(130) from None
-
-    return wrapper
+handles_errors = error_handler("no output was written")
 
 
 def parse_named_paths(items: list[str], option: str = "--finetuned") -> dict[str, Path]:
@@ -281,9 +258,6 @@ def _register_optional_commands() -> None:
     except ImportError:
         pass
     else:
-        from tvq.bench.run_cmd import run_cmd
-
-        bench_app.command("run")(run_cmd)
         app.add_typer(bench_app, name="bench", help="The real benchmark: build fine-tuned models, run every method x precision.")
 
 

@@ -76,3 +76,8 @@ def test_ci_benchmark_reproduces_the_papers_findings(tmp_path: Path) -> None:
     assert abs(tvq_loss) <= 1.0, avg
     assert fq_loss >= 5.0 and fq_loss > 5 * max(tvq_loss, 0.2), avg
     assert (tmp_path / "grid" / "results.json").is_file()
+
+
+def test_bench_run_unknown_precision_is_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", "--run", str(tmp_path), "--precisions", "tvq5", "--no-progress"])
+    assert res.exit_code == 2 and "unknown precision 'tvq5'" in res.output and "Traceback" not in res.output

@@ -6,50 +6,25 @@ any other tvq error one line and exit 2; heavy imports happen inside the command
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tvq.bench import BenchDataError
-from tvq.errors import TvqError
+from tvq.cli_support import error_handler, new_app
 
-app = typer.Typer(
-    name="bench",
-    help="The real benchmark: 8 text tasks from packages, MiniLM fine-tunes, frozen heads.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = new_app("bench", "The real benchmark: 8 text tasks from packages, MiniLM fine-tunes, frozen heads.")
 console = Console()
-err = Console(stderr=True)
+_errors = error_handler("completed work is kept; re-run to resume", ((BenchDataError, 1),))
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")]
 Preset = Annotated[str, typer.Option("--preset", help="full (8 tasks, 4,000 train) or ci (4 tasks, 512 train).")]
 Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task names (or name=file.jsonl); default: the preset's.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Split and training seed (default 0).")]
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BenchDataError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except TvqError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: completed tasks are kept; re-run to resume")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def _config(preset_name: str, tasks: str | None, seed: int | None, **extra: Any) -> Any:
@@ -165,3 +140,8 @@ def fisher_cmd(
     write_sensitivity(weights, out)
     top = sorted(weights.items(), key=lambda kv: -kv[1])[:5]
     console.print(f"wrote {out}: {len(weights)} tensors; most sensitive: " + ", ".join(f"{k} ({v:.2g})" for k, v in top), highlight=False)
+
+
+from tvq.bench.run_cmd import run_cmd  # noqa: E402  (its own module: the grid's options are many)
+
+app.command("run")(_errors(run_cmd))
