@@ -97,7 +97,7 @@ def _open_cached(path: str, stamp: tuple[int, int], unsafe_pickle: bool) -> Chec
     return open_checkpoint(path, unsafe_pickle)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def input_stamp(path: Path) -> tuple[int, int]:
     """Modification time and size: a rewritten file is opened afresh, never served stale."""
     target = path / "model.safetensors.index.json" if path.is_dir() else path
     st = (target if target.exists() else path).stat()
@@ -109,7 +109,7 @@ def resolve(source: object, unsafe_pickle: bool = False) -> CheckpointReader:
     if hasattr(source, "get"):
         return source  # type: ignore[return-value]
     path = Path(str(source))
-    return _open_cached(str(path), _stamp(path), unsafe_pickle)
+    return _open_cached(str(path), input_stamp(path), unsafe_pickle)
 
 
 @lru_cache(maxsize=8)
@@ -121,7 +121,7 @@ def _open_pack_cached(path: str, stamp: tuple[int, int]):
 
 def stored_base(pack_path: str, key: str) -> torch.Tensor:
     p = Path(pack_path)
-    return _open_pack_cached(str(p), _stamp(p / "manifest.json")).base_tensor(key)
+    return _open_pack_cached(str(p), input_stamp(p / "manifest.json")).base_tensor(key)
 
 
 def check_finite(t: torch.Tensor, path: Path, key: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tvq.config import PaperLoadConfig
-from tvq.encode import _stamp as input_stamp  # the encoder's rule: a rewritten input is never served stale
+from tvq.encode import input_stamp  # the encoder's rule: a rewritten input is never served stale
 from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.readers import CheckpointReader, TensorMeta, open_checkpoint
 from tvq.vector import TaskVector
