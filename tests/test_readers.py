@@ -101,3 +101,31 @@ def test_pack_reads_never_alias_each_other(tiny):
     first = pack.task_tensor("task0", k)
     first += 100.0
     assert float(pack.task_tensor("task0", k).abs().max()) < 1.0
+
+
+def test_large_tensors_are_private_maps_of_the_file(tmp_path):
+    """Big tensors are mapped copy-on-write: writing to one changes neither the file nor the next read."""
+    from tvq.io.readers import MAP_MIN_BYTES
+
+    big = torch.arange(MAP_MIN_BYTES // 4 + 3, dtype=torch.float32)
+    path = tmp_path / "m.safetensors"
+    save_file({"big": big, "small": torch.ones(3)}, path)
+    before = path.read_bytes()
+    reader = open_checkpoint(path)
+    first = reader.get("big")
+    assert torch.equal(first, big)
+    first.mul_(-1)
+    assert torch.equal(reader.get("big"), big)
+    assert path.read_bytes() == before
+
+
+def test_a_file_truncated_after_opening_fails_with_its_name(tmp_path):
+    from tvq.io.readers import MAP_MIN_BYTES
+
+    path = tmp_path / "t.safetensors"
+    save_file({"big": torch.zeros(MAP_MIN_BYTES // 4 + 3)}, path)
+    reader = open_checkpoint(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 16)
+    with pytest.raises(CheckpointError, match=r"t\.safetensors.*big.*ends inside"):
+        reader.get("big")

@@ -24,7 +24,7 @@ from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.encode import BASE, PRETRAINED, KeyJob, KeyResult, check_finite, encode_key, mean_of
 from tvq.execute import Executor, LocalExecutor
 from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
-from tvq.pack.writer import PackFileWriter, announced_names
+from tvq.pack.writer import PackFileWriter, announced_names, close_all
 from tvq.quant.minmax import check_bits
 from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import KeyRule, TensorRole, tensor_role
@@ -269,9 +269,10 @@ def quantize(
         for name, digest in (expect_digests or {}).items():
             if stats.digests[name].hexdigest() != digest:
                 raise CheckpointError(f"{where(readers[name].path)}: content differs from the expected checkpoint of task {name!r}")
-        file_entries = {task_files[name]: writers[name].close() for name in names}
+        closed = close_all(writers)
+        file_entries = {task_files[name]: closed[name] for name in names}
         if options.residual:
-            file_entries["base.safetensors"] = writers[BASE].close()
+            file_entries["base.safetensors"] = closed[BASE]
         if avg_writer is not None:
             avg_writer.close()
 

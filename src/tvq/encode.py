@@ -18,7 +18,8 @@ import torch
 
 from tvq.errors import CheckpointError, where
 from tvq.io.readers import CheckpointReader, open_checkpoint
-from tvq.io.safetensors_writer import tensor_bytes
+from tvq.io.safetensors_writer import sha256_tensor, tensor_bytes
+from tvq.quant.fused import DiffCode, encode_differences
 from tvq.quant.packing import pack_codes
 from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import TensorRole
@@ -39,6 +40,13 @@ class StoredTensor:
     params: dict[str, float] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     value: float | None = None  # const
+    sha256: str | None = None  # of ``data``, when hashed already (by the worker that made it)
+
+    def hashed(self) -> StoredTensor:
+        """Hash ``data`` now, on this thread: the writer (one driver thread) then only writes."""
+        if self.data is not None and self.sha256 is None:
+            self.sha256 = sha256_tensor(self.data)
+        return self
 
 
 def encode_quantized(x: torch.Tensor, bits: int, scheme: str = "minmax", **opts) -> tuple[StoredTensor, torch.Tensor]:
@@ -50,6 +58,20 @@ def encode_quantized(x: torch.Tensor, bits: int, scheme: str = "minmax", **opts)
         return StoredTensor("const", shape, bits=bits, value=enc.constant), torch.full(x.shape, enc.constant, dtype=torch.float32)
     stored = StoredTensor("q", shape, pack_codes(enc.codes, bits), bits, scheme, enc.params, enc.aux)
     return stored, quantizer.decode(enc.codes, bits, enc.params, enc.aux).reshape(x.shape)
+
+
+def stored_minmax(code: DiffCode, shape: list[int]) -> StoredTensor:
+    """The stored form of a fused min-max encoding (the same as ``encode_quantized``'s)."""
+    p = code.params
+    if code.packed is None:
+        return StoredTensor("const", shape, bits=p.bits, value=p.constant)
+    return StoredTensor("q", shape, code.packed, p.bits, "minmax", {"scale": p.scale, "zero_point": p.zero_point})
+
+
+def _fused(job: KeyJob, theta_pre: torch.Tensor) -> bool:
+    """Task-vector min-max quantization takes the fused, chunked path (same bytes, ~3x faster)."""
+    o = job.options
+    return job.role == TensorRole.QUANTIZE and o.quantizer == "minmax" and o.target != "finetuned" and theta_pre.numel() > 0
 
 
 def encode_raw(t: torch.Tensor) -> StoredTensor:
@@ -211,8 +233,9 @@ def encode_key(job: KeyJob) -> KeyResult:
             result.average = theta_pre
         return result
     pre_path = resolve(job.pretrained, job.unsafe_pickle).path
-    pre32 = theta_pre.float()
     residual = job.role == TensorRole.QUANTIZE and options.residual
+    fused = _fused(job, theta_pre)
+    pre32 = theta_pre.float() if residual or not fused else theta_pre  # the fused TVQ path converts per chunk
     avg = None
     if job.with_average or (residual and job.base_pack is None):
         avg = mean_of([t for t, _ in fts.values()])
@@ -229,6 +252,15 @@ def encode_key(job: KeyJob) -> KeyResult:
         del beta
         reference = (beta_hat + pre32) if options.error_correction else avg
     avg = None
+    if fused:
+        subtrahend = reference if residual else theta_pre
+        codes = encode_differences([t for t, _ in fts.values()], subtrahend, bits,
+                                   pretrained=theta_pre if residual else None, base_hat=beta_hat if residual else None)  # fmt: skip
+        for (name, (t, path)), code in zip(fts.items(), codes, strict=True):
+            result.stored[name] = stored_minmax(code, list(theta_pre.shape))
+            result.errors[name] = (code.sq_err, code.sq_ref)
+            check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], key)
+        return _hashed(result)
     for name, (t, path) in fts.items():
         if job.role == TensorRole.KEEP:
             tau = t - pre32  # bf16 - fp32 promotes exactly: t.float() - pre32, one pass
@@ -247,4 +279,11 @@ def encode_key(job: KeyJob) -> KeyResult:
         result.errors[name] = sq_error(tau, *parts)
         check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], key)
         del tau, parts
+    return _hashed(result)
+
+
+def _hashed(result: KeyResult) -> KeyResult:
+    """Outputs hashed on the worker: the driver, which writes them in order, only writes."""
+    for stored in result.stored.values():
+        stored.hashed()
     return result

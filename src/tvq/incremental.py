@@ -34,7 +34,7 @@ from tvq.io.atomic import atomic_dir, check_output
 from tvq.io.readers import TensorMeta, open_checkpoint
 from tvq.pack.manifest import MANIFEST_NAME, Manifest
 from tvq.pack.reader import Pack, open_pack
-from tvq.pack.writer import PackFileWriter, announced_names
+from tvq.pack.writer import PackFileWriter, announced_names, close_all
 from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import TensorRole
 from tvq.vector import check_compatible
@@ -132,7 +132,7 @@ def add_tasks(
         stats = StreamStats.for_tasks(list(readers))
         try:
             encode_all(jobs, writers, stats, executor, desc="add tasks", progress=progress)
-            new_files = {task_files[n]: w.close() for n, w in writers.items()}
+            new_files = {task_files[n]: entry for n, entry in close_all(writers).items()}
         finally:
             for w in writers.values():
                 w.abort()

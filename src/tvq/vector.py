@@ -25,6 +25,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
     # reopen it ("pack" or "finetuned", path), and the input bytes one tensor costs to read.
     origin: tuple[str, str] | None = None
     nbytes: Callable[[str], int] | None = None
+    coded: Callable[[str], object] | None = None  # key -> tvq.quant.coded.CodedTensor or None (packs)
 
     def __init__(self, keys: list[str], getter: Getter, name: str = "") -> None:
         self._keys = list(keys)

@@ -9,6 +9,7 @@ disk until used); a full pickle is only allowed with ``unsafe_pickle=True``.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import warnings
@@ -92,14 +93,19 @@ class _ReaderBase:
     _metas: dict[str, TensorMeta]
 
 
-class SafetensorsFile:
-    """Reads tensors of one safetensors file with ``pread`` into fresh, private buffers.
+MAP_MIN_BYTES = 1 << 20  # tensors this big are mapped, smaller ones read
 
-    safetensors' own ``get_tensor`` hands out views of a memory map: every page a run
-    touches stays mapped and counts in its RSS (11 GB for a 1B model and 4 fine-tunes)
-    although the process owns none of it. Reading into a new tensor costs one memcpy from
-    the page cache and the memory is gone when the tensor is. The header (8-byte
-    little-endian length, then JSON) is validated by the safetensors library on open."""
+
+class SafetensorsFile:
+    """Reads tensors of one safetensors file, each into a buffer of its own.
+
+    safetensors' own ``get_tensor`` hands out views of one map of the whole file: every
+    page a run touches stays mapped and counts in its RSS (11 GB for a 1B model and 4
+    fine-tunes). Here a large tensor gets a private copy-on-write map of just its own
+    pages (zero-copy from the page cache, 3x faster than reading into fresh memory, which
+    the kernel must zero first; writes stay private), unmapped when the tensor is freed;
+    small ones are read with ``pread``. The header (8-byte little-endian length, then
+    JSON) is validated by the safetensors library on open."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -126,9 +132,11 @@ class SafetensorsFile:
         return list(self.metas)
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        """A new tensor holding the stored bytes (thread-safe: positional reads)."""
+        """A tensor of its own holding the stored bytes (thread-safe: maps and positional reads)."""
         meta = self.metas[key]
         start, nbytes = self._offsets[key]
+        if nbytes >= MAP_MIN_BYTES:
+            return self._mapped(key, start, nbytes).view(meta.dtype).reshape(meta.shape)
         out = torch.empty(meta.shape, dtype=meta.dtype)
         if nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -139,6 +147,14 @@ class SafetensorsFile:
                     raise CheckpointError(f"{where(self.path, key)}: file ends inside the tensor")
                 done += got
         return out
+
+    def _mapped(self, key: str, start: int, nbytes: int) -> torch.Tensor:
+        """The tensor's bytes as a private map (writes never reach the file)."""
+        if os.fstat(self._fd).st_size < start + nbytes:  # a map past the end would SIGBUS on access
+            raise CheckpointError(f"{where(self.path, key)}: file ends inside the tensor")
+        lead = start % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(self._fd, nbytes + lead, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start - lead)
+        return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=lead)  # keeps the map alive
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)

@@ -59,8 +59,8 @@ class StreamingSafetensorsWriter:
         self._fh = open(path, "wb")
         self._fh.write(b"\0" * (8 + self._reserved))
 
-    def add(self, name: str, tensor: torch.Tensor) -> str:
-        """Append one tensor; returns the sha256 of its bytes."""
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (hashing its bytes, where wanted, is the caller's business)."""
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name!r}")
         if name not in self._allowed:
@@ -74,7 +74,6 @@ class StreamingSafetensorsWriter:
         }
         self._fh.write(data)
         self._offset += nbytes
-        return hashlib.sha256(data).hexdigest()
 
     def close(self) -> int:
         """Write the header into its reserved room; returns the file size in bytes."""

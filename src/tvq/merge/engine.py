@@ -140,7 +140,7 @@ def merge_key(job: MergeJob) -> torch.Tensor:
     """θ_pre + δ for one tensor: fp32 arithmetic, then the cast (the same bytes on any executor)."""
     pretrained, deltas = job.work.open()
     base = pretrained.get(job.key)
-    return deltas(job.key).add_(base.float()).to(job.dtype or base.dtype)
+    return deltas(job.key).add_(base).to(job.dtype or base.dtype)  # fp32 += bf16 converts exactly, no copy
 
 
 def iter_model(
@@ -162,7 +162,22 @@ def iter_model(
 
 
 def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
-    return lambda key: method.merge_tensor(key, source.stack(key))
+    """key -> merged task vector: from codes when the method and the inputs allow it (the
+    same bytes, see tvq.merge.coded), else from the dense fp32 stack."""
+
+    def deltas(key: str) -> torch.Tensor:
+        coded = source.coded(key) if _may_code(method) else None
+        merged = method.merge_coded(key, coded) if coded is not None else None
+        if merged is not None:
+            source.count_read(key)
+            return merged.reshape(source.shape(key))
+        return method.merge_tensor(key, source.stack(key))
+
+    return deltas
+
+
+def _may_code(method: MergeMethod) -> bool:
+    return method.elementwise or type(method).merge_coded is not MergeMethod.merge_coded
 
 
 def method_work(method: MergeMethod, source: TaskSource, executor: Executor | None, unsafe_pickle: bool = False) -> LocalWork | RemoteWork:

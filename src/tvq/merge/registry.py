@@ -16,11 +16,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tvq.errors import ConfigError
+from tvq.merge.coded import combination_values, joint_index, lookup, worth_coding
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from tvq.merge.source import TaskSource
+    from tvq.quant.coded import CodedTensor
 
 
 class MethodOptions(BaseModel):
@@ -41,6 +43,7 @@ class MergeMethod(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     per_task: ClassVar[bool] = False  # yields one model per task (EMR): needs ``task`` or writes a pack
+    elementwise: ClassVar[bool] = False  # merge_tensor acts column by column with no per-tensor statistics
 
     def __init__(self, options: MethodOptions, tasks: list[str], task: str | None = None) -> None:
         self.options = options
@@ -53,6 +56,15 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         """The merged task vector of one tensor. ``taus`` is ``[T, *shape]`` fp32, owned by the method."""
+
+    def merge_coded(self, key: str, coded: list[CodedTensor]) -> torch.Tensor | None:
+        """The merged task vector from coded task vectors (``tvq.merge.coded``), or None to
+        have the dense ``[T, *shape]`` stack merged instead. Elementwise methods run
+        ``merge_tensor`` once per combination of codes and look the elements up."""
+        if not self.elementwise or not worth_coding(coded):
+            return None
+        lut = self.merge_tensor(key, combination_values(coded))
+        return lookup(lut, joint_index(coded))
 
     def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
         """Per-task methods only: write the compact all-tasks artifact instead of one model."""

@@ -19,6 +19,7 @@ from tvq.config import PaperLoadConfig
 from tvq.encode import input_stamp  # the encoder's rule: a rewritten input is never served stale
 from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.readers import CheckpointReader, TensorMeta, open_checkpoint
+from tvq.quant.coded import CodedTensor
 from tvq.vector import TaskVector
 
 Transform = Callable[[str, str, torch.Tensor], torch.Tensor]  # (task, key, tau) -> tau'
@@ -104,6 +105,24 @@ class TaskSource:
             return tau
         return self._transform(task, key, tau.clone())  # transforms may work in place; never on the caller's data
 
+    def coded(self, key: str) -> list[CodedTensor] | None:
+        """Every task's τ̂ of ``key`` as a value table and codes, or None unless all are coded
+        (packs of elementwise schemes) and untransformed. Not metered: see ``count_read``."""
+        if self._transform is not None or any(tv.coded is None for tv in self.vectors.values()):
+            return None
+        out = []
+        for tv in self.vectors.values():
+            c = tv.coded(key)  # type: ignore[misc]
+            if c is None:
+                return None
+            out.append(c)
+        return out
+
+    def count_read(self, key: str) -> None:
+        """Count ``key``'s input bytes as read (``stack`` does this itself; ``coded`` leaves it
+        to the caller, who may still fall back to ``stack``)."""
+        self._meter.add(self.nbytes(key))
+
     def stack(self, key: str) -> torch.Tensor:
         """``[T, *shape]`` fp32, filled one task at a time (no second copy)."""
         out = torch.empty((len(self.tasks), *self.shape(key)), dtype=torch.float32)
@@ -167,6 +186,7 @@ def load_task_vectors(
         for name in pack.tasks:
             tv = pack.task_vector(name)
             tv.origin, tv.nbytes = ("pack", str(pack_path)), partial(_pack_nbytes, pack, name, pre)
+            tv.coded = partial(pack.coded, name)
             add(name, tv, pack_path)
     for name, path in (finetuned or {}).items():
         ft = open_checkpoint(path, unsafe_pickle)

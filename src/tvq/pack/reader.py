@@ -19,6 +19,7 @@ from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
 from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry
 from tvq.pack.writer import aux_key
+from tvq.quant.coded import CodedTensor
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import get_scheme
 from tvq.vector import TaskVector
@@ -159,6 +160,37 @@ class Pack:
         if method.residual and key in self.manifest.files[self.manifest.base_file].tensors:
             return self.decode(self.manifest.base_file, key) + stored
         return stored.float()
+
+    def coded(self, task: str, key: str) -> CodedTensor | None:
+        """τ̂ of one tensor as a value table and per-element codes, when it is one: codes of a
+        scheme that decodes elementwise (RTVQ: base and offset codes combined), or a constant.
+        None for raw tensors, FQ packs and group-wise schemes (merge the dense tensor then)."""
+        if self.manifest.method.target == "finetuned":
+            return None
+        coded = self._coded(self.manifest.task(task).file, key)
+        base_file = self.manifest.base_file
+        if coded is None or not base_file or key not in self.manifest.files[base_file].tensors:
+            return coded
+        base = self._coded(base_file, key)
+        if base is None:
+            return None
+        table = (base.table[:, None] + coded.table[None, :]).reshape(-1)  # β̂ + ô, as task_tensor adds them
+        index = base.index.to(torch.int32).mul_(coded.values).add_(coded.index)
+        return CodedTensor(table, index)
+
+    def _coded(self, rel: str, key: str) -> CodedTensor | None:
+        entry = self._tensor_entry(rel, key)
+        n = 1
+        for d in entry.shape:
+            n *= d
+        if entry.kind == "const":
+            return CodedTensor(torch.tensor([float(entry.value)], dtype=torch.float32), torch.zeros(n, dtype=torch.uint8))
+        scheme = get_scheme(entry.scheme) if entry.kind == "q" else None
+        if scheme is None or scheme.aux_names:
+            return None
+        codes = unpack_codes(self._read_verified(rel, key, entry.sha256), entry.bits, n)
+        every_code = torch.arange(2**entry.bits, dtype=torch.int32).to(torch.uint8)
+        return CodedTensor(scheme.decode(every_code, entry.bits, entry.params, {}).reshape(-1).float(), codes)
 
     def base_tensor(self, key: str) -> torch.Tensor:
         if not self.manifest.base_file:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from tvq.io.safetensors_writer import StreamingSafetensorsWriter, sha256_file
+from tvq.io.safetensors_writer import StreamingSafetensorsWriter, sha256_file, sha256_tensor
 from tvq.encode import StoredTensor, encode_quantized, encode_raw
 from tvq.pack.manifest import AuxEntry, FileEntry, TensorEntry
 
@@ -40,10 +43,12 @@ class PackFileWriter:
             self._tensors[key] = TensorEntry(kind="const", shape=stored.shape, dtype="float32", bits=stored.bits, value=stored.value)
             return
         data = stored.data
-        digest = self._writer.add(key, data)
+        self._writer.add(key, data)
+        digest = stored.sha256 or sha256_tensor(data)
         aux = {}
         for name, arr in stored.aux.items():
-            aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=self._writer.add(aux_key(key, name), arr))
+            self._writer.add(aux_key(key, name), arr)
+            aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=sha256_tensor(arr))
         self._tensors[key] = TensorEntry(
             kind=stored.kind,
             shape=stored.shape,
@@ -72,3 +77,11 @@ class PackFileWriter:
 
     def abort(self) -> None:
         self._writer.abort()
+
+
+def close_all(writers: Mapping[str, PackFileWriter]) -> dict[str, FileEntry]:
+    """Close pack files, hashing them side by side (hashlib releases the GIL): same entries."""
+    if not writers:
+        return {}
+    with ThreadPoolExecutor(min(len(writers), os.cpu_count() or 1)) as pool:
+        return dict(zip(writers, pool.map(PackFileWriter.close, writers.values()), strict=True))

@@ -39,6 +39,11 @@ def minmax_params(x: torch.Tensor, bits: int) -> MinMaxParams:
     """Compute scale and zero point from the tensor's range (fp32, like the reference).
     One ``aminmax`` pass gives the same min and max as two reductions."""
     lo, hi = torch.aminmax(x if x.dtype == torch.float32 else x.float())
+    return params_from_range(lo, hi, bits)
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> MinMaxParams:
+    """Scale and zero point from the range as fp32 0-dim tensors (the reference's fp32 ops)."""
     if bool(lo == hi):
         return MinMaxParams(bits, 1.0, 0.0, constant=float(lo))
     qmax = 2**bits - 1

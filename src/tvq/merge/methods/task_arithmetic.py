@@ -18,6 +18,7 @@ class TaskArithmetic(MergeMethod):
 
     Options = TaskArithmeticOptions
     options: TaskArithmeticOptions
+    elementwise = True
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         return taus.sum(dim=0).mul_(self.options.lam)

@@ -18,9 +18,11 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from tvq.merge.coded import combination_values, joint_index, lookup, marginal_counts, weighted_kth_largest, worth_coding
 from tvq.merge.ops import global_kth_largest, keep_count, row_thresholds, ties_keep, ties_merge, trimmed_sum
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.source import TaskSource
+from tvq.quant.coded import CodedTensor
 
 
 class TiesOptions(MethodOptions):
@@ -84,3 +86,35 @@ class Ties(MergeMethod):
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_tensor()")
         return ties_tensor(taus, o.density, self.stats, o.aggregate).mul_(o.lam)
+
+    def merge_coded(self, key: str, coded: list[CodedTensor]) -> torch.Tensor | None:
+        """TIES once per combination of codes: the per-tensor thresholds (k-th largest |τ̂_t|)
+        and majority sign come exactly from code histograms, then ``ties_merge`` runs on the
+        combinations, so every element gets the bytes the dense path gives it."""
+        if not worth_coding(coded):
+            return None
+        o = self.options
+        if o.scope == "global" and self.stats is None:
+            raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_coded()")
+        joint = joint_index(coded)
+        combos = combination_values(coded)
+        if self.stats is not None:
+            thresholds, majority = self.stats.thresholds, self.stats.majority
+        else:
+            per_combination = torch.bincount(joint, minlength=combos.shape[1])
+            thresholds = coded_thresholds(coded, marginal_counts(per_combination, coded), o.density)
+            signs = torch.sign(trimmed_sum(combos, combos.abs() >= thresholds.reshape(-1, 1))).to(torch.int64)
+            majority = float(torch.sign((signs * per_combination).sum()))
+        lut = ties_merge(combos, thresholds, majority, o.aggregate).mul_(o.lam)
+        return lookup(lut, joint)
+
+
+def coded_thresholds(coded: list[CodedTensor], counts: list[torch.Tensor], density: float) -> torch.Tensor:
+    """Per task, the |τ̂| an entry needs to be in the top-k: the k-th largest from the code histogram."""
+    n = coded[0].index.numel()
+    k = keep_count(density, n)
+    if k >= n:
+        return torch.zeros(len(coded))
+    if k == 0:
+        return torch.full((len(coded),), float("inf"))
+    return torch.stack([weighted_kth_largest(c.table.abs(), count, k) for c, count in zip(coded, counts, strict=True)])

@@ -1,0 +1,109 @@
+"""Merging from codes (a lookup table per combination of codes) gives the dense path's bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tvq import QuantizeOptions, quantize
+from tvq.merge import load_task_vectors
+from tvq.merge.coded import marginal_counts, weighted_kth_largest
+from tvq.merge.engine import merge_state_dict
+from tvq.merge.methods.ties import Ties
+from tvq.merge.ops import kth_largest
+from tvq.quant.coded import CodedTensor
+from tvq.vector import TaskVector
+
+PACKS = {
+    "tvq4": QuantizeOptions(bits=4),
+    "tvq2": QuantizeOptions(bits=2),
+    "rtvq-b2o1-ec": QuantizeOptions(bits=1, base_bits=2, residual=True, error_correction=True),
+}
+METHODS = [("task_arithmetic", {}), ("ties", {"scope": "tensor"}), ("ties", {"scope": "global", "density": 0.1}),
+           ("ties", {"scope": "tensor", "aggregate": "sum", "density": 0.5})]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("coded")
+    g = torch.Generator().manual_seed(3)
+    pre = {"big": torch.randn(300, 400, generator=g), "wide": torch.randn(70_000, generator=g), "small": torch.randn(64, generator=g)}
+    save_file(pre, d / "pre.safetensors")
+    fts = {}
+    for i in range(4):
+        ft = {k: v + torch.randn(v.shape, generator=g) * 0.01 * (i + 1) for k, v in pre.items()}
+        ft["wide"][:1000] = pre["wide"][:1000]  # exact zeros in τ: sign ties and a constant-free code
+        fts[f"t{i}"] = d / f"t{i}.safetensors"
+        save_file(ft, fts[f"t{i}"])
+    packs = {}
+    for name, options in PACKS.items():
+        packs[name] = d / name
+        quantize(d / "pre.safetensors", fts, packs[name], options, progress=False)
+    return {"pre": d / "pre.safetensors", "packs": packs}
+
+
+def _dense(vectors: dict[str, TaskVector]) -> dict[str, TaskVector]:
+    """The same task vectors without their codes: the dense path."""
+    return {n: TaskVector(list(tv), tv.__getitem__, n) for n, tv in vectors.items()}
+
+
+@pytest.mark.parametrize("pack", list(PACKS))
+@pytest.mark.parametrize(("method", "options"), METHODS)
+def test_coded_merge_is_byte_identical_to_the_dense_one(inputs: dict, pack: str, method: str, options: dict, monkeypatch) -> None:
+    pre, vectors = load_task_vectors(inputs["pre"], packs=[inputs["packs"][pack]])
+    used: list[str] = []
+    original = Ties.merge_coded
+
+    def spy(self, key, coded):
+        out = original(self, key, coded)
+        if out is not None:
+            used.append(key)
+        return out
+
+    monkeypatch.setattr(Ties, "merge_coded", spy)
+    coded = merge_state_dict(method, pre, vectors, options)
+    dense = merge_state_dict(method, pre, _dense(vectors), options)
+    for key in dense:
+        assert torch.equal(coded[key], dense[key]), key
+    if method == "ties":
+        assert "big" in used and "small" not in used  # small tensors: a table would be larger than the tensor
+
+
+def test_weighted_kth_largest_is_the_kth_largest_of_the_expanded_multiset() -> None:
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(16, generator=g).abs()
+    values[3] = values[5]  # a tie between two table entries
+    counts = torch.randint(0, 50, (16,), generator=g)
+    expanded = torch.repeat_interleave(values, counts)
+    for k in (1, 2, 17, int(counts.sum()) // 2, int(counts.sum())):
+        assert weighted_kth_largest(values, counts, k) == kth_largest(expanded, k).squeeze()
+
+
+def test_marginal_counts_are_each_tasks_code_histogram() -> None:
+    g = torch.Generator().manual_seed(1)
+    coded = [CodedTensor(torch.randn(v, generator=g), torch.randint(0, v, (5_000,), generator=g).to(torch.uint8)) for v in (4, 2, 8)]
+    from tvq.merge.coded import joint_index
+
+    joint = torch.bincount(joint_index(coded), minlength=64)
+    for c, marginal in zip(coded, marginal_counts(joint, coded), strict=True):
+        assert torch.equal(marginal, c.counts())
+
+
+def test_coded_tensor_decodes_like_the_pack(inputs: dict) -> None:
+    from tvq.pack.reader import open_pack
+
+    for name in PACKS:
+        pack = open_pack(inputs["packs"][name], inputs["pre"])
+        c = pack.coded("t1", "big")
+        assert torch.equal(c.table[c.index.long()].reshape(300, 400), pack.task_tensor("t1", "big"))
+
+
+def test_fq_packs_have_no_codes_to_merge_from(tmp_path: Path, inputs: dict) -> None:
+    from tvq.pack.reader import open_pack
+
+    out = tmp_path / "fq"
+    quantize(inputs["pre"], {"a": inputs["pre"]}, out, QuantizeOptions(bits=4, target="finetuned"), progress=False)
+    assert open_pack(out, inputs["pre"]).coded("a", "big") is None
