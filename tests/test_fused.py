@@ -65,3 +65,32 @@ def test_any_size_and_chunking_gives_the_same_codes(n: int, bits: int, chunk: in
         assert code.packed is None and code.params.constant == stored.value
     else:
         assert torch.equal(code.packed, stored.data)
+
+
+@pytest.mark.parametrize("error_correction", [True, False])
+@pytest.mark.parametrize("identical", [False, True])
+def test_fused_rtvq_matches_the_plain_base_and_offsets(error_correction: bool, identical: bool) -> None:
+    from tvq.encode import mean_of
+    from tvq.quant.fused import encode_residual
+
+    pre, fts = _inputs(9_001, 4, torch.bfloat16, seed=11)
+    if identical:  # a tensor no task changed: θ_avg is θ_0 exactly
+        fts = [fts[0].clone() for _ in fts]
+    pre32 = pre.float()
+    avg = mean_of(fts)
+    stored_base, beta_hat = encode_quantized(avg - pre32, 3)
+    reference = beta_hat + pre32 if error_correction else avg
+    base, offsets = encode_residual(fts, pre, 2, 3, error_correction, chunk=1024)
+    if stored_base.kind == "const":
+        assert base.packed is None and base.params.constant == stored_base.value
+    else:
+        assert torch.equal(base.packed, stored_base.data)
+    for t, code in zip(fts, offsets, strict=True):
+        stored, offset_hat = encode_quantized(t - reference, 2)
+        if stored.kind == "const":
+            assert code.packed is None and code.params.constant == stored.value
+        else:
+            assert torch.equal(code.packed, stored.data)
+        err, ref = sq_error(t - pre32, beta_hat, offset_hat)
+        assert code.sq_err == pytest.approx(err, rel=1e-4, abs=1e-12)
+        assert code.sq_ref == pytest.approx(ref, rel=1e-4)

@@ -19,7 +19,7 @@ import torch
 from tvq.errors import CheckpointError, where
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import sha256_tensor, tensor_bytes
-from tvq.quant.fused import DiffCode, encode_differences
+from tvq.quant.fused import DiffCode, encode_differences, encode_residual
 from tvq.quant.packing import pack_codes
 from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import TensorRole
@@ -97,11 +97,18 @@ class KeyJob:
     unsafe_pickle: bool = False
 
     def memory_estimate(self) -> int:
-        """Peak bytes of encode_key for this tensor, roughly: (tasks + 4) fp32 copies."""
+        """Peak bytes of encode_key for this tensor, roughly. The fused min-max path holds the
+        inputs as stored, the packed codes and, for RTVQ, β̂ in fp32; the plain path about
+        (tasks + 4) fp32 copies."""
         if self.role == TensorRole.SKIP:
             return 0
-        numel = resolve(self.pretrained, self.unsafe_pickle).meta(self.key).numel
-        return numel * (len(self.finetuned) + 4) * 4
+        meta = resolve(self.pretrained, self.unsafe_pickle).meta(self.key)
+        tasks = len(self.finetuned)
+        o = self.options
+        if self.role == TensorRole.QUANTIZE and o.quantizer == "minmax" and o.target != "finetuned":
+            per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (8 if o.residual else 0)
+            return meta.numel * per_element
+        return meta.numel * (tasks + 4) * 4
 
 
 @dataclass
@@ -235,6 +242,11 @@ def encode_key(job: KeyJob) -> KeyResult:
     pre_path = resolve(job.pretrained, job.unsafe_pickle).path
     residual = job.role == TensorRole.QUANTIZE and options.residual
     fused = _fused(job, theta_pre)
+    if fused and residual and job.base_pack is None and not job.with_average:
+        base, codes = encode_residual([t for t, _ in fts.values()], theta_pre, options.bits_for(key),
+                                      options.bits_for(key, base=True), options.error_correction)  # fmt: skip
+        result.stored[BASE] = stored_minmax(base, list(theta_pre.shape))
+        return _hashed(_store_codes(result, codes, theta_pre, pre_path, fts))
     pre32 = theta_pre.float() if residual or not fused else theta_pre  # the fused TVQ path converts per chunk
     avg = None
     if job.with_average or (residual and job.base_pack is None):
@@ -256,11 +268,7 @@ def encode_key(job: KeyJob) -> KeyResult:
         subtrahend = reference if residual else theta_pre
         codes = encode_differences([t for t, _ in fts.values()], subtrahend, bits,
                                    pretrained=theta_pre if residual else None, base_hat=beta_hat if residual else None)  # fmt: skip
-        for (name, (t, path)), code in zip(fts.items(), codes, strict=True):
-            result.stored[name] = stored_minmax(code, list(theta_pre.shape))
-            result.errors[name] = (code.sq_err, code.sq_ref)
-            check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], key)
-        return _hashed(result)
+        return _hashed(_store_codes(result, codes, theta_pre, pre_path, fts))
     for name, (t, path) in fts.items():
         if job.role == TensorRole.KEEP:
             tau = t - pre32  # bf16 - fp32 promotes exactly: t.float() - pre32, one pass
@@ -280,6 +288,16 @@ def encode_key(job: KeyJob) -> KeyResult:
         check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], key)
         del tau, parts
     return _hashed(result)
+
+
+def _store_codes(result: KeyResult, codes: list[DiffCode], theta_pre: torch.Tensor, pre_path: Path,
+                 fts: dict[str, tuple[torch.Tensor, Path]]) -> KeyResult:  # fmt: skip
+    """Each task's fused encoding into the result, its inputs checked for NaN/Inf."""
+    for (name, (t, path)), code in zip(fts.items(), codes, strict=True):
+        result.stored[name] = stored_minmax(code, list(theta_pre.shape))
+        result.errors[name] = (code.sq_err, code.sq_ref)
+        check_inputs_finite(result.errors[name], [(theta_pre, pre_path), (t, path)], result.key)
+    return result
 
 
 def _hashed(result: KeyResult) -> KeyResult:

@@ -52,7 +52,7 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> MinMaxPa
     return MinMaxParams(bits, float(scale), float(zero_point))
 
 
-def _scalars(params: MinMaxParams) -> tuple[torch.Tensor, torch.Tensor]:
+def scalar_tensors(params: MinMaxParams) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(params.scale, dtype=torch.float32), torch.tensor(params.zero_point, dtype=torch.float32)
 
 
@@ -64,7 +64,7 @@ def minmax_quantize(x: torch.Tensor, params: MinMaxParams) -> torch.Tensor:
     flat = x.reshape(-1)
     if params.constant is not None:
         return torch.zeros(flat.numel(), dtype=torch.uint8)
-    scale, zero_point = _scalars(params)
+    scale, zero_point = scalar_tensors(params)
     qmax = 2**params.bits - 1
     out = torch.empty(flat.numel(), dtype=torch.uint8)
     buf = torch.empty(min(_CHUNK, flat.numel()), dtype=torch.float32)
@@ -81,7 +81,7 @@ def minmax_dequantize(codes: torch.Tensor, params: MinMaxParams, shape: tuple[in
     """fp32 reconstruction (q - zero_point) / scale, reshaped to ``shape``."""
     if params.constant is not None:
         return torch.full(shape, params.constant, dtype=torch.float32)
-    scale, zero_point = _scalars(params)
+    scale, zero_point = scalar_tensors(params)
     out = codes.to(torch.float32).reshape(shape)  # in place on the output: no temporaries to chunk
     return out.sub_(zero_point).div_(scale)
 

@@ -32,21 +32,28 @@ def _padded(flat: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _pack_bytewise(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """b in {1, 2, 4}: byte j = OR over s of code[j*per + s] << (s*b)."""
+    """b in {1, 2, 4}: byte j = OR over s of code[j*per + s] << (s*b), by merging neighbours.
+
+    Codes are widened to int16; viewing two neighbours as one int32 (a + b·2^16), the low 16
+    bits of ``w | w >> (16 - f)`` are a | b << f, fields of width 2f. Halving until fields are
+    8 bits wide gives the bytes with contiguous int32 ops, which AVX2 vectorizes (strided
+    uint8 ops, the obvious way, are 2-5x slower in torch)."""
     per = 8 // bits
     n = codes.numel()
-    grid = _padded(codes, per).view(-1, per)
-    out = torch.empty(grid.shape[0], dtype=torch.uint8)
-    buf = torch.empty(min(_BYTE_CHUNK, grid.shape[0]), dtype=torch.uint8)
-    for start in range(0, grid.shape[0], _BYTE_CHUNK):
-        part = grid[start : start + _BYTE_CHUNK]
-        acc = out[start : start + part.shape[0]]
-        acc.copy_(part[:, 0])
-        tmp = buf[: part.shape[0]]
-        for s in range(1, per):
-            torch.bitwise_left_shift(part[:, s], s * bits, out=tmp)
-            acc |= tmp
-    return out[: packed_nbytes(n, bits)]
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    for start in range(0, n, _BYTE_CHUNK * per):
+        part = codes[start : start + _BYTE_CHUNK * per]
+        if part.numel() % per:
+            part = _padded(part.to(torch.uint8), per)
+        fields = part.to(torch.int16)
+        width = bits
+        while width < 8:
+            wide = fields.view(torch.int32)
+            fields = (wide | (wide >> (16 - width))).to(torch.int16)  # narrowing keeps the low 16 bits
+            width *= 2
+        at = start // per
+        out[at : at + fields.numel()] = fields  # int16 -> uint8 keeps the low byte
+    return out
 
 
 def _unpack_bytewise(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -66,13 +73,13 @@ def _unpack_bytewise(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack a flat uint8 tensor of codes < 2^bits into ceil(n*bits/8) bytes."""
+    """Pack a flat integer tensor (uint8 or int16) of codes < 2^bits into ceil(n*bits/8) bytes."""
     codes = codes.reshape(-1)
     n = codes.numel()
     if bits == 8:
         return codes.to(torch.uint8).clone()
     if bits in _BYTE_ALIGNED:
-        return _pack_bytewise(codes.to(torch.uint8), bits)
+        return _pack_bytewise(codes, bits)
     groups = (n + 7) // 8
     padded = _padded(codes.to(torch.uint8), 8).view(groups, 8)
     shifts = torch.arange(8, dtype=torch.int64) * bits
