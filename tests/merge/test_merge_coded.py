@@ -107,3 +107,26 @@ def test_fq_packs_have_no_codes_to_merge_from(tmp_path: Path, inputs: dict) -> N
     out = tmp_path / "fq"
     quantize(inputs["pre"], {"a": inputs["pre"]}, out, QuantizeOptions(bits=4, target="finetuned"), progress=False)
     assert open_pack(out, inputs["pre"]).coded("a", "big") is None
+
+
+def test_eight_tasks_sum_in_task_order_on_every_path(tmp_path: Path) -> None:
+    """From T = 8 on torch's sum(dim=0) changes its order with the tensor size; tvq adds in task order."""
+    from tvq.merge.ops import task_sum
+
+    g = torch.Generator().manual_seed(5)
+    taus = torch.randn(8, 1000, generator=g) * torch.logspace(-6, 6, 8)[:, None]
+    sequential = taus[0].clone()
+    for row in taus[1:]:
+        sequential += row
+    assert torch.equal(task_sum(taus), sequential)
+    pre = {"w": torch.randn(50_000, generator=g)}
+    save_file(pre, tmp_path / "pre.safetensors")
+    fts = {}
+    for i in range(8):
+        fts[f"t{i}"] = tmp_path / f"t{i}.safetensors"
+        save_file({"w": pre["w"] + torch.randn(50_000, generator=g) * 10.0 ** (i - 4)}, fts[f"t{i}"])
+    quantize(tmp_path / "pre.safetensors", fts, tmp_path / "pack", QuantizeOptions(bits=1), progress=False)
+    p, vectors = load_task_vectors(tmp_path / "pre.safetensors", packs=[tmp_path / "pack"])
+    coded = merge_state_dict("task_arithmetic", p, vectors)
+    dense = merge_state_dict("task_arithmetic", p, _dense(vectors))
+    assert torch.equal(coded["w"], dense["w"])

@@ -72,3 +72,22 @@ def lookup(lut: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     for start in range(0, index.numel(), _CHUNK):
         torch.index_select(lut, 0, index[start : start + _CHUNK], out=out[start : start + _CHUNK])
     return out
+
+
+def coded_sum(coded: list[CodedTensor]) -> torch.Tensor:
+    """Σ_t τ̂_t in task order (``tvq.merge.ops.task_sum``'s order), gathering each task's values
+    from its own table chunk by chunk: the dense sum's bytes without dense task vectors."""
+    n = coded[0].index.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    buf = torch.empty(min(_CHUNK, n), dtype=torch.float32)
+    index = torch.empty(min(_CHUNK, n), dtype=torch.int32)
+    for start in range(0, n, _CHUNK):
+        end = min(start + _CHUNK, n)
+        m = end - start
+        for t, c in enumerate(coded):
+            idx = index[:m].copy_(c.index[start:end])  # index_select takes int32/int64 indices
+            if t == 0:
+                torch.index_select(c.table, 0, idx, out=out[start:end])
+            else:
+                out[start:end] += torch.index_select(c.table, 0, idx, out=buf[:m])
+    return out

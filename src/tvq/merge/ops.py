@@ -16,6 +16,18 @@ import torch
 _ZERO = torch.tensor(0.0)
 
 
+def task_sum(taus: torch.Tensor) -> torch.Tensor:
+    """Σ_t τ_t over ``[T, ...]``, added in task order: ((τ_0 + τ_1) + τ_2) + …
+
+    ``taus.sum(dim=0)`` leaves the order to torch's reduction, which changes with T and the
+    tensor's size (from T = 8 on, measured); a fixed order makes a merge independent of how
+    a tensor is chunked or decoded (tvq.merge.coded), bit for bit."""
+    total = taus[0].clone()
+    for row in taus[1:]:
+        total += row
+    return total
+
+
 def keep_count(density: float, n: int) -> int:
     """How many entries a density keeps: int(density·n), at least one when density > 0 (as mergekit)."""
     if density >= 1:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from tvq.merge.coded import coded_sum
+from tvq.merge.ops import task_sum
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
+from tvq.quant.coded import CodedTensor
 
 
 class TaskArithmeticOptions(MethodOptions):
@@ -21,4 +24,9 @@ class TaskArithmetic(MergeMethod):
     elementwise = True
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        return taus.sum(dim=0).mul_(self.options.lam)
+        return task_sum(taus).mul_(self.options.lam)
+
+    def merge_coded(self, key: str, coded: list[CodedTensor]) -> torch.Tensor | None:
+        """Σ_t table_t[codes_t] in task order, then × λ: each task's values are gathered from
+        its own small table (2^b entries), so no joint index or combination table is needed."""
+        return coded_sum(coded).mul_(self.options.lam)
