@@ -117,14 +117,16 @@ def encode_chunks(
     taus: Sequence[Chunks] | None = None,
     base_hat: Chunks | None = None,
     recon_out: torch.Tensor | None = None,
+    measure: bool = True,
     chunk: int = CHUNK,
 ) -> list[DiffCode]:
     """Quantize each x_t (``n`` elements, given by chunks) with per-tensor min-max.
 
     The error is measured against τ_t = ``taus[t]`` (default: x_t itself) with the
     reconstruction τ̂_t = ``base_hat`` + x̂_t (RTVQ: quantized base plus offset) or x̂_t.
-    With ``recon_out`` (one x only), x̂ is also written there in fp32. ``chunk`` must be a
-    multiple of 8 so that every chunk's packed codes start on a byte boundary."""
+    With ``recon_out`` (one x only), x̂ is also written there in fp32; ``measure=False`` skips
+    the error statistics (they stay 0). ``chunk`` must be a multiple of 8 so that every
+    chunk's packed codes start on a byte boundary."""
     assert chunk % 8 == 0
     tasks = len(xs)
     lo, hi = [float("inf")] * tasks, [float("-inf")] * tasks
@@ -137,7 +139,7 @@ def encode_chunks(
             x = x_of(start, end)
             mn, mx = torch.aminmax(x)
             lo[t], hi[t] = min(lo[t], float(mn)), max(hi[t], float(mx))
-            if taus is None:
+            if measure and taus is None:
                 sq_ref[t] += float(torch.dot(x, x))
     params = [params_from_range(torch.tensor(lo[t]), torch.tensor(hi[t]), bits) for t in range(tasks)]
     packed = [None if p.constant is not None else torch.empty(packed_nbytes(n, bits), dtype=torch.uint8) for p in params]
@@ -158,6 +160,8 @@ def encode_chunks(
                 q.sub_(zero_point).div_(scale)
             if recon_out is not None:
                 recon_out[start:end] = q
+            if not measure:
+                continue
             if base_hat is not None:
                 q.add_(base_hat(start, end))
             tau = x
@@ -214,7 +218,7 @@ def encode_residual(
         end = min(start + chunk, n)
         torch.sub(avg(start, end), pre(start, end), out=beta[start:end])
     beta_hat = torch.empty(n, dtype=torch.float32)
-    (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta_hat, chunk=chunk)
+    (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta_hat, measure=False, chunk=chunk)
     del beta
     hat = Converted(beta_hat, chunk)
     reference = Total(hat, pre, chunk) if error_correction else avg

