@@ -22,7 +22,7 @@ PACKS = {
     "tvq2": QuantizeOptions(bits=2),
     "rtvq-b2o1-ec": QuantizeOptions(bits=1, base_bits=2, residual=True, error_correction=True),
 }
-METHODS = [("task_arithmetic", {}), ("ties", {"scope": "tensor"}), ("ties", {"scope": "global", "density": 0.1}),
+METHODS = [("task_arithmetic", {}), ("average", {}), ("ties", {"scope": "tensor"}), ("ties", {"scope": "global", "density": 0.1}),
            ("ties", {"scope": "tensor", "aggregate": "sum", "density": 0.5})]  # fmt: skip
 
 

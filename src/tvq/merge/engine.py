@@ -140,7 +140,8 @@ def merge_key(job: MergeJob) -> torch.Tensor:
     """θ_pre + δ for one tensor: fp32 arithmetic, then the cast (the same bytes on any executor)."""
     pretrained, deltas = job.work.open()
     base = pretrained.get(job.key)
-    return deltas(job.key).add_(base).to(job.dtype or base.dtype)  # fp32 += bf16 converts exactly, no copy
+    exact = base.dtype in (torch.bfloat16, torch.float16, torch.float32)  # converts to fp32 exactly inside add_
+    return deltas(job.key).add_(base if exact else base.float()).to(job.dtype or base.dtype)
 
 
 def iter_model(

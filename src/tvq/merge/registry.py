@@ -43,7 +43,10 @@ class MergeMethod(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     per_task: ClassVar[bool] = False  # yields one model per task (EMR): needs ``task`` or writes a pack
-    elementwise: ClassVar[bool] = False  # merge_tensor acts column by column with no per-tensor statistics
+    # merge_tensor's result for an element depends only on that element's T values (no
+    # per-tensor statistics, reductions over tasks in a fixed order): packs can then be
+    # merged from codes through a lookup table, with the same bytes (tvq.merge.coded)
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions, tasks: list[str], task: str | None = None) -> None:
         self.options = options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tvq.merge.ops import task_sum
 from tvq.merge.registry import MergeMethod, merge_method
 
 
@@ -11,5 +12,7 @@ from tvq.merge.registry import MergeMethod, merge_method
 class Average(MergeMethod):
     """The uniform mean of the fine-tuned models; no options."""
 
+    elementwise = True
+
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        return taus.mean(dim=0)
+        return task_sum(taus).div_(len(taus))  # summed in task order, then divided, like tvq average
