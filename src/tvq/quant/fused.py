@@ -66,26 +66,20 @@ class Converted(ChunkSource):
         return part if part.dtype == torch.float32 else out.copy_(part)
 
 
-class Difference(ChunkSource):
-    """a − b in fp32 (a bf16 θ_t minus fp32 θ_pre is exactly ``t.float() - pre32``)."""
+class Elementwise(ChunkSource):
+    """``op(a, b)`` of two chunk sources in fp32: ``torch.sub`` gives a − b (bf16 θ_t minus fp32
+    θ_pre is exactly ``t.float() - pre32``), ``torch.add`` a + b (commutative bit for bit)."""
 
-    def __init__(self, a: ChunkSource, b: ChunkSource, chunk: int) -> None:
+    def __init__(self, op: Callable[..., torch.Tensor], a: ChunkSource, b: ChunkSource, chunk: int) -> None:
         super().__init__(chunk)
-        self.a, self.b = a, b
+        self.op, self.a, self.b = op, a, b
 
     def compute(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.sub(self.a(start, end), self.b(start, end), out=out)
+        return self.op(self.a(start, end), self.b(start, end), out=out)
 
 
-class Total(ChunkSource):
-    """a + b in fp32 (fp32 addition is commutative bit for bit, so the order is free)."""
-
-    def __init__(self, a: ChunkSource, b: ChunkSource, chunk: int) -> None:
-        super().__init__(chunk)
-        self.a, self.b = a, b
-
-    def compute(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.add(self.a(start, end), self.b(start, end), out=out)
+def difference(a: ChunkSource, b: ChunkSource, chunk: int) -> Elementwise:
+    return Elementwise(torch.sub, a, b, chunk)
 
 
 class Mean(ChunkSource):
@@ -188,11 +182,11 @@ def encode_differences(
     subtrahend, i.e. x_t is τ_t) with the reconstruction ``base_hat`` + x̂_t or x̂_t."""
     sub = Converted(subtrahend, chunk)
     thetas = [Converted(m, chunk) for m in minuends]
-    xs = [Difference(theta, sub, chunk) for theta in thetas]
+    xs = [difference(theta, sub, chunk) for theta in thetas]
     taus = None
     if pretrained is not None:
         pre = Converted(pretrained, chunk)
-        taus = [Difference(theta, pre, chunk) for theta in thetas]
+        taus = [difference(theta, pre, chunk) for theta in thetas]
     hat = Converted(base_hat, chunk) if base_hat is not None else None
     return encode_chunks(xs, subtrahend.numel(), bits, taus=taus, base_hat=hat, chunk=chunk)
 
@@ -221,8 +215,8 @@ def encode_residual(
     (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta_hat, measure=False, chunk=chunk)
     del beta
     hat = Converted(beta_hat, chunk)
-    reference = Total(hat, pre, chunk) if error_correction else avg
+    reference = Elementwise(torch.add, hat, pre, chunk) if error_correction else avg
     thetas = [Converted(t, chunk) for t in finetuned]
-    xs = [Difference(theta, reference, chunk) for theta in thetas]
-    taus = [Difference(theta, pre, chunk) for theta in thetas]
+    xs = [difference(theta, reference, chunk) for theta in thetas]
+    taus = [difference(theta, pre, chunk) for theta in thetas]
     return base, encode_chunks(xs, n, bits, taus=taus, base_hat=hat, chunk=chunk)
