@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +45,10 @@ class TensorEntry(_Strict):
     @property
     def stored_bytes(self) -> int:
         return self.nbytes + sum(a.nbytes for a in self.aux.values())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 class FileEntry(_Strict):

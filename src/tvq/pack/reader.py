@@ -117,9 +117,7 @@ class Pack:
         data = self._read_verified(rel, key, entry.sha256)
         if entry.kind == "raw":
             return data  # a fresh buffer (SafetensorsFile reads, never maps): safe to hand out
-        n = 1
-        for d in entry.shape:
-            n *= d
+        n = entry.numel
         codes = unpack_codes(data, entry.bits, n)
         aux = {name: self._read_verified(rel, aux_key(key, name), a.sha256) for name, a in entry.aux.items()}
         return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
@@ -197,9 +195,7 @@ class Pack:
 
     def _coded(self, rel: str, key: str) -> CodedTensor | None:
         entry = self._tensor_entry(rel, key)
-        n = 1
-        for d in entry.shape:
-            n *= d
+        n = entry.numel
         if entry.kind == "const":
             return CodedTensor(torch.tensor([float(entry.value)], dtype=torch.float32), torch.zeros(n, dtype=torch.uint8))
         scheme = get_scheme(entry.scheme) if entry.kind == "q" else None

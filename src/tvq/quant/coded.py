@@ -22,8 +22,3 @@ class CodedTensor:
     @property
     def values(self) -> int:
         return self.table.numel()
-
-    def counts(self) -> torch.Tensor:
-        """How many elements take each table value (int64 [V])."""
-        index = self.index.reshape(-1)
-        return torch.bincount(index if index.dtype == torch.uint8 else index.to(torch.int32), minlength=self.values)

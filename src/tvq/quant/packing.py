@@ -75,7 +75,6 @@ def _unpack_bytewise(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a flat integer tensor (uint8 or int16) of codes < 2^bits into ceil(n*bits/8) bytes."""
     codes = codes.reshape(-1)
-    n = codes.numel()
     if bits == 8:
         return codes.to(torch.uint8).clone()
     if bits in _BYTE_ALIGNED:
