@@ -82,3 +82,23 @@ def test_rebase_from_pack_and_changed_sources(grown):
     quantize(grown["pre_path"], {"a": grown["ft_paths"]["task0"]}, d / "tvq", QuantizeOptions(bits=4), progress=False)
     with pytest.raises(ConfigError, match="only RTVQ"):
         rebase(d / "tvq", d / "r", progress=False)
+
+
+def test_packs_with_sha256_input_digests_still_grow_and_rebase(grown):
+    """Packs made before BLAKE3 record bare sha256 hex digests: adding to them and re-basing
+    them hash the inputs with sha256, so their own inputs are still recognised."""
+    d = grown["dir"]
+    two = {n: grown["ft_paths"][n] for n in ("task0", "task1")}
+    quantize(grown["pre_path"], two, d / "old", RTVQ, progress=False, digest_algorithm="sha256")
+    old = open_pack(d / "old").manifest
+    assert ":" not in old.pretrained.digest and len(old.pretrained.digest) == 64
+    assert open_pack(d / "p2").manifest.pretrained.digest.startswith("blake3:")
+    add_tasks(d / "old", {"task2": grown["ft_paths"]["task2"]}, d / "old3", progress=False)
+    grown3 = open_pack(d / "old3").manifest
+    assert grown3.pretrained.digest == old.pretrained.digest
+    assert ":" not in grown3.task("task2").source.digest
+    rebase(d / "old3", d / "rebased", progress=False)  # checks every source against its sha256
+    assert open_pack(d / "rebased").manifest.pretrained.digest == old.pretrained.digest
+    save_file(finetune(grown["pre"], 9), grown["ft_paths"]["task1"])
+    with pytest.raises(CheckpointError, match="content differs"):
+        rebase(d / "old3", d / "r", progress=False)

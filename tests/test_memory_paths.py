@@ -64,3 +64,21 @@ def test_sq_error_and_mean_match_the_fp64_reference():
     xs = [torch.randn(1000, generator=g).bfloat16() for _ in range(3)]
     expected = sum((torch.zeros(1000), *(x.float() for x in xs)), torch.zeros(1000)) / 3
     assert torch.equal(mean_of(xs), expected)
+
+
+def test_executor_backfills_past_a_job_that_does_not_fit_and_keeps_order():
+    """A big job waiting for budget must not leave a thread idle: later small jobs start
+    meanwhile (and are still returned in order)."""
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def fn(job: _Job) -> int:
+        with lock:
+            started.append(job.cost)
+        time.sleep(0.2 if job.cost >= 60 else 0.02)
+        return job.cost
+
+    costs = [60, 60, 1, 2, 3, 4]  # the two big jobs cannot run side by side under a budget of 100
+    out = list(LocalExecutor(threads=2, memory_budget=100).map(fn, [_Job(c) for c in costs]))
+    assert out == costs
+    assert started.index(1) < started.index(60, 1)  # small jobs ran beside the first big one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -157,7 +158,8 @@ def test_manifest_records_method_inputs_and_checksums(tiny):
         "target": "task_vector", "residual": True, "bits": 2, "base_bits": 3, "error_correction": True,
         "quantizer": "minmax", "group_size": None, "key_rule": "ndim", "budget_bits": None,
     }
-    assert len(m["pretrained"]["digest"]) == 64 and all(len(t["source"]["digest"]) == 64 for t in m["tasks"])
+    content_hash = re.compile(r"blake3:[0-9a-f]{64}")
+    assert content_hash.fullmatch(m["pretrained"]["digest"]) and all(content_hash.fullmatch(t["source"]["digest"]) for t in m["tasks"])
     assert len({t["source"]["digest"] for t in m["tasks"]}) == 3
     for f in m["files"].values():
         assert len(f["sha256"]) == 64

@@ -7,7 +7,6 @@ are the paper's, in its order, so the stored codes are bit-identical to its outp
 
 from __future__ import annotations
 
-import hashlib
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from tvq import __version__
 from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.atomic import atomic_dir, atomic_file, check_output
+from tvq.io.content_hash import DEFAULT_ALGORITHM, algorithm_of, labelled, new_hasher
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.encode import BASE, PRETRAINED, KeyJob, KeyResult, check_finite, encode_key, mean_of
@@ -102,19 +102,21 @@ class QuantizeOptions:
 
 
 class InputDigest:
-    """Content hash of a checkpoint: sha256 over per-tensor digest lines, keys sorted.
+    """Content hash of a checkpoint: a hash over per-tensor digest lines, keys sorted.
 
     The lines are computed where each tensor is read (any worker), so hashing runs in
     parallel and the result does not depend on the executor."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
+    def __init__(self, algorithm: str = DEFAULT_ALGORITHM) -> None:
+        self.algorithm = algorithm
+        self._h = new_hasher(algorithm)
 
     def update(self, line: str) -> None:
         self._h.update(line.encode())
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        """The stored form, naming its algorithm (``blake3:<hex>``; bare hex for sha256)."""
+        return labelled(self.algorithm, self._h.hexdigest())
 
 
 @dataclass
@@ -164,8 +166,9 @@ class StreamStats:
     bytes_read: int = 0
 
     @classmethod
-    def for_tasks(cls, names: list[str]) -> StreamStats:
-        return cls({n: InputDigest() for n in [PRETRAINED, *names]}, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0))
+    def for_tasks(cls, names: list[str], algorithm: str = DEFAULT_ALGORITHM) -> StreamStats:
+        digests = {n: InputDigest(algorithm) for n in [PRETRAINED, *names]}
+        return cls(digests, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0))
 
     def add(self, result: KeyResult) -> None:
         self.bytes_read += result.bytes_read
@@ -218,11 +221,13 @@ def quantize(
     progress: bool = True,
     expect_digests: dict[str, str] | None = None,
     executor: Executor | None = None,
+    digest_algorithm: str = DEFAULT_ALGORITHM,
 ) -> QuantizeReport:
     """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model).
 
     Inputs are paths or already-open readers. ``expect_digests`` (task -> content hash)
     makes the write fail, leaving nothing behind, if an input is not the expected one.
+    Inputs are hashed with ``digest_algorithm`` (or that of the expected digests).
     """
     options = options.validated()
     _check_task_names(finetuned)
@@ -247,8 +252,11 @@ def quantize(
     remote = getattr(executor, "remote", False)
     pre_src = pretrained if remote and not hasattr(pretrained, "get") else pre
     ft_src = {n: (p if remote and not hasattr(p, "get") else readers[n]) for n, p in finetuned.items()}
+    if expect_digests:
+        digest_algorithm = algorithm_of(next(iter(expect_digests.values())))
     jobs = [
-        KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle)
+        KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle,
+               digest_algorithm=digest_algorithm)
         for k in keys
     ]
 
@@ -264,7 +272,7 @@ def quantize(
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
         all_writers = [*writers.values(), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
-        stats = StreamStats.for_tasks(names)
+        stats = StreamStats.for_tasks(names, digest_algorithm)
         encode_all(jobs, writers, stats, executor, avg_writer, f"quantize {options.method().label}", progress)
         for name, digest in (expect_digests or {}).items():
             if stats.digests[name].hexdigest() != digest:

@@ -8,7 +8,6 @@ results in key order: the pack is byte-identical whichever executor made it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tvq.errors import CheckpointError, where
+from tvq.io.content_hash import DEFAULT_ALGORITHM, new_hasher
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import sha256_tensor, tensor_bytes
 from tvq.quant.fused import DiffCode, encode_differences, encode_residual
@@ -76,9 +76,11 @@ def encode_raw(t: torch.Tensor) -> StoredTensor:
     return StoredTensor("raw", list(t.shape), t.contiguous())
 
 
-def tensor_digest(key: str, t: torch.Tensor) -> str:
-    """One line of an input's content hash: name, dtype, shape and the sha256 of the bytes."""
-    return f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|{hashlib.sha256(tensor_bytes(t)).hexdigest()}\n"
+def tensor_digest(key: str, t: torch.Tensor, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    """One line of an input's content hash: name, dtype, shape and the hash of the bytes."""
+    h = new_hasher(algorithm)
+    h.update(tensor_bytes(t))
+    return f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|{h.hexdigest()}\n"
 
 
 @dataclass
@@ -93,6 +95,7 @@ class KeyJob:
     with_average: bool = False
     base_pack: str | None = None  # adding tasks to this RTVQ pack: reuse its stored deq(Q(β))
     unsafe_pickle: bool = False
+    digest_algorithm: str = DEFAULT_ALGORITHM  # of the inputs' content hashes (tvq.io.content_hash)
 
     def memory_estimate(self) -> int:
         """Peak bytes of encode_key for this tensor, roughly. The fused min-max path holds the
@@ -103,7 +106,7 @@ class KeyJob:
         meta = resolve(self.pretrained, self.unsafe_pickle).meta(self.key)
         tasks = len(self.finetuned)
         if self.takes_fused_path():
-            per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (8 if self.options.residual else 0)
+            per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (4 if self.options.residual else 0)
             return meta.numel * per_element
         return meta.numel * (tasks + 4) * 4
 
@@ -121,6 +124,12 @@ class KeyResult:
     digests: dict[str, str] = field(default_factory=dict)  # input -> digest line
     average: torch.Tensor | None = None  # θ_avg (or the pretrained tensor, for non-float keys)
     bytes_read: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this result holds until it is written (for the executor's budget)."""
+        tensors = [self.average] + [t for s in self.stored.values() for t in (s.data, *s.aux.values())]
+        return sum(t.nbytes for t in tensors if t is not None)
 
 
 @lru_cache(maxsize=64)
@@ -218,11 +227,11 @@ def read_inputs(job: KeyJob, result: KeyResult) -> tuple[torch.Tensor, dict[str,
     fts: dict[str, tuple[torch.Tensor, Path]] = {}
     if job.role == TensorRole.SKIP:
         return theta_pre, fts
-    result.digests[PRETRAINED] = tensor_digest(job.key, theta_pre)
+    result.digests[PRETRAINED] = tensor_digest(job.key, theta_pre, job.digest_algorithm)
     for name, source in job.finetuned.items():
         reader = resolve(source, job.unsafe_pickle)
         t = reader.get(job.key)
-        result.digests[name] = tensor_digest(job.key, t)
+        result.digests[name] = tensor_digest(job.key, t, job.digest_algorithm)
         result.bytes_read += t.numel() * t.element_size()
         fts[name] = (t, reader.path)
     return theta_pre, fts

@@ -11,7 +11,7 @@ import os
 from collections import deque
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -78,16 +78,20 @@ def one_torch_thread() -> Iterator[None]:
 
 class LocalExecutor:
     """In-process; ``threads > 1`` runs jobs on worker threads (torch and hashlib release the
-    GIL). Admission is memory-aware: a job is not started while the estimates of the jobs
-    in flight plus its own exceed ``memory_budget`` (default: a quarter of the memory limit,
-    cgroup included, at most 2 GiB), unless nothing else runs, so a big tensor is encoded
-    alone. Running two embedding-sized jobs at once buys little speed for their memory."""
+    GIL). Results come back in job order, but jobs start out of order: when the next job does
+    not fit the memory budget beside those running, a later one that does starts first
+    (backfilling, within a window of ``lookahead`` jobs), so one big tensor does not leave
+    the other threads idle. Admission is memory-aware: a job is not started while the
+    estimates of the running jobs, plus the bytes of finished results not yet taken, plus
+    its own exceed ``memory_budget`` (default: a quarter of the memory limit, cgroup
+    included, at most 2 GiB), unless nothing else runs, so a big tensor is encoded alone."""
 
     remote = False
 
-    def __init__(self, threads: int = 1, memory_budget: int | None = None) -> None:
+    def __init__(self, threads: int = 1, memory_budget: int | None = None, lookahead: int | None = None) -> None:
         self.threads = max(1, threads)
         self.memory_budget = memory_budget if memory_budget is not None else min(memory_limit() // 4, DEFAULT_BUDGET)
+        self.lookahead = lookahead or 8 * self.threads
 
     def map(self, fn: Callable[[J], R], jobs: Iterable[J]) -> Iterator[R]:
         if self.threads == 1:
@@ -95,18 +99,73 @@ class LocalExecutor:
                 yield fn(job)
             return
         with one_torch_thread(), ThreadPoolExecutor(self.threads) as pool:
-            pending: deque = deque()
-            in_flight = 0
-            for job in jobs:
-                cost = job_cost(job)
-                while pending and (len(pending) > self.threads or in_flight + cost > self.memory_budget):
-                    future, done_cost = pending.popleft()
-                    in_flight -= done_cost
-                    yield future.result()
-                pending.append((pool.submit(fn, job), cost))
-                in_flight += cost
-            while pending:
-                yield pending.popleft()[0].result()
+            yield from _Backfill(pool, fn, jobs, self.threads, self.memory_budget, self.lookahead).results()
+
+
+class _Slot:
+    """One job of the window: its memory estimate, and its future once started."""
+
+    def __init__(self, job: object) -> None:
+        self.job, self.cost = job, job_cost(job)
+        self.future: Future | None = None
+        self.held = 0  # bytes counted against the budget: the estimate while running, then the result's
+
+
+class _Backfill:
+    """The scheduling state of one ``LocalExecutor.map`` call."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fn: Callable, jobs: Iterable, threads: int, budget: int, lookahead: int) -> None:
+        self.pool, self.fn, self.jobs = pool, fn, iter(jobs)
+        self.threads, self.budget, self.lookahead = threads, budget, lookahead
+        self.window: deque[_Slot] = deque()
+        self.running: set[Future] = set()
+        self.held = 0
+
+    def results(self) -> Iterator:
+        while self._fill():
+            self._start_what_fits()
+            head = self.window[0]
+            if head.future is not None and head.future.done():
+                self.window.popleft()
+                self._settle(head)
+                self.held -= head.held
+                yield head.future.result()
+                continue
+            done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+            for slot in self.window:
+                if slot.future in done:
+                    self._settle(slot)
+
+    def _fill(self) -> bool:
+        while len(self.window) < self.lookahead:
+            job = next(self.jobs, _END)
+            if job is _END:
+                break
+            self.window.append(_Slot(job))
+        return bool(self.window)
+
+    def _start_what_fits(self) -> None:
+        for slot in self.window:
+            if len(self.running) >= self.threads:
+                return
+            if slot.future is None and (not self.running or self.held + slot.cost <= self.budget):
+                slot.future = self.pool.submit(self.fn, slot.job)
+                slot.held = slot.cost
+                self.held += slot.cost
+                self.running.add(slot.future)
+
+    def _settle(self, slot: _Slot) -> None:
+        """A finished job stops counting its estimate and counts its result's bytes instead."""
+        if slot.future not in self.running or not slot.future.done():
+            return
+        self.running.discard(slot.future)
+        if slot.future.exception() is None:
+            result_bytes = int(getattr(slot.future.result(), "nbytes", slot.cost))
+            self.held += result_bytes - slot.held
+            slot.held = result_bytes
+
+
+_END = object()
 
 
 class RayExecutor:

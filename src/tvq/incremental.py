@@ -28,6 +28,7 @@ from tvq.compress import (
     quantize,
 )
 from tvq.encode import PRETRAINED, KeyJob
+from tvq.io.content_hash import algorithm_of
 from tvq.execute import Executor
 from tvq.errors import CheckpointError, ConfigError, PackError, where
 from tvq.io.atomic import atomic_dir, check_output
@@ -113,6 +114,7 @@ def add_tasks(
     float_keys = [k for k in keys if roles[k] != TensorRole.SKIP]
     quant_keys = {k for k in float_keys if roles[k] == TensorRole.QUANTIZE}
     base_keys = set(m.files[m.base_file].tensors) if m.base_file else set()
+    algorithm = algorithm_of(m.pretrained.digest)  # the pack's, so θ_pre's digest can be compared
 
     with atomic_dir(out_path) as tmp:
         for rel in m.files:
@@ -126,10 +128,10 @@ def add_tasks(
         pre_src = pre.path if remote else pre
         jobs = [
             KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
-                   base_pack=str(pack_path) if options.residual and k in base_keys else None)
+                   base_pack=str(pack_path) if options.residual and k in base_keys else None, digest_algorithm=algorithm)
             for k in keys
         ]
-        stats = StreamStats.for_tasks(list(readers))
+        stats = StreamStats.for_tasks(list(readers), algorithm)
         try:
             encode_all(jobs, writers, stats, executor, desc="add tasks", progress=progress)
             new_files = {task_files[n]: entry for n, entry in close_all(writers).items()}

@@ -15,6 +15,7 @@ last chunk, so a source shared by several tasks (θ_pre) is converted once per c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -116,8 +117,11 @@ def encode_chunks(
 ) -> list[DiffCode]:
     """Quantize each x_t (``n`` elements, given by chunks) with per-tensor min-max.
 
-    The error is measured against τ_t = ``taus[t]`` (default: x_t itself) with the
-    reconstruction τ̂_t = ``base_hat`` + x̂_t (RTVQ: quantized base plus offset) or x̂_t.
+    The error statistics are |τ̂_t − τ_t|² and |τ_t|², τ_t = ``taus[t]`` (default: x_t
+    itself). With ``base_hat`` (RTVQ against θ_avg) τ̂_t = base_hat + x̂_t; without it the
+    error is |x̂_t − x_t|², which is |τ̂_t − τ_t|² whenever τ_t − τ̂_t = x_t − x̂_t in real
+    arithmetic: TVQ (x_t = τ_t) and RTVQ with error correction (x_t = τ_t − β̂, τ̂_t = β̂ +
+    x̂_t); it differs from the three-term form only by fp32 rounding, and saves two passes.
     With ``recon_out`` (one x only), x̂ is also written there in fp32; ``measure=False`` skips
     the error statistics (they stay 0). ``chunk`` must be a multiple of 8 so that every
     chunk's packed codes start on a byte boundary."""
@@ -138,6 +142,7 @@ def encode_chunks(
     params = [params_from_range(torch.tensor(lo[t]), torch.tensor(hi[t]), bits) for t in range(tasks)]
     packed = [None if p.constant is not None else torch.empty(packed_nbytes(n, bits), dtype=torch.uint8) for p in params]
     qmax = 2**bits - 1
+    scalars = [scalar_tensors(p) if p.constant is None else None for p in params]
     for start in range(0, n, chunk):  # pass 2: codes, packed in place, reconstruction and error
         end = min(start + chunk, n)
         q, codes = q_buf[: end - start], codes_buf[: end - start]
@@ -146,7 +151,7 @@ def encode_chunks(
             if packed[t] is None:
                 q.fill_(params[t].constant)
             else:
-                scale, zero_point = scalar_tensors(params[t])
+                scale, zero_point = scalars[t]
                 torch.mul(x, scale, out=q).add_(zero_point).round_().clamp_(0, qmax)
                 codes.copy_(q)
                 at = start * bits // 8
@@ -156,13 +161,14 @@ def encode_chunks(
                 recon_out[start:end] = q
             if not measure:
                 continue
-            if base_hat is not None:
-                q.add_(base_hat(start, end))
             tau = x
             if taus is not None:
                 tau = taus[t](start, end)
                 sq_ref[t] += float(torch.dot(tau, tau))
-            q.sub_(tau)
+            if base_hat is not None:
+                q.add_(base_hat(start, end)).sub_(tau)
+            else:
+                q.sub_(x)
             sq_err[t] += float(torch.dot(q, q))
     return [DiffCode(packed[t], params[t], sq_err[t], sq_ref[t]) for t in range(tasks)]
 
@@ -200,23 +206,38 @@ def encode_residual(
     chunk: int = CHUNK,
 ) -> tuple[DiffCode, list[DiffCode]]:
     """RTVQ, fused: the base β = θ_avg − θ_pre at ``base_bits``, then every offset θ_t − ref
-    at ``bits``, where ref = β̂ + θ_pre with error correction and θ_avg without. β and β̂
-    are held in full (fp32: β is formed once, not in each pass); θ_avg and ref exist a chunk
-    at a time. Same bytes as ``tvq.encode``'s plain path; errors are against
-    τ_t = θ_t − θ_pre with τ̂_t = β̂ + ô_t."""
+    at ``bits``, where ref = β̂ + θ_pre with error correction and θ_avg without. β, then
+    β̂ in its place, is held in full (fp32: β is formed once, not in each pass); θ_avg and
+    ref exist a chunk at a time. Same bytes as ``tvq.encode``'s plain path; errors are
+    against τ_t = θ_t − θ_pre with τ̂_t = β̂ + ô_t."""
     n = pretrained.numel()
     pre = Converted(pretrained, chunk)
     avg = Mean(finetuned, chunk)
-    beta = torch.empty(n, dtype=torch.float32)
+    beta = scratch(n)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         torch.sub(avg(start, end), pre(start, end), out=beta[start:end])
-    beta_hat = torch.empty(n, dtype=torch.float32)
-    (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta_hat, measure=False, chunk=chunk)
-    del beta
-    hat = Converted(beta_hat, chunk)
+    # β̂ overwrites β chunk by chunk: each chunk of β is spent before its reconstruction lands
+    (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta, measure=False, chunk=chunk)
+    hat = Converted(beta, chunk)
     reference = Elementwise(torch.add, hat, pre, chunk) if error_correction else avg
     thetas = [Converted(t, chunk) for t in finetuned]
     xs = [difference(theta, reference, chunk) for theta in thetas]
     taus = [difference(theta, pre, chunk) for theta in thetas]
-    return base, encode_chunks(xs, n, bits, taus=taus, base_hat=hat, chunk=chunk)
+    return base, encode_chunks(xs, n, bits, taus=taus, base_hat=None if error_correction else hat, chunk=chunk)
+
+
+SCRATCH_MAX = 1 << 24  # elements, 64 MiB fp32 per thread: a 1B model's MLP matrices, a 7B model's attention ones
+_scratch = threading.local()
+
+
+def scratch(n: int) -> torch.Tensor:
+    """An fp32 work buffer of ``n`` elements, reused by this thread's next call: fresh pages
+    cost a fault and a zeroing pass each time (`clear_page_erms` was ~5% of RTVQ quantize's
+    CPU samples). Bigger tensors get a fresh buffer, so a thread keeps at most 64 MiB."""
+    if n > SCRATCH_MAX:
+        return torch.empty(n, dtype=torch.float32)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
