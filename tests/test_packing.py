@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvq.quant.packing import pack_codes, packed_nbytes, unpack_codes
+from tvq.quant.packing import pack_codes, pack_float_codes, packed_nbytes, unpack_codes
 
 
 def test_layout_is_little_endian_bit_stream():
@@ -34,3 +34,17 @@ def test_round_trip_and_size(bits: int, n: int, seed: int):
 def test_large_tensor_crosses_chunks():
     codes = torch.randint(0, 8, (2**21 * 8 + 13,), dtype=torch.int64).to(torch.uint8)
     assert torch.equal(unpack_codes(pack_codes(codes, 3), 3, codes.numel()), codes)
+
+
+@settings(max_examples=150, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 3000), seed=st.integers(0, 2**31 - 1))
+def test_packing_from_float_codes_gives_the_integer_paths_bytes(bits: int, n: int, seed: int):
+    """The matrix-vector packing of fp32 codes (used by the fused encoder) is byte-identical,
+    including the highest codes (the largest group values) and ragged lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n,), generator=gen, dtype=torch.int16)
+    if n:
+        codes[: n // 3] = 2**bits - 1
+    out = torch.full((packed_nbytes(n, bits),), 0xA5, dtype=torch.uint8)
+    pack_float_codes(codes.float(), bits, out)
+    assert torch.equal(out, pack_codes(codes, bits))
