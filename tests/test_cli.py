@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -192,6 +193,18 @@ def test_tampered_manifest(tiny):
     entry["params"]["scale"] *= 2
     (out / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(run("info", out), "manifest.json", "checksum mismatch")
+
+
+def test_manifest_with_an_unknown_input_digest_algorithm(tiny):
+    """A digest this tvq cannot recompute is refused when the manifest is read, even with a
+    consistent manifest checksum (a pack from a newer tvq, or a hand-edited one)."""
+    out = _packed(tiny)
+    m = json.loads((out / "manifest.json").read_text())
+    m["pretrained"]["digest"] = "md5:" + m["pretrained"]["digest"].partition(":")[2]
+    body = {k: v for k, v in m.items() if k != "digest"}
+    m["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(run("info", out), "manifest.json", "pretrained.digest")
 
 
 def test_not_a_pack_and_unknown_task(tiny):

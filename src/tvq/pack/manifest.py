@@ -83,7 +83,10 @@ class Method(_Strict):
 
 class InputRef(_Strict):
     path: str
-    digest: str = Field(description="sha256 over (key, dtype, shape, bytes) of the float tensors, keys sorted")
+    digest: str = Field(
+        pattern=r"^(blake3:)?[0-9a-f]{64}$",  # tvq.io.content_hash: labelled BLAKE3, or bare sha256 (older packs)
+        description="hash over (key, dtype, shape, hash of the bytes) of the float tensors, keys sorted",
+    )
     fp32_bytes: int
 
 

@@ -82,7 +82,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_grouped(codes, bits)
 
 
-_FLOAT_GROUPS = {1: 8, 2: 4, 4: 2, 3: 8}  # codes per group whose packed value is < 2^24, exact in fp32
+_FLOAT_GROUPS = {1: 8, 2: 4, 3: 8, 4: 2}  # codes per group whose packed value is < 2^24, exact in fp32
 _FLOAT_WEIGHTS: dict[int, torch.Tensor] = {}
 
 
