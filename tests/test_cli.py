@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tvq.cli import app
+from tvq.pack.manifest import manifest_checksum
 
 runner = CliRunner()
 
@@ -201,8 +201,7 @@ def test_manifest_with_an_unknown_input_digest_algorithm(tiny):
     out = _packed(tiny)
     m = json.loads((out / "manifest.json").read_text())
     m["pretrained"]["digest"] = "md5:" + m["pretrained"]["digest"].partition(":")[2]
-    body = {k: v for k, v in m.items() if k != "digest"}
-    m["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    m["digest"] = manifest_checksum({k: v for k, v in m.items() if k != "digest"})
     (out / "manifest.json").write_text(json.dumps(m))
     assert_one_line_error(run("info", out), "manifest.json", "pretrained.digest")
 

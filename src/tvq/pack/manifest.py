@@ -17,6 +17,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+def manifest_checksum(body: dict) -> str:
+    """The manifest's own ``digest``: sha256 of its JSON without that field, keys sorted."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -113,8 +118,7 @@ class Manifest(_Strict):
     digest: str = ""
 
     def compute_digest(self) -> str:
-        body = self.model_dump(mode="json", exclude={"digest"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return manifest_checksum(self.model_dump(mode="json", exclude={"digest"}))
 
     def to_json(self) -> str:
         self.digest = self.compute_digest()
