@@ -56,7 +56,7 @@ def test_quantize_info_export_round_trip(tiny):
     num = sum(float((tv[k] - true_tv[k]).pow(2).sum()) for k in tv) ** 0.5
     den = sum(float(v.pow(2).sum()) for v in true_tv.values()) ** 0.5
     assert num / den == pytest.approx(info["tasks"][1]["rel_error"], rel=1e-4)
-    r = run("export", out, "--task", "task1", "--model", "--out", tiny["dir"] / "model.safetensors")
+    r = run("export", out, "--task", "task1", "--model", "--pretrained", tiny["pre_path"], "--out", tiny["dir"] / "model.safetensors")
     model = load_file(tiny["dir"] / "model.safetensors")
     assert set(model) == set(tiny["pre"])
     assert torch.equal(model["embeddings.position_ids"], tiny["pre"]["embeddings.position_ids"])
@@ -91,11 +91,12 @@ def test_quantize_add_rebase_report_io_and_memory(tiny):
     assert shown(stats["read"], tensor_bytes)
     assert shown(stats["wrote"], files_bytes(d / "p2") + files_bytes(d / "avg.safetensors"))
     assert 2**20 < stats["peak_rss"] < 2**40 and stats["seconds"] >= 0
-    r = run("add", d / "p2", "-f", f"task2={last}", "--out", d / "p3", "--no-progress")
+    r = run("add", d / "p2", "-f", f"task2={last}", "--out", d / "p3", "-p", tiny["pre_path"], "--no-progress")
     assert r.exit_code == 0, r.output
     new_files = [d / "p3" / "manifest.json", *(d / "p3" / "tasks").glob("002-*")]
     assert shown(run_stats(r.output)["wrote"], sum(f.stat().st_size for f in new_files))  # old files are hard links
-    r = run("rebase", d / "p3", "--out", d / "p4", "--no-progress")
+    sources = [a for n, p in tiny["ft_paths"].items() for a in ("-f", f"{n}={p}")]
+    r = run("rebase", d / "p3", "--out", d / "p4", "-p", tiny["pre_path"], *sources, "--no-progress")
     assert r.exit_code == 0, r.output
     assert shown(run_stats(r.output)["wrote"], files_bytes(d / "p4"))
     assert run_stats(r.output)["read"] > tensor_bytes

@@ -43,10 +43,10 @@ def _cli(*args):
     return r
 
 
-def _export_all(pack, names, tmp):
+def _export_all(pack, names, tmp, pretrained):
     out = {}
     for n in names:
-        _cli("export", pack, "--task", n, "--out", tmp / f"{pack.name}-{n}.safetensors", "--no-progress")
+        _cli("export", pack, "--task", n, "-p", pretrained, "--out", tmp / f"{pack.name}-{n}.safetensors", "--no-progress")
         out[n] = load_file(tmp / f"{pack.name}-{n}.safetensors")
     return out
 
@@ -69,7 +69,7 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
     _cli("quantize", "-p", minilm_dir, "-f", f"t0={tmp / 't0.safetensors'}", "-f", f"t1={tmp / 't1.safetensors'}", "-o", pack, "--config", cfg, "--key-rule", "paper", "--no-progress")
     info = json.loads(_cli("info", pack, "--json").output)
     assert info["total_bytes"] <= info["theoretical_bytes"] * 1.01 + 64 * 1024
-    exported = _export_all(pack, ["t0", "t1"], tmp)
+    exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
     for n in ["t0", "t1"]:
         ref = paper_tvq(pre, fts[n], bits) if target == "task_vector" else paper_fq(pre, fts[n], bits)
         _equal_or_paper_nan(exported[n], ref)
@@ -83,7 +83,7 @@ def test_rtvq_with_error_correction_bit_exact_on_minilm(minilm_dir, minilm_tasks
     pack = tmp / "pack-rtvq"
     _cli("quantize", "-p", minilm_dir, "-f", f"t0={tmp / 't0.safetensors'}", "-f", f"t1={tmp / 't1.safetensors'}", "-o", pack,
          "--residual", "--bits", "2", "--base-bits", "3", "--error-correction", "--key-rule", "paper", "--no-progress")
-    exported = _export_all(pack, ["t0", "t1"], tmp)
+    exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
     refs = paper_rtvq(pre, [fts["t0"], fts["t1"]], 3, 2, True)
     manifest = json.loads((pack / "manifest.json").read_text())
     quantized = set(manifest["files"]["base.safetensors"]["tensors"])

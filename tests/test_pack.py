@@ -40,7 +40,7 @@ def test_tvq_matches_paper_bit_for_bit(tiny, bits):
 def test_fq_matches_paper_bit_for_bit(tiny):
     opts = QuantizeOptions(target="finetuned", bits=4, key_rule=KeyRule.PAPER)
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", opts, progress=False)
-    pack = open_pack(tiny["dir"] / "p")
+    pack = open_pack(tiny["dir"] / "p", tiny["pre_path"])
     for name, ft in tiny["fts"].items():
         expected = paper_fq(FLOAT(tiny["pre"]), FLOAT(ft), 4)
         _assert_same(pack.task_vector(name).materialize(), expected)

@@ -17,6 +17,9 @@ Fisher information measured on data by the benchmark.
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from tvq.compress import BitPlan, QuantizeOptions, QuantizeReport, quantize
-from tvq.encode import mean_of
-from tvq.errors import ConfigError
-from tvq.io.readers import open_checkpoint
+from tvq.encode import KeyInputs, check_average, mean_of
+from tvq.errors import CheckpointError, ConfigError, where
+from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.errors import EncodeError
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import TensorRole, tensor_role
@@ -63,6 +67,30 @@ def _code_bytes(x: torch.Tensor, bits: int, options: QuantizeOptions) -> int:
     return 0 if constant else packed_nbytes(x.numel(), bits) + _aux_bytes(x.numel(), options)
 
 
+def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
+    """Exactly one budget, a positive finite number: typer's float parsing accepts ``nan`` and
+    ``inf``, which would fail every comparison or overflow the byte count."""
+    if (budget_bits is None) == (budget_bytes is None):
+        raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
+    if budget_bits is not None:
+        number = isinstance(budget_bits, (int, float)) and not isinstance(budget_bits, bool)
+        if not (number and math.isfinite(budget_bits) and budget_bits > 0):
+            raise ConfigError(f"--budget-bits {budget_bits!r}: must be a positive finite number of bits per parameter")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0):
+        raise ConfigError(f"--budget-bytes {budget_bytes!r}: must be a positive whole number of bytes")
+
+
+def check_sensitivity(weights: Mapping[str, object], source: object = "sensitivity") -> dict[str, float]:
+    """Per-tensor weights as floats: finite and non-negative (JSON's NaN and Infinity, booleans
+    and strings are not weights; a NaN weight would poison the allocation's comparisons)."""
+    for key, value in weights.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
+            shown = json.dumps(value, default=str)[:60]
+            raise ConfigError(f"{where(source, str(key))}: sensitivity must be a finite non-negative number, not {shown}")
+    return {str(k): float(v) for k, v in weights.items()}  # type: ignore[arg-type]
+
+
 def _candidate_bits(options: QuantizeOptions, candidates: tuple[int, ...]) -> tuple[int, ...]:
     supported = get_scheme(options.quantizer).bits
     out = tuple(b for b in candidates if b in supported)
@@ -84,7 +112,11 @@ def analyse(
     """Per quantized tensor, the (bytes, weighted error) of each candidate width.
 
     Returns (options per key, bytes of everything not allocated, number of float params).
+    A tensor no candidate can encode (NaN/Inf inputs, an fp32 overflow) is a CheckpointError
+    naming the file and the tensor, as quantizing it would be.
     """
+    if sensitivity is not None:
+        sensitivity = check_sensitivity(sensitivity)
     pre = open_checkpoint(pretrained)
     readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
     for r in readers.values():
@@ -109,33 +141,49 @@ def analyse(
         fts = [r.get(key).float() for r in readers.values()]
         taus = [t - p32 for t in fts]
         weight = 1.0 if sensitivity is None else float(sensitivity.get(key, 1.0))
-        opts_for_key: list[Option] = []
-        if options.target == "finetuned":
-            for b in bits_list:
-                err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in fts)
-                nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in fts)
-                opts_for_key.append(Option(b, None, nbytes, weight * err))
-        elif not options.residual:
-            for b in bits_list:
-                err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in taus)
-                nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in taus)
-                opts_for_key.append(Option(b, None, nbytes, weight * err))
-        else:
-            avg = mean_of(fts)
-            beta = avg - p32
-            for bb in base_list:
-                beta_hat = fake_quantize_with(beta, options.quantizer, bb, **opts)
-                reference = beta_hat + p32 if options.error_correction else avg
-                offsets = [t - reference for t in fts]
-                base_bytes = _code_bytes(beta, bb, options) + ENTRY_OVERHEAD
+        try:  # a tensor no candidate can encode: the error names the file that caused it
+            opts_for_key: list[Option] = []
+            if options.target == "finetuned":
                 for b in bits_list:
-                    err = 0.0
-                    for tau, off in zip(taus, offsets):
-                        err += float((beta_hat + fake_quantize_with(off, options.quantizer, b, **opts) - tau).pow(2).sum())
-                    nbytes = base_bytes + sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets)
-                    opts_for_key.append(Option(b, bb, nbytes, weight * err))
+                    err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in fts)
+                    nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in fts)
+                    opts_for_key.append(Option(b, None, nbytes, weight * err))
+            elif not options.residual:
+                for b in bits_list:
+                    err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in taus)
+                    nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in taus)
+                    opts_for_key.append(Option(b, None, nbytes, weight * err))
+            else:
+                avg = mean_of(fts)
+                beta = avg - p32
+                for bb in base_list:
+                    beta_hat = fake_quantize_with(beta, options.quantizer, bb, **opts)
+                    reference = beta_hat + p32 if options.error_correction else avg
+                    offsets = [t - reference for t in fts]
+                    base_bytes = _code_bytes(beta, bb, options) + ENTRY_OVERHEAD
+                    for b in bits_list:
+                        err = 0.0
+                        for tau, off in zip(taus, offsets):
+                            err += float((beta_hat + fake_quantize_with(off, options.quantizer, b, **opts) - tau).pow(2).sum())
+                        nbytes = base_bytes + sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets)
+                        opts_for_key.append(Option(b, bb, nbytes, weight * err))
+        except EncodeError as exc:
+            raise _unencodable(key, pre, readers, exc, options.residual) from None
         table[key] = opts_for_key
     return table, fixed, n_params
+
+
+def _unencodable(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], exc: EncodeError,
+                 residual: bool) -> CheckpointError:  # fmt: skip
+    """The error path: the inputs' exact checks name the first bad input, overflowing task
+    vector or (RTVQ) average; else the encoder's own problem, at the first fine-tuned file."""
+    fts = {n: (r.get(key), r.path) for n, r in readers.items()}
+    inputs = KeyInputs(key, pre.get(key), pre.path, fts)
+    inputs.check()
+    if residual:
+        check_average(mean_of([t for t, _ in fts.values()]), inputs)
+    return CheckpointError(f"{inputs.where_first()}: cannot quantize for the bit allocation: {exc.problem}")
+
 
 
 def choose(table: dict[str, list[Option]], budget_bytes: int) -> dict[str, Option]:
@@ -200,12 +248,7 @@ def plan_bits(
     progress: bool = True,
 ) -> BitPlan:
     """A per-tensor bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes)."""
-    if (budget_bits is None) == (budget_bytes is None):
-        raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
-    if budget_bits is not None and not budget_bits > 0:
-        raise ConfigError(f"--budget-bits {budget_bits} must be positive")
-    if budget_bytes is not None and not budget_bytes > 0:
-        raise ConfigError(f"--budget-bytes {budget_bytes} must be positive")
+    check_budget(budget_bits, budget_bytes)
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     return _plan_from(analysis, len(finetuned), budget_bits, budget_bytes)
 
@@ -238,10 +281,7 @@ def quantize_within_budget(
     """Allocate, write, measure: the pack's bytes on disk end at or under the budget."""
     from collections import Counter
 
-    if (budget_bits is None) == (budget_bytes is None):
-        raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
-    if not (budget_bits if budget_bits is not None else budget_bytes) > 0:
-        raise ConfigError("the budget must be positive")
+    check_budget(budget_bits, budget_bytes)
     options = options.validated()
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,6 +86,7 @@ def quantize_cmd(
     opts.key_rule = key_rule
     opts.quantizer = quantizer
     opts.group_size = group_size
+    check_quantize_numbers(opts, budget_bits, budget_bytes)
     named = parse_named_paths(finetuned)
     common = dict(
         average_out=average_out, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress,
@@ -116,11 +118,18 @@ def read_sensitivity(path: Path | None) -> dict[str, float] | None:
         return None
     from tvq.config import read_config_file
 
-    weights = read_config_file(path)
-    bad = [k for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
-    if bad:
-        raise ConfigError(f"{path}: tensor '{bad[0]}': sensitivity must be a non-negative number")
-    return weights
+    from tvq.allocate import check_sensitivity
+
+    return check_sensitivity(read_config_file(path), path)
+
+
+def check_quantize_numbers(opts: QuantizeOptions, budget_bits: float | None, budget_bytes: int | None) -> None:
+    """Options typer parses but no pack can hold, one line each, before anything is read."""
+    replace(opts).validated()  # a copy: the caller's options stay as given
+    if budget_bits is not None or budget_bytes is not None:
+        from tvq.allocate import check_budget
+
+        check_budget(budget_bits, budget_bytes)
 
 
 @app.command("average")
@@ -179,7 +188,7 @@ def export_cmd(
     pack: Annotated[Path, typer.Argument(help="Pack directory.")],
     task: Annotated[str, typer.Option(help="Task name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
-    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", "-p", help="Pretrained model (needed with --model and for FQ packs).")] = None,
     model: Annotated[bool, typer.Option("--model", help="Write θ_pre + τ̂ instead of the task vector.")] = False,
     dtype: Annotated[str, typer.Option(help="Model dtype with --model: same, float32, float16 or bfloat16.")] = "same",
     overwrite: bool = False,
@@ -198,7 +207,7 @@ def add_cmd(
     finetuned: Annotated[list[str], typer.Option("--finetuned", "-f", help="NAME=PATH of a new task; repeat.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a new pack here instead of updating PACK.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Update PACK itself (atomically).")] = False,
-    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", "-p", help="Pretrained model the pack was made from (required; checked by content hash).")] = None,
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
@@ -220,8 +229,9 @@ def add_cmd(
 def rebase_cmd(
     pack: Annotated[Path, typer.Argument(help="RTVQ pack.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New pack.")],
+    finetuned: Annotated[Optional[list[str]], typer.Option("--finetuned", "-f", help="NAME=PATH of every task's original checkpoint (checked by content hash).")] = None,
     from_pack: Annotated[bool, typer.Option("--from-pack", help="Use the pack's reconstructions, not the original checkpoints.")] = False,
-    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained model (default: the path recorded in the pack).")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option("--pretrained", "-p", help="Pretrained model the pack was made from (required).")] = None,
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
@@ -230,7 +240,8 @@ def rebase_cmd(
     from tvq.incremental import rebase
 
     meter = RunMeter()
-    report = rebase(pack, out, pretrained=pretrained, from_pack=from_pack, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    sources = parse_named_paths(finetuned) if finetuned else None
+    report = rebase(pack, out, pretrained=pretrained, finetuned=sources, from_pack=from_pack, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
     console.print(f"wrote {out}: {report.manifest.method.label}, {len(report.manifest.tasks)} tasks", highlight=False)
     console.print(meter.stop(report.bytes_read, output_bytes(out)).line(), highlight=False)
 
@@ -265,7 +276,17 @@ _register_optional_commands()
 
 
 def main() -> None:
-    app()
+    """The ``tvq`` entry point: SIGTERM/SIGHUP become an exception here (not on import), so
+    temporaries are removed and the run ends with one line and exit status 143 (129)."""
+    from tvq.cli_support import print_line
+    from tvq.io.signals import Terminated, install_termination_handlers
+
+    install_termination_handlers()
+    try:
+        app()
+    except Terminated as exc:  # outside a command (while parsing): nothing was written yet
+        print_line("terminated", "no output was written")
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tvq.errors import TvqError
+from tvq.io.signals import Terminated
 
 err_console = Console(stderr=True)
+DEBUG_ENV = "TVQ_DEBUG"
 
 
 def new_app(name: str, help: str) -> typer.Typer:
@@ -19,10 +24,27 @@ def new_app(name: str, help: str) -> typer.Typer:
     return typer.Typer(name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
+def print_line(label: str, text: str) -> None:
+    """One line on stderr: ``label: text`` with the text shown literally (no markup), unwrapped."""
+    err_console.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def os_error_text(exc: OSError) -> str:
+    """``file: reason`` for an OS error (disk full, permission denied, not a directory...)."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
+def debugging() -> bool:
+    """TVQ_DEBUG=1: let unexpected errors through with their traceback."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def error_handler(interrupted: str, exit_codes: tuple[tuple[type[Exception], int], ...] = ()) -> Callable:
-    """A decorator turning tvq's errors into one line on stderr and an exit code, never a
-    traceback: the codes in ``exit_codes`` first (e.g. a missing data package -> 1), any
-    other tvq error -> 2, Ctrl-C -> 130 with ``interrupted`` saying what was kept."""
+    """A decorator turning every failure into one line on stderr and a non-zero exit code,
+    never a traceback: the codes in ``exit_codes`` first (e.g. a missing data package -> 1),
+    any other tvq error or OS error -> 2, Ctrl-C -> 130 and SIGTERM/SIGHUP -> 128 + signal
+    with ``interrupted`` saying what was kept, and anything else (a bug) -> 1."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -31,11 +53,26 @@ def error_handler(interrupted: str, exit_codes: tuple[tuple[type[Exception], int
                 return fn(*args, **kwargs)
             except TvqError as exc:
                 code = next((c for kind, c in exit_codes if isinstance(exc, kind)), 2)
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                print_line("error", str(exc))
                 raise typer.Exit(code) from None
             except KeyboardInterrupt:
-                err_console.print(f"[bold red]interrupted[/]: {interrupted}")
+                print_line("interrupted", interrupted)
                 raise typer.Exit(130) from None
+            except Terminated as exc:
+                print_line("terminated", interrupted)
+                raise typer.Exit(exc.exit_code) from None
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise  # typer's own exits and usage errors
+            except OSError as exc:
+                if debugging():
+                    raise
+                print_line("error", os_error_text(exc))
+                raise typer.Exit(2) from None
+            except Exception as exc:
+                if debugging():
+                    raise
+                print_line("error", f"internal error: {type(exc).__name__}: {exc} (please report; {DEBUG_ENV}=1 shows the traceback)")
+                raise typer.Exit(1) from None
 
         return wrapper
 

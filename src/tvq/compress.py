@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
 from tqdm import tqdm
 
 from tvq import __version__
 from tvq.errors import CheckpointError, ConfigError, where
-from tvq.io.atomic import atomic_dir, atomic_file, check_output
+from tvq.io.atomic import atomic_dir, atomic_file, check_distinct_outputs, check_output
 from tvq.io.content_hash import DEFAULT_ALGORITHM, algorithm_of, labelled, new_hasher
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.encode import BASE, PRETRAINED, KeyJob, KeyResult, check_finite, encode_key, mean_of
 from tvq.execute import Executor, LocalExecutor
 from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
+from tvq.pack.validate import MAX_GROUP_SIZE
 from tvq.pack.writer import PackFileWriter, announced_names, close_all
 from tvq.quant.minmax import check_bits
 from tvq.quant.schemes import get_scheme
@@ -83,8 +85,11 @@ class QuantizeOptions:
         elif self.error_correction:
             raise ConfigError("error_correction only applies to residual (RTVQ) quantization")
         get_scheme(self.quantizer, self.bits)
-        if self.quantizer == "group" and not (isinstance(self.group_size, int) and self.group_size >= 2):
-            raise ConfigError(f"group_size={self.group_size!r} must be an integer >= 2")
+        if self.quantizer == "group" and not (isinstance(self.group_size, int) and 2 <= self.group_size <= MAX_GROUP_SIZE):
+            raise ConfigError(
+                f"group_size={self.group_size!r} must be an integer from 2 to {MAX_GROUP_SIZE} "
+                "(the most a pack may record; a group larger than a tensor is the whole tensor)"
+            )
         return self
 
     def method(self) -> Method:
@@ -237,9 +242,10 @@ def quantize(
     for reader in readers.values():
         check_compatible(pre, reader)
     inputs = [Path(pre.path), *(Path(r.path) for r in readers.values())]
-    check_output(out, overwrite, inputs)
+    check_output(out, overwrite, inputs, kind="dir")
     if average_out is not None:
-        check_output(Path(average_out), overwrite, inputs)
+        check_output(Path(average_out), overwrite, inputs, kind="file")
+        check_distinct_outputs(out, Path(average_out))
 
     roles = roles_for(pre, options.key_rule)
     keys = list(roles)
@@ -261,8 +267,8 @@ def quantize(
     ]
 
     with ExitStack() as stack:
-        tmp = stack.enter_context(atomic_dir(out))
-        avg_tmp = stack.enter_context(atomic_file(Path(average_out))) if average_out is not None else None
+        tmp = stack.enter_context(atomic_dir(out, overwrite=overwrite))
+        avg_tmp = stack.enter_context(atomic_file(Path(average_out), overwrite=overwrite)) if average_out is not None else None
         task_files = {name: _safe_file_name(i, name) for i, name in enumerate(names)}
         aux = get_scheme(options.quantizer).aux_names
         task_names = announced_names(float_keys, set(quant_keys), aux)
@@ -308,9 +314,9 @@ def average_checkpoints(
     for r in readers[1:]:
         check_compatible(first, r)
     out = Path(out)
-    check_output(out, overwrite, [Path(p) for p in finetuned.values()])
+    check_output(out, overwrite, [Path(p) for p in finetuned.values()], kind="file")
     keys = sorted(first.keys())
-    with atomic_file(out) as tmp:
+    with atomic_file(out, overwrite=overwrite) as tmp:
         writer = StreamingSafetensorsWriter(tmp, keys, {"format": "pt"})
         try:
             for key in tqdm(keys, desc="average", unit="tensor", disable=not progress):
@@ -321,7 +327,10 @@ def average_checkpoints(
                 tensors = [r.get(key) for r in readers]
                 for r, t in zip(readers, tensors):
                     check_finite(t, r.path, key)
-                writer.add(key, mean_of([t.float() for t in tensors]).to(t0.dtype))
+                mean = mean_of([t.float() for t in tensors])
+                if not bool(torch.isfinite(mean.sum(dtype=torch.float32))) and not bool(torch.isfinite(mean).all()):
+                    raise CheckpointError(f"{where(first.path, key)}: the average of the fine-tuned checkpoints overflows float32")
+                writer.add(key, mean.to(t0.dtype))
             writer.close()
         except BaseException:
             writer.abort()

@@ -1,26 +1,75 @@
-"""The paper's JSON configs, accepted exactly as its README shows them."""
+"""The paper's JSON configs, accepted exactly as its README shows them, and strictly: JSON
+``true`` is not ``bits = 1``, ``"yes"`` is not ``residual = true``. JSON has one number type,
+so an exactly integral number (``4.0``) is the integer it equals; ``4.5`` is not an integer."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from tvq.errors import ConfigError, where
+from tvq.quant.minmax import MAX_BITS, MIN_BITS
+
+
+def integral(value: object) -> object:
+    """``4.0`` -> ``4`` (JSON and YAML write integers as floats too); anything else unchanged,
+    for the strict int check (which refuses ``4.5``, ``"4"`` and ``true``)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(integral)]
+Bits = Annotated[Integer, Field(ge=MIN_BITS, le=MAX_BITS)]
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-3`` is a number (YAML 1.2, JSON), not the
+    string it is in YAML 1.1: strict fields would otherwise refuse an innocent ``lambda: 1e-3``."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with exponent floats (``1e-3``) read as numbers."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose key appears twice is an error, not "the last one wins"."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key '{k}' appears twice")
+        out[k] = v
+    return out
 
 
 class PaperQuantizeConfig(BaseModel):
     """``quantize_config.json`` of AIM-SKKU/TVQ (``finetuned_model`` is accepted for ``finetuned``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     quantize_target: Literal["task_vector", "finetuned"] = "task_vector"
     quantize_residual: bool = False
-    quantize_task_bit: int = 4
-    quantize_base_bit: int | None = None
+    quantize_task_bit: Bits = 4
+    quantize_base_bit: Bits | None = None
     q_error_correction: bool = False
 
     @field_validator("quantize_target", mode="before")
@@ -32,11 +81,11 @@ class PaperQuantizeConfig(BaseModel):
 class PaperLoadConfig(BaseModel):
     """``load_config.json`` of AIM-SKKU/TVQ: which kind of task vectors to merge from."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     load_tv_type: Literal["baseline", "quantized_finetuned", "quantized_task_vector", "quantized_residual_task_vector"]
-    load_task_bits: int | None = None
-    load_base_bits: int | None = None
+    load_task_bits: Bits | None = None
+    load_base_bits: Bits | None = None
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -46,7 +95,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{where(p)}: config file not found")
     text = p.read_text()
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if p.suffix == ".json" else load_yaml(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"{where(p)}: cannot parse ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -64,9 +113,19 @@ def validate_config(model: type[BaseModel], data: dict, path: str | Path) -> Bas
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(map(str, first["loc"]))
-        raise ConfigError(f"{where(path)}: invalid value for '{loc}': {first['msg']}") from None
+        raise ConfigError(f"{where(path)}: {validation_problem(exc)}") from None
+
+
+def validation_problem(exc: ValidationError, shown: dict[str, str] | None = None) -> str:
+    """pydantic's first error as "invalid value for 'key': why (got VALUE)", one line; ``shown``
+    maps field names to the names users type (aliases)."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = (shown or {}).get(loc[0], loc[0]) if loc else "options"
+    got = first.get("input")
+    text = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"invalid value for '{key}': {first['msg']} (got {text})"
 
 
 def load_quantize_config(path: str | Path) -> PaperQuantizeConfig:

@@ -34,9 +34,9 @@ def export_task(
     pack.manifest.task(task)
     out = Path(out)
     inputs = [Path(pack_path)] + ([Path(pretrained)] if pretrained else [])
-    check_output(out, overwrite, inputs)
+    check_output(out, overwrite, inputs, kind="file")
     names = list(pack.pretrained.keys()) if model else pack.keys
-    with atomic_file(out) as tmp:
+    with atomic_file(out, overwrite=overwrite) as tmp:
         writer = StreamingSafetensorsWriter(tmp, names, {"format": "pt", "tvq_task": task})
         try:
             for key in tqdm(names, desc=f"export {task}", unit="tensor", disable=not progress):

@@ -116,7 +116,7 @@ def add_tasks(
     base_keys = set(m.files[m.base_file].tensors) if m.base_file else set()
     algorithm = algorithm_of(m.pretrained.digest)  # the pack's, so θ_pre's digest can be compared
 
-    with atomic_dir(out_path) as tmp:
+    with atomic_dir(out_path, overwrite=out is None or overwrite) as tmp:
         for rel in m.files:
             _link_or_copy(pack_path / rel, tmp / rel)
         start = len(m.tasks)
@@ -185,28 +185,44 @@ def rebase(
     out: str | Path,
     *,
     pretrained: str | Path | None = None,
+    finetuned: dict[str, str | Path] | None = None,
     from_pack: bool = False,
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
 ) -> QuantizeReport:
-    """Re-encode every task against a base recomputed over all of them (same method)."""
+    """Re-encode every task against a base recomputed over all of them (same method), from
+    the tasks' original checkpoints named in ``finetuned`` (checked against the content
+    hashes the pack recorded) or, with ``from_pack``, from the pack's reconstructions.
+    The source paths a pack records are never opened: they come from whoever made it."""
     pack_path = Path(pack_path)
     pack = open_pack(pack_path, pretrained, unsafe_pickle)
     options = options_of(pack)
     if not options.residual:
         raise ConfigError(f"{where(pack_path)}: only RTVQ packs have a base to re-compute")
+    if pretrained is None:
+        pack.pretrained  # noqa: B018 -- raises the one-line error that names the recorded path
     options.bit_plan = None if not pack.manifest.method.budget_bits else options.bit_plan
-    pre_path = pretrained if pretrained is not None else pack.manifest.pretrained.path
+    sources: dict[str, str | Path | ReconstructedModel]
     if from_pack:
+        if finetuned:
+            raise ConfigError("give either --finetuned checkpoints or --from-pack, not both")
         sources = {t: ReconstructedModel(pack, t) for t in pack.tasks}
+        expect = None
     else:
-        sources = {}
-        for t in pack.manifest.tasks:
-            if not Path(t.source.path).exists():
-                raise PackError(f"{where(t.source.path)}: source checkpoint of task {t.name!r} is gone; pass --from-pack to re-base from the pack itself")
-            sources[t.name] = t.source.path
-    expect = None if from_pack else {t.name: t.source.digest for t in pack.manifest.tasks}
+        named = dict(finetuned or {})
+        missing = [t for t in pack.manifest.tasks if t.name not in named]
+        if missing:
+            t = missing[0]
+            raise ConfigError(
+                f"{where(pack_path)}: task {t.name!r} needs its original checkpoint: pass --finetuned {t.name}=PATH "
+                f"(made from {t.source.path[:300]}), or --from-pack to re-base from the pack itself"
+            )
+        unknown = sorted(set(named) - set(pack.tasks))
+        if unknown:
+            raise ConfigError(f"{where(pack_path)}: no task {unknown[0]!r} in this pack; tasks: {', '.join(pack.tasks)}")
+        sources = {t: named[t] for t in pack.tasks}
+        expect = {t.name: t.source.digest for t in pack.manifest.tasks}
     return quantize(
-        pre_path, sources, out, options, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress, expect_digests=expect
+        pack.pretrained, sources, out, options, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress, expect_digests=expect
     )

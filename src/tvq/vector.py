@@ -113,9 +113,14 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
 
 def check_compatible(pretrained: CheckpointReader, other: CheckpointReader) -> None:
-    """Same float keys and shapes in both checkpoints, or one clear error naming the tensor."""
+    """Same float keys and shapes in both checkpoints, or one clear error naming the tensor.
+    A tensor that is float in one and not in the other is named as such, not as missing."""
     pre_keys = {k for k in pretrained.keys() if pretrained.meta(k).is_float}
     other_keys = {k for k in other.keys() if other.meta(k).is_float}
+    in_both = set(pretrained.keys()) & set(other.keys())
+    for key in sorted((pre_keys ^ other_keys) & in_both)[:1]:
+        a, b = (str(r.meta(key).dtype).removeprefix("torch.") for r in (pretrained, other))
+        raise CheckpointError(f"{where(other.path, key)}: dtype differs ({b} vs {a}) from the pretrained model {pretrained.path}")
     for key in sorted(pre_keys - other_keys)[:1]:
         raise CheckpointError(f"{where(other.path, key)}: missing (present in the pretrained model {pretrained.path})")
     for key in sorted(other_keys - pre_keys)[:1]:

@@ -82,9 +82,9 @@ def test_hf_folder_from_a_pack_loads_with_transformers(hf, tmp_path):
 
 def test_threads_flag_and_io_memory_report(hf, tmp_path):
     """--threads gives the same folder, byte for byte; the last line reports I/O and memory."""
-    r = run("--method", "ties", "--pack", hf["pack"], "--density", "0.3", "--out", tmp_path / "serial")
+    r = run("--method", "ties", "--pack", hf["pack"], "--pretrained", hf["pre"], "--density", "0.3", "--out", tmp_path / "serial")
     ok(r)
-    r = run("--method", "ties", "--pack", hf["pack"], "--density", "0.3", "--out", tmp_path / "threads", "--executor", "local", "--threads", "2")
+    r = run("--method", "ties", "--pack", hf["pack"], "--pretrained", hf["pre"], "--density", "0.3", "--out", tmp_path / "threads", "--executor", "local", "--threads", "2")
     ok(r)
     for f in (tmp_path / "serial").iterdir():
         assert f.read_bytes() == (tmp_path / "threads" / f.name).read_bytes(), f.name
@@ -107,19 +107,19 @@ def test_config_file_load_config_and_fp32_checkpoints(hf, tmp_path):
     written = load_file(out)
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
     load_cfg.write_text(json.dumps({"load_tv_type": "quantized_task_vector", "load_task_bits": 4}))
-    ok(run("--method", "task_arithmetic", "--load-config", load_cfg, "--pack", hf["pack"], "--out", tmp_path / "ta.safetensors"))
+    ok(run("--method", "task_arithmetic", "--load-config", load_cfg, "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", tmp_path / "ta.safetensors"))
     load_cfg.write_text(json.dumps({"load_tv_type": "quantized_residual_task_vector", "load_task_bits": 2, "load_base_bits": 3}))
-    one_line_error(run("--method", "lines", "--load-config", load_cfg, "--pack", hf["pack"], "--out", tmp_path / "x"),
+    one_line_error(run("--method", "lines", "--load-config", load_cfg, "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", tmp_path / "x"),
                    "load_tv_type 'quantized_residual_task_vector' does not match the pack", "TVQ INT4")  # fmt: skip
     load_cfg.write_text(json.dumps({"load_tv_type": "quantized_task_vector", "load_task_bits": 3}))
-    one_line_error(run("--method", "lines", "--load-config", load_cfg, "--pack", hf["pack"], "--out", tmp_path / "x"), "load_task_bits=3")
+    one_line_error(run("--method", "lines", "--load-config", load_cfg, "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", tmp_path / "x"), "load_task_bits=3")
 
 
 def test_emr_unified_pack_then_one_task(hf, tmp_path):
     unified = tmp_path / "emr.safetensors"
-    ok(run("--method", "emr_merging", "--pack", hf["pack"], "--out", unified))
+    ok(run("--method", "emr_merging", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", unified))
     direct = tmp_path / "direct"
-    ok(run("--method", "emr", "--pack", hf["pack"], "--task", "task1", "--out", direct, "--dtype", "bfloat16"))
+    ok(run("--method", "emr", "--pack", hf["pack"], "--pretrained", hf["pre"], "--task", "task1", "--out", direct, "--dtype", "bfloat16"))
     via = tmp_path / "via"
     ok(run("--method", "emr", "--unified", unified, "--task", "task1", "--pretrained", hf["pre"], "--out", via, "--dtype", "bfloat16"))
     a, b = load_file(direct / "model.safetensors"), load_file(via / "model.safetensors")
@@ -133,13 +133,13 @@ def test_emr_unified_pack_then_one_task(hf, tmp_path):
 
 def test_outputs_are_never_clobbered(hf, tmp_path):
     out = tmp_path / "m.safetensors"
-    ok(run("--method", "average", "--pack", hf["pack"], "--out", out))
+    ok(run("--method", "average", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", out))
     before = out.read_bytes()
-    one_line_error(run("--method", "magmax", "--pack", hf["pack"], "--out", out), "already exists", "--overwrite")
+    one_line_error(run("--method", "magmax", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", out), "already exists", "--overwrite")
     assert out.read_bytes() == before
-    ok(run("--method", "magmax", "--pack", hf["pack"], "--out", out, "--overwrite"))
-    one_line_error(run("--method", "average", "--pack", hf["pack"], "--out", hf["pack"], "--overwrite"), "would overwrite the input")
-    one_line_error(run("--method", "average", "--pack", hf["pack"], "--out", hf["pre"] / "x", "--overwrite"), "input")
+    ok(run("--method", "magmax", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", out, "--overwrite"))
+    one_line_error(run("--method", "average", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", hf["pack"], "--overwrite"), "would overwrite the input")
+    one_line_error(run("--method", "average", "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", hf["pre"] / "x", "--overwrite"), "input")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_outputs_are_never_clobbered(hf, tmp_path):
     ],
 )
 def test_bad_method_or_options(hf, tmp_path, args, fragments):
-    one_line_error(run(*args, "--pack", hf["pack"], "--out", tmp_path / "o"), *fragments)
+    one_line_error(run(*args, "--pack", hf["pack"], "--pretrained", hf["pre"], "--out", tmp_path / "o"), *fragments)
     assert not (tmp_path / "o").exists()
 
 

@@ -2,8 +2,10 @@
 
 Supported inputs: a ``.safetensors`` file, a Hugging Face folder (single or sharded
 safetensors, or ``pytorch_model.bin`` [sharded]), and torch ``.pt``/``.bin`` state dicts.
-Torch files are opened with ``weights_only=True`` (and ``mmap=True`` so tensors stay on
-disk until used); a full pickle is only allowed with ``unsafe_pickle=True``.
+Torch files are opened with ``weights_only=True`` (and ``mmap=True`` for the zip format, so
+tensors stay on disk until used); a full pickle is only allowed with ``unsafe_pickle=True``.
+Model folders come from downloads: every file is checked to be a regular file before it is
+opened, headers and indexes are bounded, and shard names stay inside their folder.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
+import re
+import stat
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from tvq.errors import CheckpointError, where
+from tvq.io.paths import confined, name_problem
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -35,6 +41,51 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the header length word
+MAX_INDEX_BYTES = 64 << 20  # a shard index of a 1T-parameter model is a few MB
+MAX_TENSOR_NAME = 1024
+_PSEUDO_ROOTS = (("/", "proc"), ("/", "sys"))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Where training scripts nest a state dict: torch.save({"model": sd, "epoch": 3, ...}).
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+
+
+def _refuse_pseudo_file(path: Path) -> None:
+    """Refuse a path in /proc or /sys, or leading there: kernel files that look regular but
+    may block a read or never end."""
+    plain = Path(os.path.abspath(path))
+    for candidate in (plain, Path(os.path.realpath(path))):
+        if candidate.parts[:2] in _PSEUDO_ROOTS:
+            via = "" if candidate == plain else f" ({candidate})"
+            raise CheckpointError(f"{where(path)}: a kernel pseudo-file{via}, not a checkpoint")
+
+
+def _regular_file(path: Path) -> int:
+    """The size of ``path``, refused unless it is a plain file: a FIFO, a device or a kernel
+    pseudo-file could block a read forever or never end, so it is never opened."""
+    _refuse_pseudo_file(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where(path)}: file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{where(path)}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+        kind = next((name for test, name in kinds if test(st.st_mode)), "not a plain file")
+        raise CheckpointError(f"{where(path)}: not a regular file ({kind})")
+    return st.st_size
+
+
+def _check_tensor_name(file: Path, key: str) -> None:
+    """Tensor names end up in messages and output files: bounded, and on one line."""
+    if len(key) > MAX_TENSOR_NAME:
+        raise CheckpointError(f"{where(file)}: tensor name of {len(key)} characters (at most {MAX_TENSOR_NAME}): {key[:60]!r}...")
+    if _CONTROL.search(key):
+        raise CheckpointError(f"{where(file)}: tensor name {key[:80]!r} contains a control character")
 
 
 @dataclass(frozen=True)
@@ -105,14 +156,16 @@ class SafetensorsFile:
     pages (zero-copy from the page cache, 3x faster than reading into fresh memory, which
     the kernel must zero first; writes stay private), unmapped when the tensor is freed;
     small ones are read with ``pread``. The header (8-byte little-endian length, then
-    JSON) is validated by the safetensors library on open."""
+    JSON) is read here once, its length bounded, and validated by the safetensors library."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        header, data_start = _read_header(path, _regular_file(path))
         try:
             with safe_open(str(path), framework="pt") as handle:
                 self.metas = {}
                 for key in handle.keys():
+                    _check_tensor_name(path, key)
                     sl = handle.get_slice(key)
                     dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
                     if dtype is None:
@@ -121,11 +174,8 @@ class SafetensorsFile:
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{where(path)}: not a readable safetensors file ({exc})") from None
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        self._offsets = {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+            raise CheckpointError(f"{where(path)}: not a readable safetensors file ({_one_line(str(exc))})") from None
+        self._offsets = {key: _data_range(path, key, header, data_start, meta) for key, meta in self.metas.items()}
         self._fd = os.open(path, os.O_RDONLY)
 
     def keys(self) -> list[str]:
@@ -162,6 +212,47 @@ class SafetensorsFile:
             os.close(fd)
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """A library's message fit for one line of ours: no ANSI codes, no line breaks, bounded."""
+    return " ".join(_ANSI.sub("", text).split())[:limit]
+
+
+def _read_header(path: Path, size: int) -> tuple[dict[str, object], int]:
+    """The JSON header and where the data starts; a header length past the format's 100 MB
+    is refused before anything is allocated for it."""
+    bad = f"{where(path)}: not a readable safetensors file"
+    if size < 8:
+        raise CheckpointError(f"{bad} (only {size} bytes)")
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{bad} (header of {n} bytes, more than the {MAX_HEADER_BYTES} the format allows)")
+            if n > size - 8:
+                raise CheckpointError(f"{bad} (header of {n} bytes runs past the end of the {size}-byte file)")
+            raw = fh.read(n)
+        header = json.loads(raw)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RecursionError, struct.error) as exc:
+        raise CheckpointError(f"{bad} (header: {_one_line(str(exc)) or type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (header is a JSON {type(header).__name__}, not an object)")
+    return header, 8 + n
+
+
+def _data_range(path: Path, key: str, header: dict[str, object], data_start: int, meta: TensorMeta) -> tuple[int, int]:
+    """(file offset, byte count) of a tensor's data, checked against its shape and dtype."""
+    entry = header.get(key)
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where(path, key)}: header has no valid data_offsets (the file changed while being read?)")
+    nbytes = offsets[1] - offsets[0]
+    if nbytes != meta.numel * meta.dtype.itemsize:
+        raise CheckpointError(f"{where(path, key)}: {nbytes} bytes of data for shape {list(meta.shape)} of {meta.dtype}")
+    return data_start + offsets[0], nbytes
+
+
 class SafetensorsReader(_ReaderBase):
     """One or several safetensors files (shards), read lazily, one tensor at a time."""
 
@@ -172,7 +263,7 @@ class SafetensorsReader(_ReaderBase):
         self._file_of: dict[str, Path] = {}
         self._metas = {}
         for file in files:
-            if not file.is_file():
+            if not file.exists():
                 raise CheckpointError(f"{where(file)}: shard listed in the index is missing")
             handle = SafetensorsFile(file)
             self._handles[file] = handle
@@ -202,10 +293,7 @@ class StateDictReader(_ReaderBase):
         self.path = path
         self._tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            state = _torch_load(file, unsafe_pickle)
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    self._tensors[key] = value
+            self._tensors.update(_torch_load(file, unsafe_pickle))
         self._metas = {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
 
     def get(self, key: str) -> torch.Tensor:
@@ -215,62 +303,136 @@ class StateDictReader(_ReaderBase):
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint") from None
 
 
+def _is_zip(file: Path) -> bool:
+    """Whether a torch file is in the zip format (torch >= 1.6), which torch can map; the
+    legacy format (``_use_new_zipfile_serialization=False``) must be read."""
+    with open(file, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def _torch_load(file: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
-    """Load a torch file safely; unwrap ``{"state_dict": ...}`` and whole modules."""
-    if not file.is_file():
-        raise CheckpointError(f"{where(file)}: file not found")
+    """The tensors of a torch file, loaded with ``weights_only=True``; a full pickle (which can
+    run any code) only with ``unsafe_pickle``, and only when weights_only refused the file."""
+    _regular_file(file)
+    zipped = _is_zip(file)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as exc:
-        if not unsafe_pickle:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{where(file)}: cannot be loaded with weights_only=True ({first[:200]}); "
-                "if you trust this file, pass --unsafe-pickle"
-            ) from None
+        text = _ANSI.sub("", str(exc))
+        blocked = re.search(r"GLOBAL (\S+) whose module (\S+) is blocked", text)
+        if blocked:  # os.system and friends: a model file has no use for them
+            raise CheckpointError(f"{where(file)}: refers to {blocked[1]} from the blocked module {blocked[2]}; not loaded, not even with --unsafe-pickle") from None
+        if not (unsafe_pickle and isinstance(exc, pickle.UnpicklingError)):
+            wanted = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+            if wanted:
+                raise CheckpointError(
+                    f"{where(file)}: cannot be loaded with weights_only=True: it refers to {wanted[1]}, "
+                    "which is not an allowed global; if you trust this file, pass --unsafe-pickle"
+                ) from None
+            raise CheckpointError(f"{where(file)}: not a readable torch file ({_torch_reason(text, exc)})") from None
         warnings.warn(f"{file}: loading a full pickle (--unsafe-pickle); this can run arbitrary code", stacklevel=2)
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=False)
+            obj = torch.load(file, map_location="cpu", weights_only=False, mmap=zipped)
         except Exception as exc2:
-            raise CheckpointError(f"{where(file)}: cannot be loaded ({exc2})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+            raise CheckpointError(f"{where(file)}: not a readable torch file ({_torch_reason(str(exc2), exc2)})") from None
+    return _state_dict_of(obj, file)
+
+
+def _torch_reason(text: str, exc: Exception) -> str:
+    """The line of torch's message that says what went wrong, without its advice around it."""
+    text = _ANSI.sub("", text).split("Check the documentation of torch.load")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = _one_line(lines[-1].split("WeightsUnpickler error:")[-1].split(". ")[0]) if lines else ""
+    if isinstance(exc, (RuntimeError, pickle.UnpicklingError)) and last:
+        return last
+    return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
+
+
+def _tensors_of(state: Mapping[object, object]) -> dict[str, torch.Tensor]:
+    """The tensor entries of a state dict; other values (step counters, configs) are skipped."""
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _state_dict_of(obj: object, file: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded torch object: the object itself, one nested under a training
+    checkpoint's usual key (``{"model": sd, "epoch": 3}``), or a whole module's (full pickles)."""
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
-    if not isinstance(obj, dict):
+    if not isinstance(obj, Mapping):
         raise CheckpointError(f"{where(file)}: holds a {type(obj).__name__}, not a state dict")
-    return obj
+    tensors = _tensors_of(obj)
+    if not tensors:
+        nested = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), torch.nn.Module) or (isinstance(obj.get(k), Mapping) and _tensors_of(obj[k]))]
+        if len(nested) > 1:
+            raise CheckpointError(f"{where(file)}: holds state dicts under both {nested[0]!r} and {nested[1]!r}; save the one you mean on its own")
+        if not nested:
+            keys = ", ".join(repr(str(k)[:40]) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
+            raise CheckpointError(
+                f"{where(file)}: holds no tensors, at its top level or under {', '.join(map(repr, _WRAPPER_KEYS))} "
+                f"(its keys: {keys or 'none'})"
+            )
+        inner = obj[nested[0]]
+        tensors = _tensors_of(inner.state_dict() if isinstance(inner, torch.nn.Module) else inner)
+    for key in tensors:
+        _check_tensor_name(file, key)
+    return tensors
+
+
+def _shard_path(index_file: Path, name: object) -> Path:
+    """The shard file a shard index names, confined to the index's folder. The one exception:
+    a Hugging Face cache snapshot, whose files are symlinks into the cache's own ``blobs``."""
+    folder = index_file.parent
+    try:
+        return confined(folder, name, index_file, error=CheckpointError)
+    except CheckpointError:
+        snapshot = folder.resolve()
+        if name_problem(name) is not None or snapshot.parent.name != "snapshots":
+            raise
+        path = folder / str(name)
+        if path.resolve().parent != snapshot.parent.parent / "blobs":
+            raise
+        return path
 
 
 def _index_shards(index_file: Path) -> dict[str, Path]:
+    """Tensor name -> shard file of a shard index: a stranger's file, so its size, its shape
+    and every name in it are checked before any shard is opened."""
+    size = _regular_file(index_file)
+    bad = f"{where(index_file)}: not a valid shard index"
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{bad} ({size} bytes, at most {MAX_INDEX_BYTES})")
     try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where(index_file)}: not a valid shard index ({exc})") from None
-    return {key: index_file.parent / name for key, name in weight_map.items()}
+        with open(index_file, "rb") as fh:
+            data = json.loads(fh.read(MAX_INDEX_BYTES + 1))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{bad} ({_one_line(str(exc)) or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{bad} (a JSON {type(data).__name__}, expected an object with a 'weight_map')")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = "an empty object" if weight_map == {} else f"a JSON {type(weight_map).__name__}" if "weight_map" in data else "nothing"
+        raise CheckpointError(f"{bad} ('weight_map' must map tensor names to shard files, got {got})")
+    files: dict[str, Path] = {}
+    shards: dict[str, Path] = {}
+    for key, name in weight_map.items():
+        _check_tensor_name(index_file, key)
+        if not isinstance(name, str):
+            raise CheckpointError(f"{where(index_file, key)}: shard file name must be a string, got {type(name).__name__}")
+        if name not in files:
+            files[name] = _shard_path(index_file, name)
+        shards[key] = files[name]
+    return shards
 
 
 def open_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> SafetensorsReader | StateDictReader:
     """Open any supported checkpoint lazily; safetensors is preferred when a folder has both."""
     p = Path(path)
+    _refuse_pseudo_file(p)
     if not p.exists():
         raise CheckpointError(f"{where(p)}: file not found")
     if p.is_dir():
-        for index_name in ("model.safetensors.index.json",):
-            if (p / index_name).is_file():
-                return SafetensorsReader(p, _index_shards(p / index_name))
-        if (p / "model.safetensors").is_file():
-            return SafetensorsReader(p / "model.safetensors")
-        singles = sorted(p.glob("*.safetensors"))
-        if len(singles) == 1:
-            return SafetensorsReader(singles[0])
-        if (p / "pytorch_model.bin.index.json").is_file():
-            shards = sorted(set(_index_shards(p / "pytorch_model.bin.index.json").values()))
-            return StateDictReader(p, shards, unsafe_pickle)
-        for name in ("pytorch_model.bin", "model.pt", "model.bin"):
-            if (p / name).is_file():
-                return StateDictReader(p, [p / name], unsafe_pickle)
-        raise CheckpointError(f"{where(p)}: folder holds no model.safetensors, shard index or pytorch_model.bin")
+        return _open_folder(p, unsafe_pickle)
+    _regular_file(p)
     if p.name.endswith(".safetensors.index.json"):
         return SafetensorsReader(p, _index_shards(p))
     if p.suffix == ".safetensors":
@@ -284,3 +446,28 @@ def open_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> Safetensor
         return SafetensorsReader(p)
     except CheckpointError:
         return StateDictReader(p, [p], unsafe_pickle)
+
+
+def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictReader:
+    """A Hugging Face style folder. Entries are tested with ``exists`` rather than ``is_file``
+    so a FIFO or folder where a checkpoint should be is reported, not silently skipped."""
+    if (p / "model.safetensors.index.json").exists():
+        return SafetensorsReader(p, _index_shards(p / "model.safetensors.index.json"))
+    if (p / "model.safetensors").exists():
+        return SafetensorsReader(p / "model.safetensors")
+    singles = sorted(p.glob("*.safetensors"))
+    if len(singles) == 1:
+        return SafetensorsReader(singles[0])
+    if len(singles) > 1:  # which one is the model is a guess tvq does not make
+        names = ", ".join(f.name for f in singles[:2]) + (", ..." if len(singles) > 2 else "")
+        raise CheckpointError(
+            f"{where(p)}: folder holds {len(singles)} safetensors files and no index ({names}): "
+            "name one file or add model.safetensors.index.json"
+        )
+    if (p / "pytorch_model.bin.index.json").exists():
+        shards = sorted(set(_index_shards(p / "pytorch_model.bin.index.json").values()))
+        return StateDictReader(p, shards, unsafe_pickle)
+    for name in ("pytorch_model.bin", "model.pt", "model.bin"):
+        if (p / name).exists():
+            return StateDictReader(p, [p / name], unsafe_pickle)
+    raise CheckpointError(f"{where(p)}: folder holds no model.safetensors, shard index or pytorch_model.bin")

@@ -70,6 +70,8 @@ class AdaMergingResult:
         for key, c in coeffs.items():
             if c.shape != (len(tasks),):
                 raise ConfigError(f"{where(p, key)}: {c.numel()} coefficients for {len(tasks)} tasks")
+            if not bool(torch.isfinite(c).all()):
+                raise ConfigError(f"{where(p, key)}: coefficients must be finite numbers")
         return cls(tasks, coeffs)
 
 

@@ -1,8 +1,9 @@
 """``tvq merge``: options in, library call, one line out. Method options are free-form flags.
 
 Method options are not declared to typer: ``--density 0.2 --lambda 0.3`` reach the command as
-extra arguments, are parsed here (YAML scalars: numbers, booleans, lists, mappings) and then
-validated by the method's pydantic model, so an unknown option is one line listing the valid ones.
+extra arguments, are parsed here (YAML scalars: numbers, ``1e-3`` included, booleans, lists,
+mappings) and then validated by the method's pydantic model, strictly (``true`` is no number,
+NaN/Inf no float), so an unknown option or a bad value is one line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
+from tvq.config import load_yaml
 from tvq.errors import ConfigError
 
 
@@ -37,7 +39,7 @@ def parse_method_args(args: list[str]) -> dict[str, Any]:
         if key in opts:
             raise ConfigError(f"method option --{name} given twice")
         try:
-            opts[key] = yaml.safe_load(value) if value.strip() else value
+            opts[key] = load_yaml(value) if value.strip() else value
         except yaml.YAMLError:
             opts[key] = value
         i += 1
@@ -78,7 +80,7 @@ def register(app: typer.Typer, handles_errors) -> None:
         ] = None,
         pretrained: Annotated[
             Optional[Path],
-            typer.Option("--pretrained", "-p", help="Pretrained model (default with --pack: the path recorded in the pack)."),
+            typer.Option("--pretrained", "-p", help="Pretrained model (required; a pack only records where its own came from)."),
         ] = None,
         pack: Annotated[
             Optional[list[Path]], typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
@@ -144,7 +146,8 @@ def register(app: typer.Typer, handles_errors) -> None:
             if pretrained is None:
                 if not packs:
                     raise ConfigError("--pretrained is required with --finetuned checkpoints")
-                pretrained = Path(open_pack(packs[0]).manifest.pretrained.path)
+                recorded = open_pack(packs[0]).manifest.pretrained.path[:300]
+                raise ConfigError(f"--pretrained is required (a pack's recorded path is never opened unasked; {packs[0]} was made from {recorded})")
             pre, vectors = load_task_vectors(pretrained, packs=packs, finetuned=fts, unsafe_pickle=unsafe_pickle)
             report = merge(
                 cls.name, pre, vectors, out, options,

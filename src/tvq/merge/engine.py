@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tvq.errors import ConfigError
+from tvq.errors import ConfigError, PackError, TvqError, where
 from tvq.execute import Executor, LocalExecutor
-from tvq.io.atomic import atomic_dir, atomic_file, check_output
+from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
 from tvq.io.readers import CheckpointReader
 from tvq.merge.registry import MergeMethod, MethodOptions, build_method
 from tvq.merge.source import MergeInputs, TaskSource, as_reader, meta_nbytes
@@ -141,7 +141,13 @@ def merge_key(job: MergeJob) -> torch.Tensor:
     pretrained, deltas = job.work.open()
     base = pretrained.get(job.key)
     exact = base.dtype in (torch.bfloat16, torch.float16, torch.float32)  # converts to fp32 exactly inside add_
-    return deltas(job.key).add_(base if exact else base.float()).to(job.dtype or base.dtype)
+    merged = deltas(job.key).add_(base if exact else base.float()).to(job.dtype or base.dtype)
+    if not bool(torch.isfinite(merged.sum(dtype=torch.float32))) and not bool(torch.isfinite(merged).all()):
+        raise TvqError(
+            f"merged tensor '{job.key}' is not finite in {str(merged.dtype).removeprefix('torch.')} "
+            "(NaN or Inf): check the scaling coefficients and the output dtype"
+        )  # nothing tvq writes decodes to NaN/Inf; the sum is the cheap test, the exact one runs on failure
+    return merged
 
 
 def iter_model(
@@ -248,11 +254,12 @@ def merge(
     folder = hf_folder(pretrained)
     if folder is not None:
         protected.append(folder)
-    check_output(out, overwrite, protected)
+    writes_pack = m.per_task and task is None
+    check_output(out, overwrite, protected, kind="file" if writes_pack else output_kind(out, folder))
     dtype_ = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    if m.per_task and task is None:
-        with atomic_file(out) as tmp:
+    if writes_pack:
+        with atomic_file(out, overwrite=overwrite) as tmp:
             m.write_pack(source, tmp, progress)
         return MergeReport(out, m.name, source.tasks, [out], out.stat().st_size, source.bytes_read)
     m.prepare(source, progress)
@@ -260,7 +267,7 @@ def merge(
     label = f"{m.name}" + (f" [{task}]" if task else "")
     report = write_model(pre, method_work(m, source, executor, unsafe_pickle), set(source.keys), out, label, source.tasks,
                          dtype=dtype_, hf_from=hf_folder(pretrained), max_shard_size=shard_bytes, progress=progress,
-                         executor=executor)  # fmt: skip
+                         executor=executor, overwrite=overwrite)  # fmt: skip
     report.bytes_read = prepared + pass_bytes(source)
     return report
 
@@ -282,12 +289,16 @@ def emr_task_model(
     pack = open_emr(unified)
     pre = as_reader(pretrained)
     source = TaskSource(pre, {task: pack.task_vector(task)})
+    for key in source.keys:  # refused before any output exists, not halfway through it
+        if pack.shape(key) != source.shape(key):
+            stored, expected = list(pack.shape(key)), list(source.shape(key))
+            raise PackError(f"{where(unified, f'unified.{key}')}: shape {stored} differs from the pretrained model's {expected}")
     out = Path(out)
     protected = [Path(unified)] + ([Path(pretrained)] if isinstance(pretrained, (str, Path)) else [])
-    check_output(out, overwrite, protected)
+    check_output(out, overwrite, protected, kind=output_kind(out, hf_folder(pretrained)))
     report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
-                         max_shard_size=parse_size(max_shard_size), progress=progress)  # fmt: skip
+                         max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite)  # fmt: skip
     report.bytes_read = pass_bytes(source)
     return report
 
@@ -305,17 +316,19 @@ def write_model(
     max_shard_size: int = 5 * 10**9,
     progress: bool = False,
     executor: Executor | None = None,
+    overwrite: bool = True,
 ) -> MergeReport:
     """Write θ_pre + δ atomically: a Hugging Face folder when ``hf_from`` is given (and ``out`` is not a .safetensors path).
 
-    ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``."""
+    ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``.
+    ``overwrite=False`` refuses an ``out`` that another run created while this one worked."""
     if callable(work):
         work = LocalWork(pretrained, work)
     stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks))
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     report = MergeReport(out, label, tasks)
-    if hf_from is None or out.suffix == ".safetensors":
-        with atomic_file(out) as tmp:
+    if output_kind(out, hf_from) == "file":
+        with atomic_file(out, overwrite=overwrite) as tmp:
             report.bytes_written = _write_shards(stream, [(tmp, pretrained.keys())], meta)
         report.files = [out]
         return report
@@ -323,7 +336,7 @@ def write_model(
     sizes = {k: pretrained.meta(k).numel * _itemsize(dtype if k in float_keys else None, pretrained.meta(k).dtype) for k in keys}
     groups = _plan_shards(keys, sizes, max_shard_size)
     names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         report.bytes_written = _write_shards(stream, [(tmp / n, g) for n, g in zip(names, groups, strict=True)], meta)
         if len(groups) > 1:
             weight_map = {k: n for n, g in zip(names, groups, strict=True) for k in g}
@@ -332,6 +345,11 @@ def write_model(
         _copy_hf_files(Path(hf_from), tmp, dtype)
     report.files = sorted(out.iterdir())
     return report
+
+
+def output_kind(out: Path, hf_from: str | Path | None) -> Kind:
+    """What ``write_model`` writes at ``out``: a Hugging Face folder, or one safetensors file."""
+    return "file" if hf_from is None or Path(out).suffix == ".safetensors" else "dir"
 
 
 def _itemsize(dtype: torch.dtype | None, stored: torch.dtype) -> int:

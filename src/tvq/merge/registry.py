@@ -3,32 +3,53 @@
 A method sees one tensor at a time: ``merge_tensor(key, taus)`` gets the stacked fp32 task
 vectors ``[T, *shape]`` of that tensor and returns the merged task vector. Methods that need
 global statistics compute them in ``prepare`` (a cheap streaming pre-pass). Options are a
-pydantic model with ``extra="forbid"``, so a typo is an error and not a silent default.
+pydantic model with ``extra="forbid"``, so a typo is an error and not a silent default, and
+strict types: ``true`` is not a number, ``"yes"`` not a boolean, and every float is finite.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from tvq.config import integral, validation_problem
 from tvq.errors import ConfigError
 from tvq.merge.coded import combination_values, joint_index, lookup, worth_coding
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tvq.merge.source import TaskSource
     from tvq.quant.coded import CodedTensor
 
 
 class MethodOptions(BaseModel):
-    """Base of every method's options: unknown keys are errors, values are range-checked."""
+    """Base of every method's options: unknown keys are errors, values are range-checked, types
+    are strict and floats finite (a NaN λ would merge into a NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True, strict=True, allow_inf_nan=False
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text_formats(cls, data: Any) -> Any:
+        """The two conversions strict types refuse but configs need: an exactly integral float
+        is the int it equals (JSON/YAML ``4.0``), a string is a path for a Path option."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, f in cls.model_fields.items():
+            kinds = {f.annotation, *get_args(f.annotation)}
+            for key in {name, f.alias} & out.keys():
+                if int in kinds:
+                    out[key] = integral(out[key])
+                if Path in kinds and isinstance(out[key], str):
+                    out[key] = Path(out[key])
+        return out
 
     @classmethod
     def names(cls) -> list[str]:
@@ -132,12 +153,14 @@ def parse_options(cls: type[MergeMethod], options: Mapping[str, Any] | MethodOpt
         return cls.Options.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "options"
-        field = cls.Options.model_fields.get(loc)
-        shown = field.alias if field is not None and field.alias else loc
+        field = cls.Options.model_fields.get(str(first["loc"][0])) if first["loc"] else None
         if first["type"] == "missing" and field is not None:
+            shown = field.alias or str(first["loc"][0])
             raise ConfigError(f"merge method {cls.name!r}: option {shown!r} is required ({field.description})") from None
-        raise ConfigError(f"merge method {cls.name!r}: invalid value for {shown!r}: {first['msg']}") from None
+        if not first["loc"]:  # a rule across options (a model validator): its own words
+            raise ConfigError(f"merge method {cls.name!r}: invalid options: {first['msg']}") from None
+        aliases = {n: f.alias for n, f in cls.Options.model_fields.items() if f.alias}
+        raise ConfigError(f"merge method {cls.name!r}: {validation_problem(exc, aliases)}") from None
 
 
 def build_method(name: str, options: Mapping[str, Any] | MethodOptions | None, tasks: list[str], task: str | None = None) -> MergeMethod:

@@ -10,7 +10,9 @@ import json
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from tvq.errors import PackError
 
 FORMAT_NAME = "tvq-pack"
 FORMAT_VERSION = 1
@@ -23,7 +25,10 @@ def manifest_checksum(body: dict) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused and types are exact (JSON ``true`` is not ``bits = 1``);
+    the deeper checks a stranger's manifest needs live in tvq.pack.validate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AuxEntry(_Strict):
@@ -116,6 +121,7 @@ class Manifest(_Strict):
     skipped: list[str] = []
     files: dict[str, FileEntry]
     digest: str = ""
+    _index: tuple[tuple[int, int], dict[str, TaskEntry]] | None = PrivateAttr(default=None)
 
     def compute_digest(self) -> str:
         return manifest_checksum(self.model_dump(mode="json", exclude={"digest"}))
@@ -125,9 +131,14 @@ class Manifest(_Strict):
         return json.dumps(self.model_dump(mode="json"), indent=1)
 
     def task(self, name: str) -> TaskEntry:
-        for entry in self.tasks:
-            if entry.name == name:
-                return entry
-        from tvq.errors import PackError
+        entry = self._task_index().get(name)
+        if entry is None:
+            raise PackError(f"no task {name!r} in this pack; tasks: {', '.join(t.name for t in self.tasks)}")
+        return entry
 
-        raise PackError(f"no task {name!r} in this pack; tasks: {', '.join(t.name for t in self.tasks)}")
+    def _task_index(self) -> dict[str, TaskEntry]:
+        """name -> entry, rebuilt when the task list changes (one lookup per tensor read)."""
+        stamp = (id(self.tasks), len(self.tasks))
+        if self._index is None or self._index[0] != stamp:
+            self._index = (stamp, {t.name: t for t in self.tasks})
+        return self._index[1]

@@ -7,8 +7,11 @@ own digest, the format version, and each file's size (a truncated file fails at 
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -16,38 +19,71 @@ import torch
 from pydantic import ValidationError
 
 from tvq.errors import PackError, where
+from tvq.io.paths import confined
 from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
-from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry
+from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry, manifest_checksum
+from tvq.pack.validate import DTYPE_BY_NAME, aux_elements, validate_manifest
 from tvq.pack.writer import aux_key
 from tvq.quant.coded import CodedTensor
 from tvq.quant.packing import unpack_codes
-from tvq.quant.schemes import get_scheme
+from tvq.quant.schemes import decode_problem, get_scheme
 from tvq.vector import TaskVector
 
 
+MAX_MANIFEST_BYTES = 1 << 30  # ~2.5 M tensor entries; a manifest is read whole, so it is capped
+
+
 def read_manifest(path: Path) -> Manifest:
+    """The pack's manifest, parsed with exact types and validated completely (see
+    tvq.pack.validate): after this, every name it holds is confined to the pack and every
+    number it holds is safe to allocate and decode with."""
     file = path / MANIFEST_NAME
     if not path.exists():
         raise PackError(f"{where(path)}: pack not found")
-    if not file.is_file():
-        raise PackError(f"{where(path)}: not a tvq pack (no {MANIFEST_NAME})")
+    if not path.is_dir():
+        raise PackError(f"{where(path)}: not a tvq pack (a pack is a folder)")
+    if not file.is_file() or file.is_symlink():
+        raise PackError(f"{where(path)}: not a tvq pack (no {MANIFEST_NAME}, or it is not a regular file)")
     try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise PackError(f"{where(file)}: unreadable manifest ({exc})") from None
+        size = file.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise PackError(f"{where(file)}: manifest of {size} bytes is larger than the {MAX_MANIFEST_BYTES >> 20} MiB cap")
+        with _no_gc():  # a big manifest is millions of small objects: collection would be quadratic-ish
+            raw = json.loads(file.read_bytes())
+    except PackError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PackError(f"{where(file)}: unreadable manifest ({str(exc)[:200]})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise PackError(f"{where(file)}: not a tvq pack manifest")
     if raw.get("version") != FORMAT_VERSION:
-        raise PackError(f"{where(file)}: pack format version {raw.get('version')} is not supported (this tvq reads {FORMAT_VERSION})")
+        raise PackError(f"{where(file)}: pack format version {str(raw.get('version'))[:20]} is not supported (this tvq reads {FORMAT_VERSION})")
     try:
-        manifest = Manifest.model_validate(raw)
+        with _no_gc():
+            manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise PackError(f"{where(file)}: invalid manifest at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if manifest.digest != manifest.compute_digest():
+        loc = ".".join(str(part)[:80] for part in first["loc"])
+        raise PackError(f"{where(file)}: invalid manifest at {loc}: {first['msg']}") from None
+    as_written = manifest_checksum({k: v for k, v in raw.items() if k != "digest"})  # tvq writes every field: no re-dump
+    if manifest.digest != as_written and manifest.digest != manifest.compute_digest():
         raise PackError(f"{where(file)}: manifest checksum mismatch (the file was modified)")
+    validate_manifest(manifest, file)
     return manifest
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a manifest's objects are built (they hold no
+    cycles): its generational passes revisit every new object many times over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Pack:
@@ -62,7 +98,7 @@ class Pack:
         self._pretrained_arg = pretrained
         self._unsafe_pickle = unsafe_pickle
         for rel, entry in self.manifest.files.items():
-            file = self.path / rel
+            file = confined(self.path, rel, self.path / MANIFEST_NAME, error=PackError)  # no symlink out of the pack
             if not file.is_file():
                 raise PackError(f"{where(file)}: missing from the pack")
             size = file.stat().st_size
@@ -113,18 +149,44 @@ class Pack:
         """The stored value of one tensor: dequantized codes, or the raw tensor as stored."""
         entry = self._tensor_entry(rel, key)
         if entry.kind == "const":
-            return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)
-        data = self._read_verified(rel, key, entry.sha256)
+            return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)  # type: ignore[arg-type]
         if entry.kind == "raw":
+            data = self._read_verified(rel, key, entry.sha256, DTYPE_BY_NAME[entry.dtype], entry.shape)
+            if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+                raise PackError(f"{where(self.path / rel, key)}: stored tensor contains NaN or Inf")
             return data  # a fresh buffer (SafetensorsFile reads, never maps): safe to hand out
-        n = entry.numel
-        codes = unpack_codes(data, entry.bits, n)
-        aux = {name: self._read_verified(rel, aux_key(key, name), a.sha256) for name, a in entry.aux.items()}
-        return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
+        codes = self._codes(rel, key, entry)
+        aux = self._aux(rel, key, entry)
+        return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)  # type: ignore[arg-type]
 
-    def _read_verified(self, rel: str, name: str, sha256: str | None) -> torch.Tensor:
+    def _codes(self, rel: str, key: str, entry: TensorEntry) -> torch.Tensor:
+        data = self._read_verified(rel, key, entry.sha256, torch.uint8, [entry.nbytes])
+        return unpack_codes(data, entry.bits, entry.numel)  # type: ignore[arg-type]
+
+    def _aux(self, rel: str, key: str, entry: TensorEntry) -> dict[str, torch.Tensor]:
+        """The per-group arrays of a group-wise entry, checked to decode to finite values."""
+        if not entry.aux:
+            return {}
+        shape = [aux_elements(entry)]
+        aux = {name: self._read_verified(rel, aux_key(key, name), a.sha256, torch.float32, shape) for name, a in entry.aux.items()}
+        problem = decode_problem(entry.scheme, entry.bits, entry.params, aux)  # type: ignore[arg-type]
+        if problem:
+            raise PackError(f"{where(self.path / rel, key)}: {problem}")
+        return aux
+
+    def _read_verified(self, rel: str, name: str, sha256: str | None, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        """One stored array, checked against the manifest: dtype, shape, then its sha256."""
         try:
-            data = self._handle(rel).get_tensor(name)
+            handle = self._handle(rel)
+            meta = handle.metas.get(name)
+            if meta is None:
+                raise PackError(f"{where(self.path / rel, name)}: missing from the pack file")
+            if meta.dtype != dtype or list(meta.shape) != list(shape):
+                raise PackError(
+                    f"{where(self.path / rel, name)}: stored as {str(meta.dtype).removeprefix('torch.')} {list(meta.shape)}, "
+                    f"the manifest says {str(dtype).removeprefix('torch.')} {list(shape)}"
+                )
+            data = handle.get_tensor(name)
         except PackError:
             raise
         except Exception as exc:
@@ -135,15 +197,17 @@ class Pack:
 
     @cached_property
     def pretrained(self) -> CheckpointReader:
-        """The pretrained model (given, or the path recorded at quantization time)."""
+        """The pretrained model the caller named. The path recorded in the manifest is only
+        shown, never opened: it comes from whoever made the pack (see docs/security.md)."""
         arg = self._pretrained_arg
         if arg is not None and hasattr(arg, "get"):
-            return arg
-        path = Path(arg) if arg is not None else Path(self.manifest.pretrained.path)
-        if not path.exists():
+            return arg  # type: ignore[return-value]
+        if arg is None:
             raise PackError(
-                f"{where(self.path)}: needs the pretrained model, but {path} does not exist; pass --pretrained"
+                f"{where(self.path)}: needs the pretrained model: pass --pretrained "
+                f"(the pack was made from {self.manifest.pretrained.path[:300]})"
             )
+        path = Path(arg)  # type: ignore[arg-type]
         reader = open_checkpoint(path, self._unsafe_pickle)
         available = set(reader.keys())
         for key in self.keys:
@@ -157,10 +221,16 @@ class Pack:
         stored = self.decode(rel, key)
         method = self.manifest.method
         if method.target == "finetuned":
-            return stored.float() - self.pretrained.get(key).float()
-        if method.residual and key in self.manifest.files[self.manifest.base_file].tensors:
-            return self.decode(self.manifest.base_file, key) + stored
+            return self._finite(stored.float() - self.pretrained.get(key).float(), rel, key)
+        if method.residual and key in self.manifest.files[self.manifest.base_file].tensors:  # type: ignore[index]
+            return self._finite(self.decode(self.manifest.base_file, key) + stored, rel, key)  # type: ignore[arg-type]
         return stored.float()
+
+    def _finite(self, tau: torch.Tensor, rel: str, key: str) -> torch.Tensor:
+        """A sum or difference of two finite tensors can still overflow: never hand out Inf."""
+        if not bool(torch.isfinite(tau).all()):
+            raise PackError(f"{where(self.path / rel, key)}: the task vector overflows float32 (NaN or Inf)")
+        return tau
 
     def coded(self, task: str, key: str) -> CodedTensor | None:
         """τ̂ of one tensor as a value table and per-element codes, when it is one: codes of a
@@ -176,6 +246,7 @@ class Pack:
         if base is None:
             return None
         table = (base.table[:, None] + coded.table[None, :]).reshape(-1)  # β̂ + ô, as task_tensor adds them
+        self._finite(table, self.manifest.task(task).file, key)
         wide = torch.uint8 if table.numel() <= 256 else torch.int32  # uint8 ops are 4x cheaper
         index = base.index.to(wide, copy=True).mul_(coded.values).add_(coded.index.to(wide))  # never in place on the shared base
         return CodedTensor(table, index)
@@ -201,7 +272,7 @@ class Pack:
         scheme = get_scheme(entry.scheme) if entry.kind == "q" else None
         if scheme is None or scheme.aux_names:
             return None
-        codes = unpack_codes(self._read_verified(rel, key, entry.sha256), entry.bits, n)
+        codes = self._codes(rel, key, entry)
         every_code = torch.arange(2**entry.bits, dtype=torch.int32).to(torch.uint8)
         return CodedTensor(scheme.decode(every_code, entry.bits, entry.params, {}).reshape(-1).float(), codes)
 
@@ -218,7 +289,8 @@ class Pack:
         return {name: self.task_vector(name) for name in self.tasks}
 
     def verify(self) -> None:
-        """Re-hash every file against the manifest (reads the whole pack)."""
+        """Re-hash every file against the manifest (reads the whole pack; every name was
+        confined to the pack when it was opened)."""
         for rel, entry in self.manifest.files.items():
             if sha256_file(self.path / rel) != entry.sha256:
                 raise PackError(f"{where(self.path / rel)}: checksum mismatch (pack file corrupted or tampered)")

@@ -15,13 +15,20 @@ last chunk, so a source shared by several tasks (θ_pre) is converted once per c
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tvq.quant.minmax import MinMaxParams, params_from_range, scalar_tensors
+from tvq.errors import EncodeError
+from tvq.quant.minmax import (
+    NOT_FINITE,
+    MinMaxParams,
+    params_from_range,
+    scalar_tensors,
+)
 from tvq.quant.packing import pack_float_codes, packed_nbytes
 
 CHUNK = 1 << 18  # elements: 1 MiB fp32 buffers stay in cache; smaller chunks spend more time in Python
@@ -104,6 +111,16 @@ class Mean(ChunkSource):
 Chunks = Callable[[int, int], torch.Tensor]
 
 
+def sq_norm(x: torch.Tensor) -> float:
+    """|x|² as an fp32 dot product (cheap, and all a statistic needs); a chunk whose fp32 dot
+    overflows (|x| beyond ~1e19) is summed again in fp64, so |x|² is finite exactly when x is."""
+    value = float(torch.dot(x, x))
+    if math.isfinite(value):
+        return value
+    wide = x.double()
+    return float(torch.dot(wide, wide))
+
+
 def encode_chunks(
     xs: Sequence[Chunks],
     n: int,
@@ -124,7 +141,10 @@ def encode_chunks(
     x̂_t); it differs from the three-term form only by fp32 rounding, and saves two passes.
     With ``recon_out`` (one x only), x̂ is also written there in fp32; ``measure=False`` skips
     the error statistics (they stay 0). ``chunk`` must be a multiple of 8 so that every
-    chunk's packed codes start on a byte boundary."""
+    chunk's packed codes start on a byte boundary.
+
+    A non-finite x_t (an fp32 difference that overflowed, or a NaN/Inf input) is found by
+    pass 1's min/max at no extra cost: EncodeError with ``task=t``, before any code is formed."""
     assert chunk % 8 == 0
     tasks = len(xs)
     lo, hi = [float("inf")] * tasks, [float("-inf")] * tasks
@@ -134,11 +154,18 @@ def encode_chunks(
         end = min(start + chunk, n)
         for t, x_of in enumerate(xs):
             x = x_of(start, end)
-            mn, mx = torch.aminmax(x)
-            lo[t], hi[t] = min(lo[t], float(mn)), max(hi[t], float(mx))
+            mn, mx = (float(v) for v in torch.aminmax(x))
+            if not (math.isfinite(mn) and math.isfinite(mx)):  # Python's min/max would drop a NaN
+                raise EncodeError(NOT_FINITE, task=t)
+            lo[t], hi[t] = min(lo[t], mn), max(hi[t], mx)
             if measure and taus is None:
-                sq_ref[t] += float(torch.dot(x, x))
-    params = [params_from_range(torch.tensor(lo[t]), torch.tensor(hi[t]), bits) for t in range(tasks)]
+                sq_ref[t] += sq_norm(x)
+    params = []
+    for t in range(tasks):
+        try:
+            params.append(params_from_range(torch.tensor(lo[t]), torch.tensor(hi[t]), bits))
+        except EncodeError as exc:
+            raise exc.at(task=t) from None
     packed = [None if p.constant is not None else torch.empty(packed_nbytes(n, bits), dtype=torch.uint8) for p in params]
     qmax = 2**bits - 1
     scalars = [scalar_tensors(p) if p.constant is None else None for p in params]
@@ -162,12 +189,12 @@ def encode_chunks(
             tau = x
             if taus is not None:
                 tau = taus[t](start, end)
-                sq_ref[t] += float(torch.dot(tau, tau))
+                sq_ref[t] += sq_norm(tau)
             if base_hat is not None:
                 q.add_(base_hat(start, end)).sub_(tau)
             else:
                 q.sub_(x)
-            sq_err[t] += float(torch.dot(q, q))
+            sq_err[t] += sq_norm(q)
     return [DiffCode(packed[t], params[t], sq_err[t], sq_ref[t]) for t in range(tasks)]
 
 
@@ -207,7 +234,8 @@ def encode_residual(
     at ``bits``, where ref = β̂ + θ_pre with error correction and θ_avg without. β, then
     β̂ in its place, is held in full (fp32: β is formed once, not in each pass); θ_avg and
     ref exist a chunk at a time. Same bytes as ``tvq.encode``'s plain path; errors are
-    against τ_t = θ_t − θ_pre with τ̂_t = β̂ + ô_t."""
+    against τ_t = θ_t − θ_pre with τ̂_t = β̂ + ô_t. A base that cannot be encoded is an
+    EncodeError with ``base=True``; an offset, with its task's index."""
     n = pretrained.numel()
     pre = Converted(pretrained, chunk)
     avg = Mean(finetuned, chunk)
@@ -216,7 +244,10 @@ def encode_residual(
         end = min(start + chunk, n)
         torch.sub(avg(start, end), pre(start, end), out=beta[start:end])
     # β̂ overwrites β chunk by chunk: each chunk of β is spent before its reconstruction lands
-    (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta, measure=False, chunk=chunk)
+    try:
+        (base,) = encode_chunks([Converted(beta, chunk)], n, base_bits, recon_out=beta, measure=False, chunk=chunk)
+    except EncodeError as exc:
+        raise exc.at(base=True) from None
     hat = Converted(beta, chunk)
     reference = Elementwise(torch.add, hat, pre, chunk) if error_correction else avg
     thetas = [Converted(t, chunk) for t in finetuned]

@@ -9,11 +9,17 @@ as constant and dequantizes to exactly its value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from tvq.errors import EncodeError
+
 MIN_BITS, MAX_BITS = 1, 8
+NOT_FINITE = "values are not finite in float32"
+
+
 _CHUNK = 1 << 18  # elements per chunk: small temporaries are reused by the allocator (7x faster than 16M)
 
 
@@ -43,13 +49,23 @@ def minmax_params(x: torch.Tensor, bits: int) -> MinMaxParams:
 
 
 def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> MinMaxParams:
-    """Scale and zero point from the range as fp32 0-dim tensors (the reference's fp32 ops)."""
-    if bool(lo == hi):
-        return MinMaxParams(bits, 1.0, 0.0, constant=float(lo))
+    """Scale and zero point from the range as fp32 0-dim tensors (the reference's fp32 ops).
+
+    A non-finite range, or one whose scale is 0 (max − min overflows fp32) or infinite (a
+    range too narrow for fp32 at these bits), is an EncodeError: the reference would store
+    parameters that decode to NaN/Inf."""
+    lo_f, hi_f = float(lo), float(hi)
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        raise EncodeError(NOT_FINITE)
+    if lo_f == hi_f:
+        return MinMaxParams(bits, 1.0, 0.0, constant=lo_f)
     qmax = 2**bits - 1
     scale = qmax / (hi - lo)
     zero_point = -1 * torch.round(scale * lo)
-    return MinMaxParams(bits, float(scale), float(zero_point))
+    params = MinMaxParams(bits, float(scale), float(zero_point))
+    if not (0 < params.scale < math.inf and math.isfinite(params.zero_point)):
+        raise EncodeError(f"its range [{lo_f:.7g}, {hi_f:.7g}] cannot be quantized in float32 at {bits} bits (scale {params.scale:g})")
+    return params
 
 
 def scalar_tensors(params: MinMaxParams) -> tuple[torch.Tensor, torch.Tensor]:

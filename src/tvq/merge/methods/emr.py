@@ -11,26 +11,42 @@ whose mask is empty gets λ_t = 0 (the reference would divide by zero).
 
 Unified pack: one safetensors file with ``unified.<key>`` (fp32), ``masks.<key>`` (uint8
 ``[T, ceil(n/8)]``: each task's mask bit-packed with ``pack_codes(..., 1)``), ``rescalers``
-(fp32 ``[T]``), and metadata ``format=tvq-emr``, ``tasks`` (JSON list).
+(fp32 ``[T]``), and string metadata ``format=tvq-emr``, ``version=2``, ``tasks`` (JSON list),
+``tensors`` (JSON ``{name: {dtype, shape, sha256}}`` for every stored tensor) and ``digest``
+(``manifest_checksum`` of ``{format, version, tasks, tensors}`` with the JSON values parsed).
+A pack is from a stranger: opening validates all of its metadata and header, and every
+tensor is hashed before use. Version-1 packs (no checksums) still read, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from tvq.errors import CheckpointError, ConfigError, where
+from tvq.errors import ConfigError, PackError, TvqError, where
+from tvq.io.readers import SafetensorsFile
+from tvq.io.safetensors_writer import DTYPE_NAMES, StreamingSafetensorsWriter, sha256_tensor
 from tvq.merge.registry import MergeMethod, merge_method
 from tvq.merge.source import TaskSource
-from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.pack.manifest import manifest_checksum
 from tvq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 from tvq.vector import TaskVector
 
 FORMAT = "tvq-emr"
+VERSION = "2"  # 2: per-tensor sha256 and a metadata digest; 1: neither (read with a warning)
+LEGACY_VERSION = "1"
+MAX_TASKS = 1024
+MAX_TASK_NAME = 256
+MAX_ELEMENTS = 1 << 36  # per tensor: bounds every allocation a header can ask for
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def emr_tensor(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,12 +98,17 @@ class EMR(MergeMethod):
         return unified.mul_(masks[self.tasks.index(self.task)]).mul_(self.scale)
 
     def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
-        keys = source.keys
-        names = [*(f"unified.{k}" for k in keys), *(f"masks.{k}" for k in keys), "rescalers"]
-        meta = {"format": FORMAT, "version": "1", "tasks": json.dumps(self.tasks)}
-        writer = StreamingSafetensorsWriter(out, names, meta)
+        """Stream the unified pack: each tensor is hashed as it is appended, the metadata sealed last."""
+        problem = task_names_problem(self.tasks)
+        if problem:
+            raise ConfigError(f"emr: cannot write a unified pack: {problem}")
+        keys, t = source.keys, len(self.tasks)
+        shapes = {f"unified.{k}": ("F32", list(source.shape(k))) for k in keys}
+        shapes.update({f"masks.{k}": ("U8", [t, packed_nbytes(source.numel(k), 1)]) for k in keys})
+        shapes["rescalers"] = ("F32", [t])
+        writer = _ChecksummedWriter(out, self.tasks, shapes)
         try:
-            before = torch.zeros(len(self.tasks), dtype=torch.float64)
+            before = torch.zeros(t, dtype=torch.float64)
             after = torch.zeros_like(before)
             for key in tqdm(keys, desc="emr: unified pack", unit="tensor", disable=not progress):
                 unified, masks, b, a = emr_tensor(source.stack(key))
@@ -103,34 +124,206 @@ class EMR(MergeMethod):
             raise
 
 
+def _entry(dtype: str, shape: list[int], sha256: str) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "sha256": sha256}
+
+
+def sealed_metadata(tasks: list[str], tensors: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The safetensors metadata of a version-2 pack: the digest covers everything else in it."""
+    digest = manifest_checksum({"format": FORMAT, "version": VERSION, "tasks": tasks, "tensors": tensors})
+    listed = json.dumps(tensors, separators=(",", ":"))
+    return {"format": FORMAT, "version": VERSION, "tasks": json.dumps(tasks), "tensors": listed, "digest": digest}
+
+
+class _ChecksummedWriter(StreamingSafetensorsWriter):
+    """The streaming writer, plus a sha256 per tensor taken as it is added and sealed at close.
+
+    The metadata starts as a placeholder of the final size (the expected shapes, zero hashes),
+    so the header room reserved up front fits the real one and the data is never moved."""
+
+    def __init__(self, path: Path, tasks: list[str], shapes: dict[str, tuple[str, list[int]]]) -> None:
+        self._tasks = list(tasks)
+        self._sums = {name: _entry(dtype, shape, "0" * 64) for name, (dtype, shape) in shapes.items()}
+        super().__init__(path, list(shapes), sealed_metadata(self._tasks, self._sums))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        super().add(name, tensor)
+        self._sums[name] = _entry(DTYPE_NAMES[tensor.dtype], list(tensor.shape), sha256_tensor(tensor))
+
+    def close(self) -> int:
+        self._metadata = sealed_metadata(self._tasks, self._sums)
+        return super().close()
+
+
+def task_names_problem(tasks: object) -> str | None:
+    """Why ``tasks`` is not a valid task list (None when it is): names are printed in one-line messages."""
+    if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_TASKS:
+        return f"'tasks' must be a JSON list of 1 to {MAX_TASKS} task names"
+    for name in tasks:
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_TASK_NAME or not name.isprintable():
+            return f"task name {ascii(name)[:80]} is not a printable string of 1 to {MAX_TASK_NAME} characters"
+    if len(set(tasks)) != len(tasks):
+        return "'tasks' names a task twice"
+    return None
+
+
+def _strict_json(text: object, field: str, path: Path) -> Any:
+    """A metadata value parsed as JSON, refusing NaN/Infinity and repeated object keys."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in items}) != len(items):
+            raise ValueError("an object repeats a key")
+        return dict(items)
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(str(text), object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, RecursionError) as exc:
+        raise PackError(f"{where(path)}: malformed EMR metadata: {field!r} is not valid JSON ({str(exc)[:120]})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's error message fit for the CLI's single ``error:`` line."""
+    return " ".join(str(exc).split())[:300]
+
+
+def _entry_ok(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"dtype", "shape", "sha256"}
+        and isinstance(entry["dtype"], str)
+        and isinstance(entry["shape"], list)
+        and all(type(d) is int and d >= 0 for d in entry["shape"])
+        and isinstance(entry["sha256"], str)
+        and _SHA256.fullmatch(entry["sha256"]) is not None
+    )
+
+
 class EMRPack:
-    """A unified EMR pack opened lazily: ``task_vector(name)`` is λ_t · (m_t ⊙ τ_uni)."""
+    """A unified EMR pack opened lazily: ``task_vector(name)`` is λ_t · (m_t ⊙ τ_uni).
+
+    Opening validates the metadata and the header completely (a stranger's file is refused
+    with one line before anything is allocated from it); each tensor read is checked against
+    its sha256 before use."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{where(self.path)}: EMR pack not found")
+            raise PackError(f"{where(self.path)}: EMR pack not found")
         try:
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._file = SafetensorsFile(self.path)
+            with safe_open(str(self.path), framework="pt") as handle:
+                meta = dict(handle.metadata() or {})
+        except TvqError as exc:
+            raise PackError(_one_line(exc)) from None
         except Exception as exc:
-            raise CheckpointError(f"{where(self.path)}: not a readable safetensors file ({exc})") from None
-        meta = self._handle.metadata() or {}
+            raise PackError(f"{where(self.path)}: not a readable safetensors file ({_one_line(exc)})") from None
         if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{where(self.path)}: not a tvq EMR pack (metadata format={meta.get('format')!r})")
-        self.tasks: list[str] = json.loads(meta["tasks"])
-        self.keys = [n.removeprefix("unified.") for n in self._handle.keys() if n.startswith("unified.")]
-        self.rescalers = self._handle.get_tensor("rescalers")
+            raise PackError(f"{where(self.path)}: not a tvq EMR pack (metadata format={ascii(meta.get('format'))[:40]})")
+        self.tasks, self._recorded = self._read_metadata(meta)
+        self._sums = None if self._recorded is None else {name: e["sha256"] for name, e in self._recorded.items()}
+        self.keys = [n.removeprefix("unified.") for n in self._file.keys() if n.startswith("unified.")]
+        self._check_header()
+        self.rescalers = self._verified("rescalers")
+        if not bool(torch.isfinite(self.rescalers).all()) or bool((self.rescalers < 0).any()):
+            raise PackError(f"{where(self.path, 'rescalers')}: rescalers must be finite and non-negative")
+        if self._recorded is None:
+            print(f"warning: {self.path}: EMR pack version 1 has no checksums; its tensors cannot be verified", file=sys.stderr)
+
+    def _read_metadata(self, meta: dict[str, str]) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
+        """The task names, and each tensor's recorded dtype, shape and sha256 (None in version 1)."""
+        version = meta.get("version")
+        if version not in (VERSION, LEGACY_VERSION):
+            supported = f"this tvq reads {LEGACY_VERSION} and {VERSION}"
+            raise PackError(f"{where(self.path)}: EMR pack version {ascii(version)[:40]} is not supported ({supported})")
+        expected = {"format", "version", "tasks"} | ({"tensors", "digest"} if version == VERSION else set())
+        if set(meta) != expected:
+            odd = min(set(meta) ^ expected)
+            state = "missing" if odd in expected else "unknown"
+            raise PackError(f"{where(self.path)}: malformed EMR metadata: key {ascii(odd)[:80]} is {state}")
+        tasks = _strict_json(meta["tasks"], "tasks", self.path)
+        recorded = None
+        if version == VERSION:
+            recorded = _strict_json(meta["tensors"], "tensors", self.path)
+            body = {"format": FORMAT, "version": VERSION, "tasks": tasks, "tensors": recorded}
+            if meta["digest"] != manifest_checksum(body):
+                raise PackError(f"{where(self.path)}: EMR metadata checksum mismatch (the file was modified)")
+            if not isinstance(recorded, dict):
+                raise PackError(f"{where(self.path)}: malformed EMR metadata: 'tensors' must be a JSON object")
+            for name in [n for n, e in recorded.items() if not _entry_ok(e)][:1]:
+                raise PackError(f"{where(self.path)}: malformed EMR metadata: 'tensors' entry {ascii(name)[:120]} must hold dtype, shape, sha256")
+        problem = task_names_problem(tasks)
+        if problem:
+            raise PackError(f"{where(self.path)}: malformed EMR metadata: {problem}")
+        return tasks, recorded
+
+    def _check_header(self) -> None:
+        """Every tensor expected, nothing else, with consistent dtypes and sizes, before any read."""
+        names = self._file.keys()
+        for name in names:
+            if not name.isprintable() or not (name == "rescalers" or name.startswith(("unified.", "masks."))):
+                raise PackError(f"{where(self.path)}: unknown tensor {ascii(name)[:120]} in an EMR pack")
+        present = set(names)
+        keys = {n.removeprefix("unified.") for n in names if n.startswith("unified.")}
+        keys |= {n.removeprefix("masks.") for n in names if n.startswith("masks.")}
+        required = {"rescalers", *(f"unified.{k}" for k in keys), *(f"masks.{k}" for k in keys)}
+        for name in sorted(required - present)[:1]:
+            raise PackError(f"{where(self.path, name)}: missing from the EMR pack")
+        t = len(self.tasks)
+        self._expect("rescalers", torch.float32, (t,))
+        for key in self.keys:
+            n = self.numel(key)
+            if n > MAX_ELEMENTS:
+                raise PackError(f"{where(self.path, f'unified.{key}')}: {n} elements, more than the {MAX_ELEMENTS} an EMR pack may hold")
+            self._expect(f"unified.{key}", torch.float32, self.shape(key))
+            self._expect(f"masks.{key}", torch.uint8, (t, packed_nbytes(n, 1)))
+        if self._recorded is None:
+            return
+        for name in sorted(present ^ set(self._recorded))[:1]:
+            state = "no checksum recorded" if name in present else "recorded but missing from the file"
+            raise PackError(f"{where(self.path, name)}: {state}")
+        for name in names:
+            entry, meta = self._recorded[name], self._file.metas[name]
+            if entry["dtype"] != DTYPE_NAMES.get(meta.dtype) or tuple(entry["shape"]) != meta.shape:
+                raise PackError(
+                    f"{where(self.path, name)}: header says {DTYPE_NAMES.get(meta.dtype)} {list(meta.shape)}, "
+                    f"the checksummed metadata {entry['dtype']} {entry['shape']} (modified)"
+                )
+
+    def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        meta = self._file.metas[name]
+        if meta.dtype != dtype or meta.shape != shape:
+            raise PackError(
+                f"{where(self.path, name)}: stored as {DTYPE_NAMES.get(meta.dtype, meta.dtype)} {list(meta.shape)}, "
+                f"expected {DTYPE_NAMES[dtype]} {list(shape)} (for {len(self.tasks)} tasks)"
+            )
+
+    def _verified(self, name: str) -> torch.Tensor:
+        """The stored tensor, a buffer of its own, after its sha256 matched (version 2)."""
+        try:
+            data = self._file.get_tensor(name)
+        except TvqError as exc:
+            raise PackError(_one_line(exc)) from None
+        except Exception as exc:
+            raise PackError(f"{where(self.path, name)}: unreadable ({_one_line(exc)})") from None
+        if self._sums is not None and sha256_tensor(data) != self._sums[name]:
+            raise PackError(f"{where(self.path, name)}: checksum mismatch (EMR pack corrupted or tampered)")
+        return data
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of the unified tensor of ``key`` (from the validated header)."""
+        return tuple(self._file.metas[f"unified.{key}"].shape)
+
+    def numel(self, key: str) -> int:
+        return math.prod(self.shape(key))
 
     def mask(self, task: str, key: str) -> torch.Tensor:
-        unified = self._handle.get_slice(f"unified.{key}")
-        shape = tuple(unified.get_shape())
-        n = 1
-        for d in shape:
-            n *= d
-        packed = self._handle.get_tensor(f"masks.{key}")[self._index(task)]
-        if packed.numel() != packed_nbytes(n, 1):
-            raise CheckpointError(f"{where(self.path, key)}: mask size does not match the unified tensor")
-        return unpack_codes(packed, 1, n).reshape(shape).bool()
+        """m_t of one tensor (bool, the unified tensor's shape)."""
+        index = self._index(task)
+        packed = self._verified(f"masks.{key}")[index]
+        return unpack_codes(packed, 1, self.numel(key)).reshape(self.shape(key)).bool()
 
     def _index(self, task: str) -> int:
         if task not in self.tasks:
@@ -139,7 +332,7 @@ class EMRPack:
 
     def task_tensor(self, task: str, key: str) -> torch.Tensor:
         scale = float(self.rescalers[self._index(task)])
-        unified = self._handle.get_tensor(f"unified.{key}")  # mmap-backed and shared: never modify in place
+        unified = self._verified(f"unified.{key}")
         return (unified * self.mask(task, key)).mul_(scale)
 
     def task_vector(self, task: str) -> TaskVector:
@@ -148,4 +341,5 @@ class EMRPack:
 
 
 def open_emr(path: str | Path) -> EMRPack:
+    """Open and validate a unified EMR pack (``PackError`` with one line when it is malformed)."""
     return EMRPack(path)

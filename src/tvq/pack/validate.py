@@ -1,0 +1,230 @@
+"""Validating a manifest once, completely, when it is read.
+
+A pack may come from a stranger, and its manifest's digest only proves the manifest is
+whole, not that its author meant well (anyone can recompute it). So every field that
+decides what tvq opens, allocates or computes is checked here, before anything else runs:
+file names are confined to the pack, cross-references exist, shapes agree across files,
+byte counts match the bits and the scheme, element counts are capped, and every decoding
+parameter keeps every reconstruction finite. After this, readers can trust the manifest's
+arithmetic; what they still check per read is the data itself (sha256 per tensor).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from tvq.errors import PackError, where
+from tvq.io.paths import PACK_FILE_NAME, name_problem
+from tvq.io.readers import SAFETENSORS_DTYPES
+from tvq.pack.manifest import FileEntry, Manifest, TensorEntry
+from tvq.quant.minmax import MAX_BITS, MIN_BITS
+from tvq.quant.packing import packed_nbytes
+from tvq.quant.schemes import FLOAT32_MAX, SCHEMES, decode_problem
+
+# Caps on what a manifest may ask for before anything is allocated. 2^32 elements (16 GiB
+# in fp32) is above the largest tensor of today's open models (a 128k x 16k vocabulary
+# matrix is 2.1e9); larger needs TVQ_MAX_TENSOR_ELEMENTS in the environment.
+MAX_TENSOR_ELEMENTS = 1 << 32
+MAX_NDIM = 8
+MAX_GROUP_SIZE = 1 << 24
+MAX_TASKS = 10_000
+MAX_NAME = 1024  # task and tensor names
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+DTYPE_BY_NAME = {str(d).removeprefix("torch."): d for d in SAFETENSORS_DTYPES.values()}
+
+
+def max_tensor_elements() -> int:
+    import os
+
+    value = os.environ.get("TVQ_MAX_TENSOR_ELEMENTS")
+    return int(value) if value and value.isdigit() else MAX_TENSOR_ELEMENTS
+
+
+def aux_elements(entry: TensorEntry) -> int:
+    """Elements of each aux array of a group-wise entry: one per group."""
+    size = int(entry.params.get("group_size", 1))
+    return -(-entry.numel // size)
+
+
+class _Checker:
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.cap = max_tensor_elements()
+        self.names_seen: set[str] = set()
+
+    def fail(self, what: str, problem: str) -> PackError:
+        return PackError(f"{where(self.file)}: invalid manifest: {what}: {problem}")
+
+    def name(self, value: str, what: str) -> None:
+        if value in self.names_seen:  # the same tensor names recur in every task file
+            return
+        if not value or len(value) > MAX_NAME or _CONTROL.search(value):
+            raise self.fail(what, f"bad name {value[:80]!r} (1-{MAX_NAME} printable characters)")
+        self.names_seen.add(value)
+
+    def file_name(self, value: str, what: str) -> None:
+        problem = name_problem(value, PACK_FILE_NAME)
+        if problem:
+            raise self.fail(what, problem)
+
+    def tensor(self, entry: TensorEntry, what: str) -> None:
+        if len(entry.shape) > MAX_NDIM or any(d < 0 for d in entry.shape):
+            raise self.fail(what, f"shape {entry.shape[:MAX_NDIM + 1]} (at most {MAX_NDIM} non-negative dimensions)")
+        if entry.numel > self.cap:
+            raise self.fail(what, f"{entry.numel} elements, more than the cap of {self.cap} (TVQ_MAX_TENSOR_ELEMENTS)")
+        if entry.sha256 is not None and not _HEX64.match(entry.sha256):
+            raise self.fail(what, "sha256 is not 64 hex digits")
+        getattr(self, f"_{entry.kind}")(entry, what)
+
+    def _const(self, e: TensorEntry, what: str) -> None:
+        if e.value is None or not math.isfinite(e.value) or abs(e.value) > FLOAT32_MAX:
+            raise self.fail(what, f"constant needs a finite float32 value, got {e.value!r}")
+        if e.nbytes or e.sha256 is not None or e.aux or e.params or e.scheme is not None or e.dtype != "float32":
+            raise self.fail(what, "a constant stores no data, parameters or checksum and decodes to float32")
+        if e.bits is not None and not MIN_BITS <= e.bits <= MAX_BITS:
+            raise self.fail(what, f"bits {e.bits} out of range {MIN_BITS}-{MAX_BITS}")
+
+    def _raw(self, e: TensorEntry, what: str) -> None:
+        dtype = DTYPE_BY_NAME.get(e.dtype)
+        if dtype is None:
+            raise self.fail(what, f"unknown dtype {e.dtype!r}")
+        if e.bits is not None or e.scheme is not None or e.params or e.aux or e.value is not None:
+            raise self.fail(what, "a raw tensor has no bits, scheme, parameters or value")
+        if e.sha256 is None:
+            raise self.fail(what, "no sha256")
+        if e.nbytes != e.numel * dtype.itemsize:
+            raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} elements of {e.dtype} (expected {e.numel * dtype.itemsize})")
+
+    def _q(self, e: TensorEntry, what: str) -> None:
+        scheme = SCHEMES.get(e.scheme or "")
+        if scheme is None:
+            raise self.fail(what, f"unknown quantizer {e.scheme!r}")
+        if e.bits is None or e.bits not in scheme.bits:
+            raise self.fail(what, f"bits {e.bits!r} not valid for {e.scheme} (valid: {', '.join(map(str, scheme.bits))})")
+        if e.dtype != "float32" or e.value is not None or e.sha256 is None:
+            raise self.fail(what, "codes decode to float32, carry a sha256 and no value")
+        if set(e.params) != scheme.param_names:
+            raise self.fail(what, f"{e.scheme} needs parameters {sorted(scheme.param_names)}, got {sorted(e.params)}")
+        size = e.params.get("group_size")
+        if size is not None and (size != int(size) or not 1 <= size <= MAX_GROUP_SIZE):
+            raise self.fail(what, f"group_size {size!r} must be an integer from 1 to {MAX_GROUP_SIZE}")
+        if not scheme.aux_names:  # group ranges live in the aux arrays: checked when they are read
+            problem = decode_problem(scheme.name, e.bits, e.params, {})
+            if problem:
+                raise self.fail(what, problem)
+        if e.nbytes != packed_nbytes(e.numel, e.bits):
+            raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} codes of {e.bits} bits (expected {packed_nbytes(e.numel, e.bits)})")
+        if set(e.aux) != set(scheme.aux_names):
+            raise self.fail(what, f"{e.scheme} stores aux arrays {list(scheme.aux_names)}, got {sorted(e.aux)}")
+        for name, aux in e.aux.items():
+            expected = aux_elements(e) * 4
+            if aux.nbytes != expected or not _HEX64.match(aux.sha256):
+                raise self.fail(f"{what}::{name}", f"nbytes {aux.nbytes} (expected {expected} float32 bytes) and a 64-hex sha256")
+
+    def file_entry(self, rel: str, entry: FileEntry) -> None:
+        self.file_name(rel, f"files.{rel[:80]!r}")
+        if entry.bytes < 0 or not _HEX64.match(entry.sha256):
+            raise self.fail(f"files.{rel!r}", "bytes must be >= 0 and sha256 64 hex digits")
+        stored = 0
+        for key, tensor in entry.tensors.items():
+            what = f"{rel}: tensor {key[:120]!r}"
+            self.name(key, what)
+            self.tensor(tensor, what)
+            stored += tensor.stored_bytes
+        if stored > entry.bytes:
+            raise self.fail(f"files.{rel!r}", f"its tensors claim {stored} bytes, the file has {entry.bytes}")
+
+
+def validate_manifest(manifest: Manifest, file: Path) -> None:
+    """Raise one PackError naming ``file``, the field and the problem, or return."""
+    c = _Checker(file)
+    m = manifest.method
+    if not MIN_BITS <= m.bits <= MAX_BITS:
+        raise c.fail("method.bits", f"{m.bits} out of range {MIN_BITS}-{MAX_BITS}")
+    if m.residual != (m.base_bits is not None) or (m.base_bits is not None and not MIN_BITS <= m.base_bits <= MAX_BITS):
+        raise c.fail("method.base_bits", f"{m.base_bits!r}: an RTVQ pack needs base bits {MIN_BITS}-{MAX_BITS}, others none")
+    if m.residual and m.target != "task_vector":
+        raise c.fail("method", "residual packs quantize task vectors")
+    if m.error_correction and not m.residual:
+        raise c.fail("method.error_correction", "only RTVQ packs use error correction")
+    if m.quantizer not in SCHEMES:
+        raise c.fail("method.quantizer", f"unknown quantizer {m.quantizer!r}")
+    if m.group_size is not None and not 1 <= m.group_size <= MAX_GROUP_SIZE:
+        raise c.fail("method.group_size", f"{m.group_size} out of range 1-{MAX_GROUP_SIZE}")
+    if m.budget_bits is not None and not (math.isfinite(m.budget_bits) and m.budget_bits > 0):
+        raise c.fail("method.budget_bits", f"{m.budget_bits!r} must be a positive finite number")
+    for ref, what in [(manifest.pretrained, "pretrained"), *((t.source, f"tasks[{i}].source") for i, t in enumerate(manifest.tasks))]:
+        if ref.fp32_bytes < 0 or len(ref.path) > 4096:
+            raise c.fail(what, "fp32_bytes must be >= 0 and the path at most 4096 characters")
+
+    if not manifest.tasks:
+        raise c.fail("tasks", "a pack holds at least one task")
+    if len(manifest.tasks) > MAX_TASKS:
+        raise c.fail("tasks", f"{len(manifest.tasks)} tasks (at most {MAX_TASKS})")
+    names: set[str] = set()
+    task_files: set[str] = set()
+    for i, task in enumerate(manifest.tasks):
+        what = f"tasks[{i}]"
+        c.name(task.name, f"{what}.name")
+        if task.name in names:
+            raise c.fail(f"{what}.name", f"task {task.name!r} appears twice")
+        names.add(task.name)
+        if task.file not in manifest.files:
+            raise c.fail(f"{what}.file", f"{task.file[:80]!r} is not listed in files")
+        if task.file in task_files:
+            raise c.fail(f"{what}.file", f"{task.file!r} belongs to two tasks")
+        task_files.add(task.file)
+        if task.rel_error is not None and not (math.isfinite(task.rel_error) and task.rel_error >= 0):
+            raise c.fail(f"{what}.rel_error", f"{task.rel_error!r} must be a non-negative finite number")
+        if task.reference is not None and not m.residual:
+            raise c.fail(f"{what}.reference", "only RTVQ tasks have a reference")
+    if m.residual != (manifest.base_file is not None):
+        raise c.fail("base_file", "an RTVQ pack has a base file; other packs none")
+    if manifest.base_file is not None:
+        if manifest.base_file not in manifest.files:
+            raise c.fail("base_file", f"{manifest.base_file[:80]!r} is not listed in files")
+        if manifest.base_file in task_files:
+            raise c.fail("base_file", "the base file is also a task's file")
+    referenced = task_files | ({manifest.base_file} if manifest.base_file else set())
+    for rel, entry in manifest.files.items():
+        if rel not in referenced:
+            c.file_name(rel, "files")
+            raise c.fail(f"files.{rel!r}", "not a task's file nor the base file")
+        c.file_entry(rel, entry)
+    for key in manifest.skipped:
+        c.name(key, "skipped")
+
+    _check_tensor_sets(c, manifest)
+
+
+def _check_tensor_sets(c: _Checker, manifest: Manifest) -> None:
+    """Every task file holds the same tensors with the same shapes; the base only
+    quantized ones of those; FQ stores no constants of a task vector."""
+    first_rel = manifest.tasks[0].file
+    first = manifest.files[first_rel].tensors
+    if not first:
+        raise c.fail(f"files.{first_rel!r}", "holds no tensors")
+    shapes = {k: e.shape for k, e in first.items()}
+    for task in manifest.tasks[1:]:
+        tensors = manifest.files[task.file].tensors
+        if tensors.keys() != shapes.keys():
+            odd = sorted(set(tensors) ^ set(shapes))[0]
+            raise c.fail(f"{task.file}: tensor {odd!r}", f"present in one task file and not in {first_rel}")
+        for key, e in tensors.items():
+            if e.shape != shapes[key]:
+                raise c.fail(f"{task.file}: tensor {key!r}", f"shape {e.shape} differs from {shapes[key]} in {first_rel}")
+            if (e.kind == "raw") != (first[key].kind == "raw"):
+                raise c.fail(f"{task.file}: tensor {key!r}", f"stored {e.kind} here and {first[key].kind} in {first_rel}")
+    if manifest.base_file is None:
+        return
+    for key, e in manifest.files[manifest.base_file].tensors.items():
+        what = f"{manifest.base_file}: tensor {key!r}"
+        if key not in shapes:
+            raise c.fail(what, "the base holds a tensor no task has")
+        if e.shape != shapes[key]:
+            raise c.fail(what, f"shape {e.shape} differs from {shapes[key]} in {first_rel}")
+        if e.kind == "raw":
+            raise c.fail(what, "the base stores quantized tensors only")
