@@ -216,3 +216,14 @@ def test_not_a_pack_and_unknown_task(tiny):
 def test_residual_flags_validated(tiny):
     assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--target", "finetuned", "--residual")), "needs target=task_vector")
     assert_one_line_error(run(*quantize_args(tiny, tiny["dir"] / "p", "--target", "weights")), "target='weights'")
+
+
+def test_user_text_is_printed_literally(tiny):
+    """Paths and names are never rich markup: `--out "packs/[x]"` prints as given."""
+    out = tiny["dir"] / "packs" / "[bold]x[/]"
+    r = run(*quantize_args(tiny, out))
+    assert r.exit_code == 0, r.output
+    assert "[bold]x[/]" in r.output
+    assert "[bold]x[/]" in run("info", out).output
+    r = run("info", tiny["dir"] / "[red]nope")
+    assert r.exit_code == 2 and "[red]nope" in r.output

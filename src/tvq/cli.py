@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
+
 from rich.table import Table
 
 from tvq.compress import QuantizeOptions, average_checkpoints, quantize
@@ -20,10 +20,9 @@ from tvq.export import export_task
 from tvq.quant.selection import KeyRule
 from tvq.report import pack_summary
 from tvq.runstats import RunMeter, output_bytes
-from tvq.cli_support import error_handler, new_app
+from tvq.cli_support import console, error_handler, new_app
 
 app = new_app("tvq", "Task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging from the packs.")
-console = Console()
 handles_errors = error_handler("no output was written")
 
 
@@ -103,7 +102,7 @@ def quantize_cmd(
         report = quantize(pretrained, named, out, opts, **common)
     m = report.manifest
     console.print(
-        f"wrote [bold]{out}[/]: {m.method.label}, {len(m.tasks)} tasks, "
+        f"wrote {out}: {m.method.label}, {len(m.tasks)} tasks, "
         f"{report.bytes_written / 2**20:.2f} MiB on disk",
         highlight=False,
     )
@@ -158,7 +157,7 @@ def info_cmd(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    console.print(f"[bold]{pack}[/]  {summary['method']['label']}  ({summary['method']['key_rule']} key rule)", highlight=False)
+    console.print(f"{pack}  {summary['method']['label']}  ({summary['method']['key_rule']} key rule)", style="bold")
     table = Table(show_footer=True)
     table.add_column("task", footer="total")
     table.add_column("bytes on disk", justify="right", footer=f"{summary['total_bytes']:,}")

@@ -10,12 +10,15 @@ from typing import Any
 import click
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from tvq.errors import TvqError
 from tvq.io.signals import Terminated
 
-err_console = Console(stderr=True)
+# Markup off: what tvq prints holds user text (paths, task and tensor names) that must show
+# literally (`--out "packs/[x]"` is not a style); styles are applied as Text styles instead.
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
 DEBUG_ENV = "TVQ_DEBUG"
 
 
@@ -26,7 +29,7 @@ def new_app(name: str, help: str) -> typer.Typer:
 
 def print_line(label: str, text: str) -> None:
     """One line on stderr: ``label: text`` with the text shown literally (no markup), unwrapped."""
-    err_console.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble((f"{label}:", "bold red"), " ", text), soft_wrap=True)
 
 
 def os_error_text(exc: OSError) -> str:

@@ -50,6 +50,7 @@ def test_tiny_build_and_eval(tmp_path: Path) -> None:
     assert f"{100 * ft:.1f}" in res.output
 
 
+@pytest.mark.benchmark
 def test_ci_benchmark_reproduces_the_papers_findings(tmp_path: Path) -> None:
     """The CI-sized benchmark, for real: 4 tasks from Debian packages (apt-get download the
     first time, cached in $TVQ_CACHE), fine-tuned MiniLM, merged from tvq packs.

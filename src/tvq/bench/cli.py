@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
+
 from rich.table import Table
 
 from tvq.bench import BenchDataError
-from tvq.cli_support import error_handler, new_app
+from tvq.cli_support import console, error_handler, new_app
 
 app = new_app("bench", "The real benchmark: 8 text tasks from packages, MiniLM fine-tunes, frozen heads.")
-console = Console()
 _errors = error_handler("completed work is kept; re-run to resume", ((BenchDataError, 1),))
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")]

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from tvq.cli_support import console
 
 PAPER_PRECISIONS = ("fp32", "fq8", "fq4", "tvq8", "tvq4", "tvq3", "tvq2", "rtvq-b3o2", "rtvq-b3o2-ec", "rtvq-b4o2-ec", "rtvq-b2o2-ec")
 DEFAULT_METHODS = ("task_arithmetic", "ties", "lines", "consensus", "emr", "dare", "breadcrumbs", "magmax", "average", "adamerging")
@@ -60,7 +59,7 @@ def run_cmd(
     matrix.run_grid(method_names, precision_names, tune=tune)
     report = write_report(matrix.results, out)
     images = plots(matrix.results, out)
-    console.print(f"\n[bold]Average accuracy (%)[/], λ fixed — {len(matrix.run.tasks)} tasks, {time.perf_counter() - t0:.0f} s")
+    console.print(f"\nAverage accuracy (%), λ fixed — {len(matrix.run.tasks)} tasks, {time.perf_counter() - t0:.0f} s")
     _print_markdown(markdown_table(matrix.results))
     console.print(f"wrote {report}, {out / 'results.json'}, " + ", ".join(map(str, images)), highlight=False)
 

@@ -157,7 +157,7 @@ def register(app: typer.Typer, handles_errors) -> None:
             )  # fmt: skip
         what = "unified EMR pack" if writes_pack else "model"
         console.print(
-            f"wrote {what} [bold]{out}[/] ({report.method}, {len(report.tasks)} tasks, {len(report.files)} file(s), "
+            f"wrote {what} {out} ({report.method}, {len(report.tasks)} tasks, {len(report.files)} file(s), "
             f"{report.bytes_written / 2**20:.1f} MiB)",
             highlight=False,
         )
