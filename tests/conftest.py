@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import resource
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,14 @@ def finetune(pre: dict[str, torch.Tensor], seed: int, scale: float = 0.01, froze
         else:
             out[k] = v + scale * torch.randn(v.shape, generator=g) * (1 + seed)
     return out
+
+
+def laplace(shape: tuple[int, ...], scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Laplace(0, scale) samples from a seeded generator (``torch.distributions`` draws from
+    the global RNG): the difference of two standard exponentials is Laplace(0, 1)."""
+    e1 = torch.empty(shape).exponential_(generator=generator)
+    e2 = torch.empty(shape).exponential_(generator=generator)
+    return scale * (e1 - e2)
 
 
 @pytest.fixture
@@ -75,8 +85,34 @@ def shown(value: float, exact: int) -> bool:
     return abs(value - exact) <= 0.005 * exact + 1
 
 
+def peak_rss_now() -> int:
+    """This process's peak resident set size in bytes as the kernel counts it (ru_maxrss is KiB
+    on Linux, bytes on macOS). It never decreases, so a command's reported peak lies between
+    the values before and after it (CliRunner runs commands in this process)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_shown_within(value: float, low: int, high: int) -> bool:
+    """``value`` (a peak RSS parsed from the line, which shows whole MiB, or 2 decimals of GiB
+    from 1 GiB up) is a number between ``low`` and ``high`` bytes as the line rounds it."""
+    slack = 2**19 if value < 2**30 else 0.005 * 2**30
+    return low - slack <= value <= high + slack
+
+
 def files_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """torch's intra-op threads at 2 for the tests of a module that asks (``pytestmark =
+    pytest.mark.usefixtures("two_torch_threads")``), as the benchmark's fine-tunes were
+    written for; the setting is process-wide, so the previous value comes back after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tvq import QuantizeOptions, open_pack, quantize
-from tvq.allocate import Option, choose, quantize_within_budget
 from tvq.cli import app
+from tvq.encode.budget import Option, choose, quantize_within_budget
+from tvq.encode.incremental import options_of
 from tvq.errors import ConfigError
 from tvq.report import pack_summary
+
+from conftest import laplace
 
 
 def test_choose_is_the_knapsack_optimum_on_a_small_case():
@@ -39,7 +42,7 @@ def uneven(tmp_path):
     save_file(pre, tmp_path / "pre.safetensors")
     fts = {}
     for t in range(3):
-        ft = {k: v + (10.0 ** -(int(k[1]) % 3 + 2)) * torch.distributions.Laplace(0.0, 1.0).sample(v.shape) for k, v in pre.items()}
+        ft = {k: v + laplace(v.shape, 10.0 ** -(int(k[1]) % 3 + 2), g) for k, v in pre.items()}
         save_file(ft, tmp_path / f"t{t}.safetensors")
         fts[f"t{t}"] = tmp_path / f"t{t}.safetensors"
     return tmp_path, fts
@@ -56,6 +59,13 @@ def _sq_error(pack_dir, pre_path, fts):
     return err
 
 
+def _widths(manifest) -> dict[str, tuple[int, int | None]]:
+    """Per quantized tensor, the (task, base) widths the manifest records."""
+    task = manifest.files[manifest.tasks[0].file].tensors
+    base = manifest.files[manifest.base_file].tensors if manifest.base_file else {}
+    return {k: (e.bits, base[k].bits if k in base else None) for k, e in task.items() if e.kind != "raw" and e.bits is not None}
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
     tmp, fts = uneven
@@ -64,11 +74,14 @@ def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
     quantize(pre, fts, tmp / "uniform", uniform, progress=False)
     budget = pack_summary(tmp / "uniform")["total_bytes"]
     opts = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
-    quantize_within_budget(pre, fts, tmp / "alloc", opts, budget_bytes=budget, progress=False)
-    assert pack_summary(tmp / "alloc")["total_bytes"] <= budget
-    plan = opts.bit_plan
-    # it really chose different widths per tensor
-    assert len({(b, plan.base_bits.get(k)) for k, b in plan.bits.items()}) > 1
+    report = quantize_within_budget(pre, fts, tmp / "alloc", opts, budget_bytes=budget, progress=False)
+    assert report.bytes_written == pack_summary(tmp / "alloc")["total_bytes"] <= budget
+    assert opts.bit_plan is None  # the caller's options are not changed: the plan is in the pack
+    widths = _widths(report.manifest)
+    assert report.manifest.method.budget_bits is not None
+    assert len(set(widths.values())) > 1  # it really chose different widths per tensor
+    plan = options_of(open_pack(tmp / "alloc")).bit_plan  # and the pack on disk says the same
+    assert widths == {k: (b, plan.base_bits.get(k)) for k, b in plan.bits.items()}
     assert _sq_error(tmp / "alloc", pre, fts) < 0.8 * _sq_error(tmp / "uniform", pre, fts)
 
 

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvq.encode import encode_quantized, sq_error
-from tvq.quant.fused import encode_differences
+from tvq.encode.tvq import encode_differences
+from tvq.quant.chunks import sq_error
+from tvq.quant.stored import encode_quantized
 
 
 def _inputs(n: int, tasks: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -70,8 +71,8 @@ def test_any_size_and_chunking_gives_the_same_codes(n: int, bits: int, chunk: in
 @pytest.mark.parametrize("error_correction", [True, False])
 @pytest.mark.parametrize("identical", [False, True])
 def test_fused_rtvq_matches_the_plain_base_and_offsets(error_correction: bool, identical: bool) -> None:
-    from tvq.encode import mean_of
-    from tvq.quant.fused import encode_residual
+    from tvq.encode.rtvq import encode_residual
+    from tvq.quant.chunks import mean_of
 
     pre, fts = _inputs(9_001, 4, torch.bfloat16, seed=11)
     if identical:  # a tensor no task changed: θ_avg is θ_0 exactly

@@ -11,8 +11,8 @@ from conftest import finetune
 from tvq import QuantizeOptions, open_pack, quantize
 from tvq.cli import app
 from tvq.errors import CheckpointError, ConfigError
-from tvq.incremental import add_tasks, rebase
-from tvq.quant.minmax import fake_quantize
+from tvq.encode.incremental import add_tasks, rebase
+from tvq.quant.affine import fake_quantize
 
 RTVQ = QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True)
 

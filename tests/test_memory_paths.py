@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import threading
-import time
+from concurrent.futures import wait as real_wait
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tvq.encode import mean_of, sq_error
 from tvq.execute import LocalExecutor
 from tvq.io.readers import SafetensorsFile
+from tvq.quant.chunks import mean_of, sq_error
 
 
 def test_safetensors_file_reads_what_safe_open_reads(tmp_path):
@@ -28,31 +28,61 @@ def test_safetensors_file_reads_what_safe_open_reads(tmp_path):
 
 
 class _Job:
-    def __init__(self, cost: int) -> None:
-        self.cost = cost
+    def __init__(self, index: int, cost: int, ticks: int = 1) -> None:
+        self.index, self.cost, self.ticks = index, cost, ticks
 
     def memory_estimate(self) -> int:
         return self.cost
 
 
-def test_executor_runs_a_job_over_budget_alone_and_keeps_order():
-    running: list[int] = []
-    peak = []
-    lock = threading.Lock()
+class _FakeClock:
+    """Jobs run on the executor's real threads, but one ends only when the executor waits for
+    a result: :meth:`wait`, put in place of the executor's ``concurrent.futures.wait``, first
+    lets every submitted job start, then moves a fake clock to the earliest end (start + ticks)
+    among the running jobs and lets that one job finish. Which job ran beside which is then
+    decided by the scheduler alone, never by thread timing: the same schedule on every run."""
 
-    def fn(job: _Job) -> int:
-        with lock:
-            running.append(job.cost)
-            peak.append(sum(running))
-        time.sleep(0.02)
-        with lock:
-            running.remove(job.cost)
+    def __init__(self) -> None:
+        self.now = 0
+        self.cond = threading.Condition()
+        self.running: dict[int, tuple[_Job, int, threading.Event]] = {}
+        self.spans: dict[int, tuple[int, int]] = {}  # job index -> [start, end) on the fake clock
+
+    def run(self, job: _Job) -> int:
+        release = threading.Event()
+        with self.cond:
+            self.running[job.index] = (job, self.now, release)
+            self.cond.notify_all()
+        if not release.wait(timeout=60):  # only a scheduler that never waits gets here
+            raise AssertionError(f"job {job.index} was never let finish")
         return job.cost
 
+    def wait(self, fs, return_when):
+        fs = set(fs)
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.running) == len(fs), timeout=60), "a submitted job never started"
+            index = min(self.running, key=lambda i: (self.running[i][1] + self.running[i][0].ticks, self.running[i][1], i))
+            job, start, release = self.running.pop(index)
+            self.now = start + job.ticks
+            self.spans[index] = (start, self.now)
+        release.set()
+        return real_wait(fs, return_when=return_when)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_executor_runs_a_job_over_budget_alone_and_keeps_order(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr("tvq.execute.wait", clock.wait)
     costs = [10, 10, 100, 10, 10, 10]
-    out = list(LocalExecutor(threads=2, memory_budget=30).map(fn, [_Job(c) for c in costs]))
+    jobs = [_Job(i, c, ticks=3 if c == 100 else 1) for i, c in enumerate(costs)]
+    out = list(LocalExecutor(threads=2, memory_budget=30).map(clock.run, jobs))
     assert out == costs
-    assert max(peak) <= 100  # the big job never overlapped another
+    assert sorted(clock.spans) == list(range(len(costs)))
+    assert _overlap(clock.spans[0], clock.spans[1])  # small jobs do share the two threads
+    assert not any(_overlap(clock.spans[2], span) for i, span in clock.spans.items() if i != 2)  # the big one ran alone
 
 
 def test_sq_error_and_mean_match_the_fp64_reference():
@@ -66,19 +96,15 @@ def test_sq_error_and_mean_match_the_fp64_reference():
     assert torch.equal(mean_of(xs), expected)
 
 
-def test_executor_backfills_past_a_job_that_does_not_fit_and_keeps_order():
+def test_executor_backfills_past_a_job_that_does_not_fit_and_keeps_order(monkeypatch):
     """A big job waiting for budget must not leave a thread idle: later small jobs start
     meanwhile (and are still returned in order)."""
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def fn(job: _Job) -> int:
-        with lock:
-            started.append(job.cost)
-        time.sleep(0.2 if job.cost >= 60 else 0.02)
-        return job.cost
-
+    clock = _FakeClock()
+    monkeypatch.setattr("tvq.execute.wait", clock.wait)
     costs = [60, 60, 1, 2, 3, 4]  # the two big jobs cannot run side by side under a budget of 100
-    out = list(LocalExecutor(threads=2, memory_budget=100).map(fn, [_Job(c) for c in costs]))
+    jobs = [_Job(i, c, ticks=5 if c >= 60 else 1) for i, c in enumerate(costs)]
+    out = list(LocalExecutor(threads=2, memory_budget=100).map(clock.run, jobs))
     assert out == costs
-    assert started.index(1) < started.index(60, 1)  # small jobs ran beside the first big one
+    first, second = clock.spans[0], clock.spans[1]
+    assert second[0] >= first[1]  # the second big job waited for the first
+    assert all(clock.spans[i][0] < first[1] for i in range(2, 6))  # every small job ran beside the first big one

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import tvq.pack.reader as pack_reader
-from paper_reference import paper_fq, paper_rtvq, paper_tvq
 from tvq import QuantizeOptions, TaskVector, open_pack, quantize
+from tvq.io.safetensors_writer import tensor_bytes
+from tvq.pack.manifest import ENTRY_KEYS, ConstEntry, Manifest, QuantizedEntry, RawEntry, manifest_checksum
 from tvq.quant.selection import KeyRule
 from tvq.report import pack_summary
+
+from paper_reference import paper_fq, paper_rtvq, paper_tvq
+
+# Packs written by tvq before the manifest schema became one class per kind (README.md there).
+PACK_V1 = Path(__file__).parent / "fixtures" / "pack_v1"
+PACK_V1_OPTIONS = {
+    "rtvq": QuantizeOptions(bits=2, residual=True, error_correction=True, quantizer="group", group_size=16),
+    "fq": QuantizeOptions(target="finetuned", bits=3),
+}
 
 FLOAT = lambda sd: {k: v for k, v in sd.items() if v.is_floating_point()}  # noqa: E731
 
@@ -53,7 +66,7 @@ def test_rtvq_matches_paper_bit_for_bit(tiny, ec):
     pack = open_pack(tiny["dir"] / "p")
     names = list(tiny["fts"])
     expected = paper_rtvq(FLOAT(tiny["pre"]), [FLOAT(tiny["fts"][n]) for n in names], 3, 2, ec)
-    for name, exp in zip(names, expected):
+    for name, exp in zip(names, expected, strict=True):
         actual = pack.task_vector(name).materialize()
         for k in exp:
             if "word_embeddings" in k:
@@ -163,3 +176,102 @@ def test_manifest_records_method_inputs_and_checksums(tiny):
     assert len({t["source"]["digest"] for t in m["tasks"]}) == 3
     for f in m["files"].values():
         assert len(f["sha256"]) == 64
+
+
+# ---- the manifest schema: one class per kind, the JSON of version 1 -------------------------
+
+
+def _body(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "digest"}
+
+
+@pytest.mark.parametrize("name", list(PACK_V1_OPTIONS))
+def test_old_manifest_reserialises_to_the_same_json_and_digest(name):
+    text = (PACK_V1 / name / "manifest.json").read_text()
+    manifest = Manifest.model_validate(json.loads(text))
+    assert manifest.compute_digest() == manifest.digest == manifest_checksum(_body(json.loads(text)))
+    assert manifest.to_json() == text  # same keys, values and order of keys, byte for byte
+    entries = [e for f in manifest.files.values() for e in f.tensors.values()]
+    assert {type(e) for e in entries} == ({QuantizedEntry, RawEntry, ConstEntry} if name == "rtvq" else {QuantizedEntry, RawEntry})
+
+
+def test_old_packs_read_and_decode_as_before():
+    expected = json.loads((PACK_V1 / "decoded.json").read_text())
+    sha = lambda t: hashlib.sha256(tensor_bytes(t)).hexdigest()  # noqa: E731
+    for name in PACK_V1_OPTIONS:
+        pack = open_pack(PACK_V1 / name)
+        pack.verify()
+        decoded = {rel: {k: sha(pack.decode(rel, k)) for k in f.tensors} for rel, f in pack.manifest.files.items()}
+        if name == "rtvq":
+            decoded["task_vectors"] = {t: {k: sha(pack.task_tensor(t, k)) for k in pack.keys} for t in pack.tasks}
+        assert decoded == expected[name]
+        assert pack_summary(PACK_V1 / name)["theoretical_bytes"] > 0
+
+
+@pytest.mark.parametrize("name", list(PACK_V1_OPTIONS))
+def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
+    """The same inputs and options give the manifest written before, key for key (the paths
+    of the inputs aside) and with the same digest once those are the same."""
+    inputs = PACK_V1 / "inputs"
+    finetuned = {"a": inputs / "t0.safetensors", "b": inputs / "t1.safetensors"}
+    if name == "fq":
+        finetuned.pop("b")
+    quantize(inputs / "pre.safetensors", finetuned, tmp_path / name, PACK_V1_OPTIONS[name], progress=False)
+    old = json.loads((PACK_V1 / name / "manifest.json").read_text())
+    new = json.loads((tmp_path / name / "manifest.json").read_text())
+    new["created_by"] = old["created_by"]
+    new["pretrained"]["path"] = old["pretrained"]["path"]
+    for task, before in zip(new["tasks"], old["tasks"], strict=True):
+        task["source"]["path"] = before["source"]["path"]
+    assert json.dumps(_body(new), indent=1) == json.dumps(_body(old), indent=1)  # order of keys included
+    assert manifest_checksum(_body(new)) == old["digest"]
+
+
+def test_each_kind_has_only_its_own_fields():
+    assert set(QuantizedEntry.model_fields) == {"kind", "shape", "bits", "scheme", "params", "aux", "nbytes", "sha256"}
+    assert set(RawEntry.model_fields) == {"kind", "shape", "dtype", "nbytes", "sha256"}
+    assert set(ConstEntry.model_fields) == {"kind", "shape", "bits", "value"}
+    const = ConstEntry(shape=[2, 3], bits=4, value=0.5)
+    assert (const.numel, const.stored_bytes) == (6, 0)
+    dumped = const.model_dump(mode="json")
+    assert tuple(dumped) == ENTRY_KEYS  # written with every key of version 1
+    assert dumped == {"kind": "const", "shape": [2, 3], "dtype": "float32", "bits": 4, "scheme": None, "params": {},
+                      "aux": {}, "value": 0.5, "nbytes": 0, "sha256": None}
+
+
+def _parse_first(name: str, kind: str, change) -> Manifest:
+    m = json.loads((PACK_V1 / name / "manifest.json").read_text())
+    tensors = m["files"][m["tasks"][0]["file"]]["tensors"]
+    entry = next(e for e in tensors.values() if e["kind"] == kind)
+    change(entry)
+    return Manifest.model_validate(m)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "problem"),
+    [
+        ("const", lambda e: e.update(sha256="ab" * 32), "a constant stores no data"),
+        ("const", lambda e: e.update(nbytes=False), "a constant stores no data"),  # false is not 0
+        ("const", lambda e: e.update(dtype="float16"), "decodes to float32"),
+        ("const", lambda e: e.update(value=None), "constant needs a finite float32 value"),
+        ("raw", lambda e: e.update(params={"scale": 1.0}), "raw tensor has no bits"),
+        ("raw", lambda e: e.update(sha256=None), "valid string"),
+        ("q", lambda e: e.update(value=1.0), "carry no value"),
+        ("q", lambda e: e.pop("bits"), "Field required"),
+        ("q", lambda e: e.update(kind="magic"), "does not match any of the expected tags"),
+    ],
+)
+def test_fields_another_kind_uses_are_refused(kind, change, problem):
+    with pytest.raises(ValidationError, match=problem):
+        _parse_first("rtvq", kind, change)
+
+
+def test_entries_written_without_the_unused_keys_still_parse():
+    """A stranger may leave out what a kind does not use; the digest covers them as tvq writes them."""
+    def strip(entry: dict) -> None:
+        for key in ("scheme", "params", "aux", "nbytes", "sha256", "dtype"):
+            entry.pop(key)
+
+    manifest = _parse_first("rtvq", "const", strip)
+    original = Manifest.model_validate(json.loads((PACK_V1 / "rtvq" / "manifest.json").read_text()))
+    assert manifest.compute_digest() == original.digest

@@ -7,7 +7,8 @@ import torch
 
 from paper_reference import asymmetric_quantization, dequantize
 from tvq.errors import ConfigError
-from tvq.quant.minmax import check_bits, fake_quantize, minmax_dequantize, minmax_params, minmax_quantize
+from tvq.quant.affine import fake_quantize, minmax_dequantize, minmax_params, minmax_quantize
+from tvq.quant.bits import check_bits
 
 
 def test_hand_computed_two_bit_example():

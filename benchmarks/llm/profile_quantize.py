@@ -1,6 +1,6 @@
 """Where does ``tvq quantize`` spend its time? Two complementary views.
 
-``stages``  (default) replays tvq's per-tensor encode path (``tvq.encode.encode_key``) on a
+``stages``  (default) replays tvq's per-tensor encode path (``tvq.encode.key.encode_key``) on a
             sample of the model's tensors, stage by stage, with tvq's own functions, and
             extrapolates to the whole model by element count: read (safetensors), NaN/Inf
             check, input sha256, bf16→fp32, τ = θ_t − θ_pre, min/max, rounding (codes),
@@ -56,10 +56,10 @@ def sample_keys(keys: list[str], layers: list[int]) -> list[str]:
 
 
 def profile_stages(workdir: Path, bits: int, tasks: int, layers: list[int], repeats: int) -> dict:
-    from tvq.encode import tensor_digest
+    from tvq.encode.job import tensor_digest
     from tvq.io.readers import open_checkpoint
     from tvq.io.safetensors_writer import tensor_bytes
-    from tvq.quant.minmax import minmax_dequantize, minmax_params, minmax_quantize
+    from tvq.quant.affine import minmax_dequantize, minmax_params, minmax_quantize
     from tvq.quant.packing import pack_codes
 
     models = workdir / "models"

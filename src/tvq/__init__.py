@@ -1,28 +1,52 @@
-"""tvq: task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging."""
+"""tvq: task-vector quantization (FQ / TVQ / RTVQ) with bit-packed storage, and merging.
 
-__version__ = "0.1.0"
+The public API is loaded on first use (``tvq.quantize``, ``tvq.open_pack``, ...), so that
+importing tvq, or running ``tvq --help``, does not import torch. Importing tvq changes
+nothing in the host process (no environment variables, no signal handlers).
+"""
 
-import os
+from __future__ import annotations
 
-# Large CPU tensors on transparent huge pages (torch reads this once, at its first
-# allocation, so it must be set before torch is imported). Reading a 1.1B-parameter
-# checkpoint into fresh buffers is then 3.8x faster: 512x fewer page faults. Opt out with
-# THP_MEM_ALLOC_ENABLE=0.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from tvq.compress import QuantizeOptions, average_checkpoints, quantize  # noqa: E402
-from tvq.errors import TvqError  # noqa: E402
-from tvq.io.readers import open_checkpoint  # noqa: E402
-from tvq.pack.reader import Pack, open_pack  # noqa: E402
-from tvq.vector import TaskVector  # noqa: E402
+from tvq.version import __version__
+
+if TYPE_CHECKING:
+    from tvq.encode.options import QuantizeOptions
+    from tvq.encode.pipeline import average_checkpoints, quantize
+    from tvq.errors import TvqError
+    from tvq.io.readers import open_checkpoint
+    from tvq.pack.reader import Pack, open_pack
+    from tvq.vector import TaskVector
+
+_PUBLIC = {
+    "QuantizeOptions": "tvq.encode.options",
+    "average_checkpoints": "tvq.encode.pipeline",
+    "quantize": "tvq.encode.pipeline",
+    "TvqError": "tvq.errors",
+    "open_checkpoint": "tvq.io.readers",
+    "Pack": "tvq.pack.reader",
+    "open_pack": "tvq.pack.reader",
+    "TaskVector": "tvq.vector",
+}
 
 __all__ = [
     "Pack",
     "QuantizeOptions",
     "TaskVector",
     "TvqError",
+    "__version__",
     "average_checkpoints",
     "open_checkpoint",
     "open_pack",
     "quantize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # once: later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'tvq' has no attribute {name!r}")

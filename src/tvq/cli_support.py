@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from tvq.errors import TvqError
+from tvq.errors import ConfigError, TvqError
 from tvq.io.signals import Terminated
 
 # Markup off: what tvq prints holds user text (paths, task and tensor names) that must show
@@ -80,3 +81,18 @@ def error_handler(interrupted: str, exit_codes: tuple[tuple[type[Exception], int
         return wrapper
 
     return decorate
+
+
+def parse_named_paths(items: list[str], option: str = "--finetuned") -> dict[str, Path]:
+    """``NAME=PATH`` pairs (a bare PATH is named after its file or folder)."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, Path(item).stem if Path(item).is_file() else Path(item).name
+        if not name or not path:
+            raise ConfigError(f"{option} {item!r}: expected NAME=PATH")
+        if name in out:
+            raise ConfigError(f"{option}: task name {name!r} given twice")
+        out[name] = Path(path)
+    return out

@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from tvq.errors import ConfigError, where
-from tvq.quant.minmax import MAX_BITS, MIN_BITS
+from tvq.quant.bits import MAX_BITS, MIN_BITS
 
 
 def integral(value: object) -> object:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 

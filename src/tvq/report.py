@@ -18,7 +18,7 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
     base_bytes = m.files[m.base_file].bytes if m.base_file else 0
     manifest_bytes = (Path(path) / MANIFEST_NAME).stat().st_size
     first = m.files[m.tasks[0].file].tensors
-    n_params = sum(_numel(e.shape) for e in first.values())
+    n_params = sum(e.numel for e in first.values())
     tasks = []
     for t in m.tasks:
         own = m.files[t.file].bytes
@@ -48,7 +48,7 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
                 continue
             h = hist.setdefault("0" if e.kind == "const" else str(e.bits), {"tensors": 0, "params": 0})
             h["tensors"] += 1
-            h["params"] += _numel(e.shape)
+            h["params"] += e.numel
         allocation[label] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     return {
         "path": str(path),
@@ -66,10 +66,3 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
         "pretrained": m.pretrained.path,
         "skipped": m.skipped,
     }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

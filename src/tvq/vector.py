@@ -2,7 +2,9 @@
 
 Modelled on mlfoundations/task_vectors, but lazy: each tensor is produced on access from
 its source (two checkpoints, a pack, or an arithmetic expression), so a task vector of a
-70B model costs nothing until a tensor is asked for, and then only that tensor.
+70B model costs nothing until a tensor is asked for, and then only that tensor. A task
+vector is a value and nothing else: where it was read from, what reading it costs and
+whether it has codes is the merge engine's business (``tvq.merge.source.TaskInput``).
 """
 
 from __future__ import annotations
@@ -11,21 +13,16 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tvq.errors import CheckpointError, where
-from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.io.readers import CheckpointReader, as_reader, float_keys
 
 Getter = Callable[[str], torch.Tensor]
 
 
 class TaskVector(Mapping[str, torch.Tensor]):
     """τ = θ_finetuned − θ_pretrained, tensor by tensor, computed when read."""
-
-    # Set by tvq.merge.source.load_task_vectors: where τ comes from, so a remote worker can
-    # reopen it ("pack" or "finetuned", path), and the input bytes one tensor costs to read.
-    origin: tuple[str, str] | None = None
-    nbytes: Callable[[str], int] | None = None
-    coded: Callable[[str], object] | None = None  # key -> tvq.quant.coded.CodedTensor or None (packs)
 
     def __init__(self, keys: list[str], getter: Getter, name: str = "") -> None:
         self._keys = list(keys)
@@ -47,11 +44,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
         unsafe_pickle: bool = False,
     ) -> TaskVector:
         """The difference of two checkpoints over their floating-point tensors."""
-        pre = pretrained if hasattr(pretrained, "get") else open_checkpoint(pretrained, unsafe_pickle)
-        ft = finetuned if hasattr(finetuned, "get") else open_checkpoint(finetuned, unsafe_pickle)
+        pre = as_reader(pretrained, unsafe_pickle)
+        ft = as_reader(finetuned, unsafe_pickle)
         check_compatible(pre, ft)
-        keys = [k for k in pre.keys() if pre.meta(k).is_float]
-        return cls(keys, lambda k: ft.get(k).float() - pre.get(k).float(), name)
+        return cls(float_keys(pre), lambda k: ft.get(k).float() - pre.get(k).float(), name)
 
     # -- mapping ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -103,24 +99,52 @@ class TaskVector(Mapping[str, torch.Tensor]):
         """L2 norm over all tensors, computed one tensor at a time."""
         return float(sum(float(self[k].double().pow(2).sum()) for k in self._keys) ** 0.5)
 
-    def apply_to(self, pretrained: CheckpointReader, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """θ_pre + scale·τ for every tensor of the pretrained model, in its own dtypes."""
-        out = {}
-        for key in pretrained.keys():
-            base = pretrained.get(key)
-            out[key] = (base.float() + scale * self[key]).to(base.dtype) if key in self._key_set else base
-        return out
+    @torch.no_grad()
+    def apply_to(self, module: nn.Module, scale: float = 1.0) -> nn.Module:
+        """θ ← θ + scale·τ in place, for every parameter or buffer of ``module`` that τ names
+        (by its ``state_dict`` name), one tensor at a time; returns ``module``.
+
+        Each tensor is computed as ``(θ.float() + scale·τ).to(θ.dtype)`` on θ's device: the
+        same bytes as adding to the state dict and loading it. A tensor tied under several
+        names (shared embeddings) is updated once, from its first name; tensors τ does not
+        name are left as they are. A name the module lacks and a non-float tensor are refused
+        before anything changes; a shape that differs when that tensor is read."""
+        targets: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+        targets.update(module.named_buffers(remove_duplicate=False))
+        for key in self._keys:
+            target = targets.get(key)
+            if target is None:
+                raise CheckpointError(f"task vector {self.name!r}: tensor '{key}' is not a parameter or buffer of the module")
+            if not target.is_floating_point():
+                raise CheckpointError(f"task vector {self.name!r}: tensor '{key}' is {target.dtype} in the module, not a float tensor")
+        done: set[int] = set()
+        for key in self._keys:
+            target = targets[key]
+            if id(target) in done:
+                continue
+            done.add(id(target))
+            tau = self[key]
+            if tau.shape != target.shape:
+                raise CheckpointError(
+                    f"task vector {self.name!r}: tensor '{key}' has shape {list(tau.shape)}, the module's {list(target.shape)}"
+                )
+            update = (tau.float() if scale == 1.0 else scale * tau.float()).to(target.device)
+            if target.dtype == torch.float32:
+                target.add_(update)
+            else:
+                target.copy_(target.float().add_(update))  # fp32 arithmetic, then one rounding to θ's dtype
+        return module
 
 
 def check_compatible(pretrained: CheckpointReader, other: CheckpointReader) -> None:
     """Same float keys and shapes in both checkpoints, or one clear error naming the tensor.
     A tensor that is float in one and not in the other is named as such, not as missing."""
-    pre_keys = {k for k in pretrained.keys() if pretrained.meta(k).is_float}
-    other_keys = {k for k in other.keys() if other.meta(k).is_float}
+    pre_keys = set(float_keys(pretrained))
+    other_keys = set(float_keys(other))
     in_both = set(pretrained.keys()) & set(other.keys())
     for key in sorted((pre_keys ^ other_keys) & in_both)[:1]:
-        a, b = (str(r.meta(key).dtype).removeprefix("torch.") for r in (pretrained, other))
-        raise CheckpointError(f"{where(other.path, key)}: dtype differs ({b} vs {a}) from the pretrained model {pretrained.path}")
+        theirs, ours = (str(r.meta(key).dtype).removeprefix("torch.") for r in (other, pretrained))
+        raise CheckpointError(f"{where(other.path, key)}: dtype differs ({theirs} vs {ours}) from the pretrained model {pretrained.path}")
     for key in sorted(pre_keys - other_keys)[:1]:
         raise CheckpointError(f"{where(other.path, key)}: missing (present in the pretrained model {pretrained.path})")
     for key in sorted(other_keys - pre_keys)[:1]:

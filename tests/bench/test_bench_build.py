@@ -19,7 +19,7 @@ from tvq.bench.train import build
 
 from bench_helpers import EXAMPLES, write_jsonl
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 TINY = {"train_size": 32, "val_size": 4, "test_size": 8, "max_length": 16, "epochs": 2, "batch_size": 8, "lr": 1e-4}
 
 

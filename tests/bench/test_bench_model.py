@@ -23,7 +23,7 @@ from tvq.bench.train import finetune
 
 from bench_helpers import EXAMPLES
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 
@@ -70,14 +70,16 @@ def test_save_encoder_matches_pretrained_keys(encoder, tmp_path: Path, minilm_di
     model, _ = encoder
     save_encoder(model, minilm_dir, tmp_path / "m")
     with safe_open(str(minilm_dir / "model.safetensors"), "pt") as a, safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as b:
-        assert list(a.keys()) == list(b.keys())  # position_ids buffer included
-        for k in a.keys():
+        keys = list(a.keys())
+        assert keys == list(b.keys())  # position_ids buffer included
+        for k in keys:
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
     for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         assert (tmp_path / "m" / name).is_file()
     assert not (tmp_path / "m" / "README.md").exists()
     again = load_encoder(tmp_path / "m")
-    assert torch.equal(again.state_dict()["encoder.layer.0.attention.self.query.weight"], model.state_dict()["encoder.layer.0.attention.self.query.weight"])
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(again.state_dict()[key], model.state_dict()[key])
 
 
 def test_one_real_finetune_lowers_the_loss(encoder) -> None:

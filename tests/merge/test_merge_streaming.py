@@ -12,7 +12,13 @@ from merge_helpers import make_ckpts, make_pack, small_model
 from safetensors.torch import load_file
 
 from tvq.errors import CheckpointError
-from tvq.merge import AdaMergingResult, load_task_vectors, merge, merge_state_dict, open_emr
+from tvq.merge import (
+    AdaMergingResult,
+    load_task_vectors,
+    merge,
+    merge_state_dict,
+    open_emr,
+)
 from tvq.merge.ops import global_kth_largest, magnitude_threshold
 from tvq.pack.reader import open_pack
 from tvq.vector import TaskVector

@@ -17,16 +17,20 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error, quantize_args, run
 
-from tvq.compress import QuantizeOptions
-from tvq.encode import BASE, KeyJob, encode_key, encode_quantized
-from tvq.errors import TvqError
-from tvq.quant.fused import encode_differences, encode_residual, sq_norm
-from tvq.errors import EncodeError
-from tvq.quant.minmax import params_from_range
+from tvq.encode.job import BASE, KeyJob
+from tvq.encode.key import encode_key
+from tvq.encode.options import QuantizeOptions
+from tvq.encode.rtvq import encode_residual
+from tvq.encode.tvq import encode_differences
+from tvq.errors import EncodeError, TvqError
+from tvq.quant.affine import params_from_range
+from tvq.quant.chunks import sq_norm
 from tvq.quant.schemes import SCHEMES, _group_encode, decode_problem
 from tvq.quant.selection import TensorRole
+from tvq.quant.stored import encode_quantized
+
+from test_cli import assert_one_line_error, quantize_args, run
 
 W = "encoder.layer.0.attn.weight"  # quantized (2-D)
 B = "encoder.layer.0.attn.bias"  # kept (1-D): stored raw
@@ -387,7 +391,7 @@ def test_bad_sensitivity_weights(tiny, body, shown):
 
 
 def test_sensitivity_library_entry_point_is_checked_too(tiny):
-    from tvq.allocate import analyse
+    from tvq.encode.budget import analyse
 
     with pytest.raises(TvqError, match="finite non-negative"):
         analyse(tiny["pre_path"], tiny["ft_paths"], QuantizeOptions(), sensitivity={W: float("nan")}, progress=False)

@@ -22,7 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tvq.cli import app
-from tvq.compress import QuantizeOptions, quantize
+from tvq.encode.options import QuantizeOptions
+from tvq.encode.pipeline import quantize
 from tvq.errors import TvqError
 from tvq.io import atomic
 from tvq.io.atomic import atomic_dir, atomic_file

@@ -70,19 +70,25 @@ class BenchTask:
 
 
 class BenchRun:
-    """A built run folder: manifest, pretrained model, heads, splits."""
+    """A built run folder: manifest, pretrained model, heads, splits.
+
+    The text suite's run; other suites (``tvq.bench.vision``) subclass it, overriding ``suite``,
+    ``make_config``, ``_template``, ``task`` and the evaluation methods. ``open_run`` picks the
+    class from the manifest's ``suite``.
+    """
+
+    suite = "text"
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        path = self.out / MANIFEST
-        try:
-            self.manifest: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise BenchError(f"{path}: not a benchmark run ({exc}); build one with `tvq bench build`") from None
-        if self.manifest.get("format") != RUN_FORMAT:
-            raise BenchError(f"{path}: format is {self.manifest.get('format')!r}, expected {RUN_FORMAT!r}")
-        self.config = BenchConfig(**self.manifest["config"])
-        self._tasks: dict[str, BenchTask] = {}
+        self.manifest: dict[str, Any] = read_manifest(self.out)
+        if self.manifest.get("suite", "text") != self.suite:
+            raise BenchError(f"{self.out}: a {self.manifest.get('suite')!r} run, not a {self.suite!r} one; open it with tvq.bench.open_run")
+        self.config = self.make_config(self.manifest["config"])
+        self._tasks: dict[str, Any] = {}
+
+    def make_config(self, data: dict[str, Any]) -> Any:
+        return BenchConfig(**data)
 
     @property
     def tasks(self) -> list[str]:
@@ -142,6 +148,32 @@ class BenchRun:
         return model.eval()
 
 
+    # -- what the grid (tvq.bench.matrix) calls; other suites override these -----------------
+    def evaluate_all(self, model: ModelLike | None = None, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """Accuracy per task of ``model`` (None = pretrained; a module, state dict or path)."""
+        return evaluate_all(model, self, split, tasks)
+
+    def adamerging_inputs(self, tasks: Sequence[str] | None = None, **kwargs: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        return adamerging_inputs(self, tasks, **kwargs)
+
+    def task_fisher(self, task: str, split: str = "validation", examples: int = 32) -> dict[str, float]:
+        from tvq.bench.fisher import task_fisher
+
+        return task_fisher(self, task, split, examples)
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of a run folder of any suite, checked to be one."""
+    path = out / MANIFEST
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{path}: not a benchmark run ({exc}); build one with `tvq bench build`") from None
+    if manifest.get("format") != RUN_FORMAT:
+        raise BenchError(f"{path}: format is {manifest.get('format')!r}, expected {RUN_FORMAT!r}")
+    return manifest
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an HF folder (``model.safetensors``) or of a ``.safetensors`` file."""
     p = Path(path)
@@ -153,6 +185,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def open_run(out: str | Path) -> BenchRun:
+    """The run in ``out``, as the class of its suite (text or vision)."""
+    if read_manifest(Path(out)).get("suite", "text") == "vision":
+        from tvq.bench.vision.run import VisionRun
+
+        return VisionRun(out)
     return BenchRun(out)
 
 

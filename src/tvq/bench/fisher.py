@@ -57,7 +57,7 @@ def diagonal_fisher(run: BenchRun, split: str = "validation", examples: int = 32
     numel = {k: v.numel() for k, v in run.load_model().state_dict().items() if v.is_floating_point()}
     total: dict[str, float] = {k: 0.0 for k in numel}
     for task in tqdm(run.tasks, desc="diagonal Fisher", unit="task", disable=not progress):
-        fisher = task_fisher(run, task, split, examples)
+        fisher = run.task_fisher(task, split, examples)  # the suite's own per-task Fisher
         scale = sum(numel[k] for k in fisher) / max(sum(fisher[k] * numel[k] for k in fisher), 1e-30)
         for k, v in fisher.items():
             total[k] += v * scale / len(run.tasks)

@@ -20,8 +20,10 @@ import torch
 from tqdm import tqdm
 
 from tvq.bench import BenchError
-from tvq.bench.evaluate import BenchRun, adamerging_inputs, evaluate_all, open_run, read_state_dict
-from tvq.compress import QuantizeOptions, quantize
+from tvq.bench.evaluate import BenchRun, open_run, read_state_dict
+from tvq.encode.budget import quantize_within_budget
+from tvq.encode.options import QuantizeOptions
+from tvq.encode.pipeline import quantize
 from tvq.io.atomic import atomic_file
 from tvq.io.readers import open_checkpoint
 from tvq.report import pack_summary
@@ -131,10 +133,14 @@ class Matrix:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        self.results: dict[str, Any] = {"run": str(self.run.out), "tasks": self.run.tasks, "cells": {}, "precisions": {}}
+        # evaluation settings that change every cell (the vision suite's BatchNorm rule); {} for text
+        settings = {"bn_stats": self.run.config.bn_stats} if hasattr(self.run.config, "bn_stats") else {}
+        self.results: dict[str, Any] = {"run": str(self.run.out), "suite": self.run.suite, "tasks": self.run.tasks, "cells": {}, "precisions": {}}
+        if settings:
+            self.results["settings"] = settings
         if (self.out / RESULTS).is_file():
             cached = json.loads((self.out / RESULTS).read_text())
-            if cached.get("run") == str(self.run.out) and cached.get("tasks") == self.run.tasks:
+            if cached.get("run") == str(self.run.out) and cached.get("tasks") == self.run.tasks and cached.get("settings", {}) == settings:
                 self.results = cached
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -169,8 +175,6 @@ class Matrix:
             finetuned = {t: self.run.finetuned_path(t) for t in self.run.tasks}
             options = QuantizeOptions(**spec.options)
             if spec.budget_bits is not None:
-                from tvq.allocate import quantize_within_budget
-
                 sensitivity = self.fisher() if spec.fisher else None
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,
                                        sensitivity=sensitivity, progress=False, overwrite=True)  # fmt: skip
@@ -219,9 +223,9 @@ class Matrix:
     # -- cells ------------------------------------------------------------------------------
     def references(self) -> None:
         """Zero-shot and the individual fine-tuned FP32 models (for normalized accuracy)."""
-        self._cached("zero_shot", lambda: Cell("zero_shot", "fp32", "fixed", evaluate_all(None, self.run)))
+        self._cached("zero_shot", lambda: Cell("zero_shot", "fp32", "fixed", self.run.evaluate_all(None)))
         def individual() -> Cell:
-            acc = {t: evaluate_all(self.run.finetuned_path(t), self.run, tasks=[t])[t] for t in self.run.tasks}
+            acc = {t: self.run.evaluate_all(self.run.finetuned_path(t), tasks=[t])[t] for t in self.run.tasks}
             return Cell("individual", "fp32", "fixed", acc)
         self._cached("individual|fp32|fixed", individual)
 
@@ -234,7 +238,7 @@ class Matrix:
             acc = {}
             for t in self.run.tasks:
                 state = {k: (v.float() + tvs[t][k]).to(v.dtype) if k in tvs[t] else v for k, v in pre.items()}
-                acc[t] = evaluate_all(state, self.run, tasks=[t])[t]
+                acc[t] = self.run.evaluate_all(state, tasks=[t])[t]
             return Cell("individual", precision, "fixed", acc, seconds=time.perf_counter() - t0)
         return self._cached(f"individual|{precision}|fixed", compute)
 
@@ -262,8 +266,8 @@ class Matrix:
         if spec.name == "adamerging":
             return self._adamerging(tvs, split)
         if spec.per_task:
-            return {t: evaluate_all(self._merge_state(spec, tvs, options, t), self.run, split, tasks=[t])[t] for t in self.run.tasks}
-        return evaluate_all(self._merge_state(spec, tvs, options), self.run, split)
+            return {t: self.run.evaluate_all(self._merge_state(spec, tvs, options, t), split, tasks=[t])[t] for t in self.run.tasks}
+        return self.run.evaluate_all(self._merge_state(spec, tvs, options), split)
 
     def _tune(self, spec: MethodSpec, tvs: dict[str, TaskVector]) -> float:
         """The grid value with the best average validation accuracy."""
@@ -281,10 +285,10 @@ class Matrix:
 
         steps = int(self.results.get("adamerging_steps", 100))
         module = self.run.load_model()
-        batches, forward = adamerging_inputs(self.run, batch_size=16, split="test")
+        batches, forward = self.run.adamerging_inputs(batch_size=16, split="test")
         result = adamerging(module, tvs, batches, forward=forward, steps=steps, lr=1e-3, init=0.3)
         state = merge_state_dict("adamerging", self.run.pretrained_path, tvs, {"coefficients": result})
-        return evaluate_all(state, self.run, split)
+        return self.run.evaluate_all(state, split)
 
     # -- the whole grid -------------------------------------------------------------------
     def run_grid(self, methods: Sequence[str], precisions: Sequence[str], tune: bool = True, individual: bool = True) -> None:

@@ -21,9 +21,11 @@ DEFAULT_METHODS = ("task_arithmetic", "ties", "lines", "consensus", "emr", "dare
 
 
 def run_cmd(
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder from `tvq bench build` (default <cache>/runs/<preset>; built if missing).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where packs, results and plots go (default <run>/grid).")] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder from `tvq bench build` (default <cache>/runs/<preset>, vision: runs/vision-<preset>; built if missing).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where packs, results and plots go (default <run>/grid; <run>/grid-bn-<rule> for a non-default --bn-stats).")] = None,
     preset: Annotated[str, typer.Option(help="Preset used when the run has to be built: ci or full.")] = "full",
+    suite: Annotated[str, typer.Option(help="Suite used when the run has to be built: text or vision (an existing run's own suite is used otherwise).")] = "text",
+    bn_stats: Annotated[Optional[str], typer.Option("--bn-stats", help="vision: BatchNorm statistics of evaluated models: task (default: re-estimated per task), pooled, pretrained or merged.")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated merge methods, or 'all'.")] = None,
     precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precisions (fp32, fq4, tvq2, rtvq-b3o2-ec, budget-2.375, ...), 'paper' or 'all'.")] = None,
@@ -35,10 +37,11 @@ def run_cmd(
     """Evaluate every method x precision; write results.json, results.md and plots."""
     import torch
 
-    from tvq.bench.config import preset as make_preset
+    from tvq.bench import BenchError
+    from tvq.bench.evaluate import open_run
     from tvq.bench.matrix import METHODS, PRECISIONS, Matrix, resolve_names
+    from tvq.bench.suites import get_suite
     from tvq.bench.tables import markdown_table, plots, write_report
-    from tvq.bench.train import build
 
     if threads:
         torch.set_num_threads(threads)
@@ -47,14 +50,21 @@ def run_cmd(
         precisions = None
     precision_names = resolve_names(precisions, PRECISIONS, "precision", PAPER_PRECISIONS)
     t0 = time.perf_counter()
+    kit = get_suite(suite)
     if run is None:
-        from tvq.bench.data import default_cache_dir
-
-        run = (Path(cache) if cache else default_cache_dir()) / "runs" / preset
+        run = kit.default_run(cache, preset)
     if not (Path(run) / "manifest.json").is_file():
-        build(make_preset(preset), run, cache_dir=cache, progress=progress, log=lambda s: console.print(s, highlight=False))
-    out = Path(out) if out is not None else Path(run) / "grid"
-    matrix = Matrix(run, out, progress=progress)
+        kit.build(kit.preset(preset), run, cache_dir=cache, progress=progress, log=lambda s: console.print(s, highlight=False))
+    opened = open_run(run)
+    if bn_stats is not None:
+        if opened.suite != "vision":
+            raise BenchError("--bn-stats applies to vision runs (BatchNorm); this run is a text one")
+        from tvq.bench.vision.run import VisionRun
+
+        opened = VisionRun(run, bn_stats=bn_stats)
+    default_out = "grid" if bn_stats in (None, "task") else f"grid-bn-{bn_stats}"
+    out = Path(out) if out is not None else Path(run) / default_out
+    matrix = Matrix(opened, out, progress=progress)
     matrix.results["adamerging_steps"] = adamerging_steps
     matrix.run_grid(method_names, precision_names, tune=tune)
     report = write_report(matrix.results, out)

@@ -52,6 +52,7 @@ from tvq.bench.model import (
     tokenize,
 )
 from tvq.io.atomic import atomic_dir, atomic_file
+from tvq.io.safetensors_writer import sha256_file
 
 DONE = "bench_done.json"
 Log = Callable[[str], None]
@@ -113,14 +114,6 @@ def finetune(
     return {"steps": steps, "train_s": round(time.perf_counter() - t0, 2), "loss_first": losses[0], "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -150,15 +143,21 @@ def _previous(out: Path) -> dict[str, Any]:
     return old
 
 
-def _check_reuse(out: Path, old: dict[str, Any], config: BenchConfig, encoder_sha: str, force: bool) -> dict[str, Any]:
-    """The previous manifest if it was built the same way; with ``force``, a clean folder."""
+def _check_reuse(out: Path, old: dict[str, Any], config: Any, encoder_sha: str, force: bool, suite: str = "text") -> dict[str, Any]:
+    """The previous manifest if it was built the same way; with ``force``, a clean folder.
+
+    ``config`` is the suite's config (``BenchConfig`` or ``VisionConfig``); a folder of another suite is refused.
+    """
     if not old:
         return {}
-    same = old.get("config", {}) and BenchConfig(**old["config"]).training_fields() == config.training_fields()
+    if old.get("suite", "text") != suite:
+        raise BenchError(f"{out} holds a {old.get('suite', 'text')!r} benchmark run, not a {suite!r} one; choose another --out")
+    cls = type(config)
+    same = old.get("config", {}) and cls(**old["config"]).training_fields() == config.training_fields()
     if same and old.get("encoder", {}).get("sha256") == encoder_sha:
         return old
     if not force:
-        before, now = BenchConfig(**old["config"]).training_fields(), config.training_fields()
+        before, now = cls(**old["config"]).training_fields(), config.training_fields()
         diff = ", ".join(f"{k}: {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k]) or "the pretrained encoder changed"
         raise BenchError(f"{out} was built with other settings ({diff}); use another --out or pass --force to rebuild it")
     for name in [*old.get("tasks", []), "pretrained", "splits"]:
@@ -187,7 +186,7 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     t_build = time.perf_counter()
     model_dir = resolve_model_path(config.encoder)
-    encoder_sha = _sha256(model_dir / "model.safetensors")
+    encoder_sha = sha256_file(model_dir / "model.safetensors")
     manifest = _check_reuse(out, _previous(out), config, encoder_sha, force)
 
     # data first: a missing package fails before any slow step

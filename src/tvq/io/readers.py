@@ -11,6 +11,7 @@ opened, headers and indexes are bounded, and shard names stay inside their folde
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import pickle
@@ -21,27 +22,14 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
 from tvq.errors import CheckpointError, where
+from tvq.io.dtypes import SAFETENSORS_DTYPES
 from tvq.io.paths import confined, name_problem
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the header length word
 MAX_INDEX_BYTES = 64 << 20  # a shard index of a 1T-parameter model is a few MB
@@ -74,7 +62,13 @@ def _regular_file(path: Path) -> int:
     except OSError as exc:
         raise CheckpointError(f"{where(path)}: cannot be read ({exc.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+        kinds = (
+            (stat.S_ISDIR, "a folder"),
+            (stat.S_ISFIFO, "a FIFO"),
+            (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"),
+        )
         kind = next((name for test, name in kinds if test(st.st_mode)), "not a plain file")
         raise CheckpointError(f"{where(path)}: not a regular file ({kind})")
     return st.st_size
@@ -97,10 +91,12 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored data."""
+        return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
@@ -117,6 +113,10 @@ class CheckpointReader(Protocol):
     def meta(self, key: str) -> TensorMeta: ...
 
     def get(self, key: str) -> torch.Tensor: ...
+
+    def float_bytes(self) -> int:
+        """Size of the floating-point tensors as FP32."""
+        ...
 
 
 class _ReaderBase:
@@ -164,7 +164,7 @@ class SafetensorsFile:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 self.metas = {}
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 -- a safetensors handle, not a dict
                     _check_tensor_name(path, key)
                     sl = handle.get_slice(key)
                     dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
@@ -189,7 +189,7 @@ class SafetensorsFile:
             return self._mapped(key, start, nbytes).view(meta.dtype).reshape(meta.shape)
         out = torch.empty(meta.shape, dtype=meta.dtype)
         if nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
             done = 0
             while done < nbytes:
                 got = os.preadv(self._fd, [view[done:]], start + done)
@@ -286,14 +286,12 @@ class SafetensorsReader(_ReaderBase):
             raise CheckpointError(f"{where(file, key)}: cannot read tensor ({exc})") from None
 
 
-class StateDictReader(_ReaderBase):
-    """Torch pickles (``.pt``/``.bin``), optionally sharded via a ``.bin.index.json``."""
+class MemoryReader(_ReaderBase):
+    """A state dict in memory behind the reader interface (tests, notebooks)."""
 
-    def __init__(self, path: Path, files: list[Path], unsafe_pickle: bool = False) -> None:
-        self.path = path
-        self._tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            self._tensors.update(_torch_load(file, unsafe_pickle))
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str | Path = "<state dict>") -> None:
+        self.path = Path(path)
+        self._tensors = dict(tensors)
         self._metas = {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
 
     def get(self, key: str) -> torch.Tensor:
@@ -301,6 +299,17 @@ class StateDictReader(_ReaderBase):
             return self._tensors[key]
         except KeyError:
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint") from None
+
+
+class StateDictReader(MemoryReader):
+    """Torch pickles (``.pt``/``.bin``), optionally sharded via a ``.bin.index.json``: loaded
+    (memory-mapped where torch can) into a state dict, then read like one."""
+
+    def __init__(self, path: Path, files: list[Path], unsafe_pickle: bool = False) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            tensors.update(_torch_load(file, unsafe_pickle))
+        super().__init__(tensors, path)
 
 
 def _is_zip(file: Path) -> bool:
@@ -321,7 +330,9 @@ def _torch_load(file: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"GLOBAL (\S+) whose module (\S+) is blocked", text)
         if blocked:  # os.system and friends: a model file has no use for them
-            raise CheckpointError(f"{where(file)}: refers to {blocked[1]} from the blocked module {blocked[2]}; not loaded, not even with --unsafe-pickle") from None
+            raise CheckpointError(
+                f"{where(file)}: refers to {blocked[1]} from the blocked module {blocked[2]}; not loaded, not even with --unsafe-pickle"
+            ) from None
         if not (unsafe_pickle and isinstance(exc, pickle.UnpicklingError)):
             wanted = re.search(r"GLOBAL (\S+) was not an allowed global", text)
             if wanted:
@@ -348,7 +359,7 @@ def _torch_reason(text: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
 
 
-def _tensors_of(state: Mapping[object, object]) -> dict[str, torch.Tensor]:
+def _tensors_of(state: Mapping[Any, object]) -> dict[str, torch.Tensor]:
     """The tensor entries of a state dict; other values (step counters, configs) are skipped."""
     return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
@@ -471,3 +482,20 @@ def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictR
         if (p / name).exists():
             return StateDictReader(p, [p / name], unsafe_pickle)
     raise CheckpointError(f"{where(p)}: folder holds no model.safetensors, shard index or pytorch_model.bin")
+
+
+def float_keys(reader: CheckpointReader) -> list[str]:
+    """The names of the reader's floating-point tensors (the ones task vectors have), in its order."""
+    names = reader.keys()
+    return [k for k in names if reader.meta(k).is_float]
+
+
+def as_reader(
+    source: str | os.PathLike[str] | CheckpointReader | Mapping[str, torch.Tensor], unsafe_pickle: bool = False
+) -> CheckpointReader:
+    """A reader for a checkpoint path (opened lazily), a state dict (held as it is), or the reader itself."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_checkpoint(Path(source), unsafe_pickle)
+    if isinstance(source, Mapping):
+        return MemoryReader(source)
+    return source

@@ -17,18 +17,7 @@ from pathlib import Path
 
 import torch
 
-DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from tvq.io.dtypes import DTYPE_NAMES
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -36,7 +25,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    data = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(data).cast("B") if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def sha256_tensor(t: torch.Tensor) -> str:
@@ -56,7 +46,7 @@ class StreamingSafetensorsWriter:
         # close() rewrites the file in the rare case this is not enough (e.g. 5-D shapes).
         self._reserved = 256 + sum(len(json.dumps(n)) + 120 for n in names) + len(json.dumps(self._metadata))
         self._reserved += (-self._reserved) % 8
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb")  # noqa: SIM115 -- held across add() calls, closed by close()/abort()
         self._fh.write(b"\0" * (8 + self._reserved))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

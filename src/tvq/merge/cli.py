@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 import yaml
+from typer.core import TyperCommand
 
 from tvq.config import load_yaml
 from tvq.errors import ConfigError
@@ -60,16 +61,24 @@ def read_merge_config(path: Path) -> tuple[str | None, dict[str, Any]]:
     return (str(method) if method is not None else None), {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def register(app: typer.Typer, handles_errors) -> None:
-    """Add ``tvq merge`` to the main app (called by tvq.cli when this module exists)."""
-    from tvq.merge.registry import describe_methods
+class MethodsEpilog(TyperCommand):
+    """``tvq merge --help`` ends with every method and its options, read from the registry
+    only when that help is shown: the methods import torch, which ``tvq --help`` must not."""
 
-    epilog = "Methods and their options (defaults):\n\n" + "\n\n".join(describe_methods().splitlines())
+    def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own (vendored) click types
+        from tvq.merge.registry import describe_methods
+
+        self.epilog = "Methods and their options (defaults):\n\n" + "\n\n".join(describe_methods().splitlines())
+        super().format_help(ctx, formatter)
+
+
+def register(app: typer.Typer, handles_errors) -> None:
+    """Add ``tvq merge`` to the main app."""
 
     @app.command(
         "merge",
+        cls=MethodsEpilog,
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        epilog=epilog,
     )
     @handles_errors
     def merge_cmd(
@@ -109,7 +118,7 @@ def register(app: typer.Typer, handles_errors) -> None:
         threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors merged concurrently (torch single-threaded in each).")] = 2,
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
-        from tvq.cli import console, parse_named_paths
+        from tvq.cli_support import console, parse_named_paths
         from tvq.config import PaperLoadConfig, read_config_file, validate_config
         from tvq.execute import make_executor
         from tvq.merge.engine import emr_task_model, merge

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from tvq.errors import ConfigError, PackError, TvqError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
-from tvq.io.readers import CheckpointReader
-from tvq.merge.registry import MergeMethod, MethodOptions, build_method
-from tvq.merge.source import MergeInputs, TaskSource, as_reader, meta_nbytes
+from tvq.io.readers import CheckpointReader, as_reader
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.merge.methods.emr import open_emr
+from tvq.merge.registry import MergeMethod, MethodOptions, build_method
+from tvq.merge.source import MergeInputs, TaskSource
 from tvq.vector import TaskVector
 
 DTYPES = {
@@ -197,7 +198,8 @@ def method_work(method: MergeMethod, source: TaskSource, executor: Executor | No
 def pass_bytes(source: TaskSource) -> int:
     """Input bytes of the writing pass: all of θ_pre and τ of every task for every float key."""
     pre = source.pretrained
-    return sum(meta_nbytes(pre, k) for k in pre.keys()) + sum(source.nbytes(k) for k in source.keys)
+    names = pre.keys()
+    return sum(pre.meta(k).nbytes for k in names) + sum(source.nbytes(k) for k in source.keys)
 
 
 def merge_state_dict(
@@ -244,7 +246,9 @@ def merge(
     unified pack, or with ``task=NAME`` that task's model. ``inputs`` are paths that must not
     be overwritten (the pretrained path is always protected). ``executor`` runs the per-tensor
     merges (same bytes out); a remote one needs inputs opened by ``load_task_vectors`` from
-    paths, reopened on the workers (with ``unsafe_pickle``). EMR's unified pack is written locally.
+    paths (its ``TaskInputs``, or a ``select`` of them: a plain mapping of task vectors is in
+    memory), reopened on the workers (with ``unsafe_pickle``). Packs from ``load_task_vectors``
+    merge from their codes where the method allows. EMR's unified pack is written locally.
     """
     pre = as_reader(pretrained)
     source = TaskSource(pre, task_vectors)
@@ -284,8 +288,6 @@ def emr_task_model(
     progress: bool = False,
 ) -> MergeReport:
     """Write one task's model θ_pre + λ_t (m_t ⊙ τ_uni) from a unified EMR pack."""
-    from tvq.merge.methods.emr import open_emr
-
     pack = open_emr(unified)
     pre = as_reader(pretrained)
     source = TaskSource(pre, {task: pack.task_vector(task)})
@@ -342,6 +344,7 @@ def write_model(
             weight_map = {k: n for n, g in zip(names, groups, strict=True) for k in g}
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        assert hf_from is not None  # output_kind is "dir" only with a folder to copy from
         _copy_hf_files(Path(hf_from), tmp, dtype)
     report.files = sorted(out.iterdir())
     return report
@@ -353,7 +356,7 @@ def output_kind(out: Path, hf_from: str | Path | None) -> Kind:
 
 
 def _itemsize(dtype: torch.dtype | None, stored: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype or stored).element_size()
+    return (dtype or stored).itemsize
 
 
 def _plan_shards(keys: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:

@@ -173,8 +173,10 @@ def _locate(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return bins, k - above
 
 
-def task_seed(seed: int, task: str, key: str) -> int:
-    """A 63-bit seed per (seed, task, tensor): results do not depend on processing order."""
+def tensor_seed(seed: int, task: str, key: str) -> int:
+    """A 63-bit seed per (seed, task, tensor), for DARE's drop mask of one tensor of one task:
+    the mask does not depend on the order tensors are processed in. (Not ``bench.train``'s
+    per-task fine-tuning seed, which is another rule.)"""
     digest = hashlib.sha256(f"{seed}\0{task}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

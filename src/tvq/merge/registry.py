@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_args
+from typing import Any, ClassVar, TypeVar, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -20,10 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tvq.config import integral, validation_problem
 from tvq.errors import ConfigError
 from tvq.merge.coded import combination_values, joint_index, lookup, worth_coding
-
-if TYPE_CHECKING:
-    from tvq.merge.source import TaskSource
-    from tvq.quant.coded import CodedTensor
+from tvq.merge.source import NO_TASKS, TaskSource
+from tvq.quant.coded import CodedTensor
 
 
 class MethodOptions(BaseModel):
@@ -74,7 +73,7 @@ class MergeMethod(ABC):
         self.tasks = list(tasks)
         self.task = task
 
-    def prepare(self, source: TaskSource, progress: bool = False) -> None:
+    def prepare(self, source: TaskSource, progress: bool = False) -> None:  # noqa: B027 (optional hook)
         """Global statistics before the streaming pass (default: none needed)."""
 
     @abstractmethod
@@ -115,19 +114,24 @@ def merge_method(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[M], M
     return register
 
 
-def _load_builtin() -> None:
-    import tvq.merge.methods  # noqa: F401  (registers every module in the package)
+BUILTIN_METHODS = "tvq.merge.methods"  # a package whose modules register themselves
+
+
+def _registered() -> dict[str, type[MergeMethod]]:
+    """The registry, with the built-in methods loaded (once) like plugins: by name, since
+    they import this module to register."""
+    import_module(BUILTIN_METHODS)
+    return _METHODS
 
 
 def available_methods() -> dict[str, type[MergeMethod]]:
     """Canonical name -> class, sorted by name."""
-    _load_builtin()
-    return dict(sorted(_METHODS.items()))
+    return dict(sorted(_registered().items()))
 
 
 def method_class(name: str) -> type[MergeMethod]:
     """Resolve a name or alias; unknown names fail with the list of valid ones."""
-    _load_builtin()
+    _registered()
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in _METHODS:
@@ -168,7 +172,7 @@ def build_method(name: str, options: Mapping[str, Any] | MethodOptions | None, t
     cls = method_class(name)
     opts = parse_options(cls, options)
     if not tasks:
-        raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
+        raise ConfigError(NO_TASKS)
     if task is not None:
         if not cls.per_task:
             raise ConfigError(f"--task only applies to per-task methods (emr); {cls.name!r} writes one merged model")

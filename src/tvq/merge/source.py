@@ -1,54 +1,105 @@
 """Where task vectors come from: FP32 checkpoints, packs, or a mix, checked against θ_pre.
 
-The common currency is a mapping name -> ``TaskVector``. ``TaskSource`` reads them one
-tensor at a time (``stack(key)`` -> ``[T, *shape]`` fp32), so a merge never holds more than
-one tensor per task, whatever the model size.
+A ``TaskVector`` is a pure value; what the engine needs beyond its values is a ``TaskInput``
+beside it: where it was read from (so a remote worker can reopen it), the input bytes one
+tensor of it costs to read, and its codes when a pack holds it coded. ``load_task_vectors``
+builds both and returns them as ``TaskInputs`` (a name -> ``TaskVector`` mapping that keeps
+each task's ``TaskInput``); a plain mapping of task vectors is an in-memory input.
+``TaskSource`` reads them one tensor at a time (``stack(key)`` -> ``[T, *shape]`` fp32), so a
+merge never holds more than one tensor per task, whatever the model size.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from tvq.config import PaperLoadConfig
-from tvq.encode import input_stamp  # the encoder's rule: a rewritten input is never served stale
 from tvq.errors import CheckpointError, ConfigError, where
-from tvq.io.readers import CheckpointReader, TensorMeta, open_checkpoint
+from tvq.io.readers import (
+    CheckpointReader,
+    TensorMeta,
+    as_reader,
+    float_keys,
+    open_checkpoint,
+)
+from tvq.io.stamps import input_stamp
+from tvq.pack.reader import Pack, open_pack
 from tvq.quant.coded import CodedTensor
 from tvq.vector import TaskVector
 
 Transform = Callable[[str, str, torch.Tensor], torch.Tensor]  # (task, key, tau) -> tau'
+NO_TASKS = "no task vectors to merge (give --pack or --finetuned NAME=PATH)"
 
 
-class MemoryReader:
-    """A state dict in memory behind the reader interface (tests, notebooks)."""
+@dataclass(frozen=True)
+class Origin:
+    """The file a task vector is read from: a pack (which holds the task) or a fine-tuned checkpoint."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<state dict>") -> None:
-        self.path = Path(path)
-        self._tensors = dict(tensors)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def meta(self, key: str) -> TensorMeta:
-        t = self._tensors[key]
-        return TensorMeta(tuple(t.shape), t.dtype)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+    kind: Literal["pack", "finetuned"]
+    path: str
 
 
-def as_reader(pretrained: str | Path | CheckpointReader | Mapping[str, torch.Tensor], unsafe_pickle: bool = False) -> CheckpointReader:
-    if hasattr(pretrained, "get") and hasattr(pretrained, "meta"):
-        return pretrained  # type: ignore[return-value]
-    if isinstance(pretrained, Mapping):
-        return MemoryReader(pretrained)
-    return open_checkpoint(pretrained, unsafe_pickle)
+@dataclass(frozen=True)
+class TaskInput:
+    """One task of a merge: its τ, and what the engine knows about reading it."""
+
+    name: str
+    vector: TaskVector
+    origin: Origin | None = None  # None: in memory, so a remote worker cannot reopen it
+    read_bytes: Callable[[str], int] | None = None  # key -> input bytes τ of that key reads; None: fp32 τ
+    codes: Callable[[str], CodedTensor | None] | None = None  # key -> τ̂ as table + codes (packs)
+
+    def nbytes(self, key: str, numel: int) -> int:
+        """Input bytes that reading τ of ``key`` (``numel`` elements) costs."""
+        return self.read_bytes(key) if self.read_bytes is not None else 4 * numel
+
+    def coded(self, key: str) -> CodedTensor | None:
+        """τ̂ of ``key`` as a value table and codes, or None (not from a pack, or not coded)."""
+        return self.codes(key) if self.codes is not None else None
+
+
+class TaskInputs(Mapping[str, TaskVector]):
+    """name -> ``TaskVector`` in merge order, with each task's ``TaskInput`` kept beside it."""
+
+    def __init__(self, inputs: Iterable[TaskInput]) -> None:
+        self._inputs: dict[str, TaskInput] = {}
+        for task in inputs:
+            if task.name in self._inputs:
+                raise ConfigError(f"task name {task.name!r} appears twice; rename one with NAME=PATH")
+            self._inputs[task.name] = task
+
+    @classmethod
+    def of(cls, vectors: Mapping[str, TaskVector]) -> TaskInputs:
+        """``vectors`` themselves when they are ``TaskInputs``; otherwise in-memory inputs."""
+        if isinstance(vectors, TaskInputs):
+            return vectors
+        return cls(TaskInput(name, tv) for name, tv in vectors.items())
+
+    def __getitem__(self, name: str) -> TaskVector:
+        return self._inputs[name].vector
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._inputs)
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def input(self, name: str) -> TaskInput:
+        return self._inputs[name]
+
+    def inputs(self) -> list[TaskInput]:
+        return list(self._inputs.values())
+
+    def select(self, names: Iterable[str]) -> TaskInputs:
+        """These tasks only, in the given order (their inputs kept)."""
+        return TaskInputs(self._inputs[n] for n in names)
 
 
 class TaskSource:
@@ -56,11 +107,12 @@ class TaskSource:
 
     def __init__(self, pretrained: CheckpointReader, vectors: Mapping[str, TaskVector], transform: Transform | None = None) -> None:
         if not vectors:
-            raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
+            raise ConfigError(NO_TASKS)
         self.pretrained = pretrained
-        self.vectors = dict(vectors)
+        self.vectors = TaskInputs.of(vectors)
+        self.inputs = self.vectors.inputs()
         self.tasks = list(self.vectors)
-        self.keys = [k for k in pretrained.keys() if pretrained.meta(k).is_float]
+        self.keys = float_keys(pretrained)
         self._transform = transform
         self._meter = _ByteMeter()
         key_set = set(self.keys)
@@ -84,7 +136,8 @@ class TaskSource:
 
     def nbytes(self, key: str) -> int:
         """Input bytes that reading τ of every task for ``key`` costs (fp32 τ where the origin is unknown)."""
-        return sum(tv.nbytes(key) if tv.nbytes is not None else 4 * self.numel(key) for tv in self.vectors.values())
+        numel = self.numel(key)
+        return sum(task.nbytes(key, numel) for task in self.inputs)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.pretrained.meta(key).shape)
@@ -108,11 +161,11 @@ class TaskSource:
     def coded(self, key: str) -> list[CodedTensor] | None:
         """Every task's τ̂ of ``key`` as a value table and codes, or None unless all are coded
         (packs of elementwise schemes) and untransformed. Not metered: see ``count_read``."""
-        if self._transform is not None or any(tv.coded is None for tv in self.vectors.values()):
+        if self._transform is not None or any(task.codes is None for task in self.inputs):
             return None
         out = []
-        for tv in self.vectors.values():
-            c = tv.coded(key)  # type: ignore[misc]
+        for task in self.inputs:
+            c = task.coded(key)
             if c is None:
                 return None
             out.append(c)
@@ -144,12 +197,7 @@ class _ByteMeter:
             self.total += n
 
 
-def meta_nbytes(reader: CheckpointReader, key: str) -> int:
-    meta = reader.meta(key)
-    return meta.numel * meta.dtype.itemsize
-
-
-def _pack_nbytes(pack, task: str, pre: CheckpointReader, key: str) -> int:
+def _pack_nbytes(pack: Pack, task: str, pre: CheckpointReader, key: str) -> int:
     """Bytes τ̂ of one tensor reads from a pack: its codes, the RTVQ base's, and θ_pre for FQ."""
     m = pack.manifest
     n = pack.entry(task, key).stored_bytes
@@ -157,8 +205,29 @@ def _pack_nbytes(pack, task: str, pre: CheckpointReader, key: str) -> int:
     if base is not None:
         n += base.stored_bytes
     if m.method.target == "finetuned":
-        n += meta_nbytes(pre, key)
+        n += pre.meta(key).nbytes
     return n
+
+
+def _checkpoint_nbytes(ft: CheckpointReader, pre: CheckpointReader, key: str) -> int:
+    """Bytes τ of one tensor reads from two checkpoints: the fine-tuned tensor and θ_pre's."""
+    return ft.meta(key).nbytes + pre.meta(key).nbytes
+
+
+def pack_inputs(pack: Pack, pre: CheckpointReader) -> list[TaskInput]:
+    """Every task of an opened pack, reopenable from its path, with its codes."""
+    origin = Origin("pack", str(pack.path))
+    return [
+        TaskInput(name, pack.task_vector(name), origin, partial(_pack_nbytes, pack, name, pre), partial(pack.coded, name))
+        for name in pack.tasks
+    ]
+
+
+def checkpoint_input(name: str, pre: CheckpointReader, path: str | Path, unsafe_pickle: bool = False) -> TaskInput:
+    """τ = θ_ft − θ_pre of a fine-tuned checkpoint, reopenable from its path."""
+    ft = open_checkpoint(path, unsafe_pickle)
+    tv = TaskVector.from_checkpoints(pre, ft, name=name)
+    return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre))
 
 
 def load_task_vectors(
@@ -167,35 +236,28 @@ def load_task_vectors(
     packs: Sequence[str | Path] = (),
     finetuned: Mapping[str, str | Path] | None = None,
     unsafe_pickle: bool = False,
-) -> tuple[CheckpointReader, dict[str, TaskVector]]:
-    """Open θ_pre and every source; returns the reader and name -> TaskVector (packs first)."""
-    from tvq.pack.reader import open_pack
-
+) -> tuple[CheckpointReader, TaskInputs]:
+    """Open θ_pre and every source; returns the reader and name -> TaskVector (packs first),
+    as ``TaskInputs``: ``merge`` reads packs from their codes and remote workers reopen them."""
     pre = as_reader(pretrained, unsafe_pickle)
-    vectors: dict[str, TaskVector] = {}
+    inputs: dict[str, TaskInput] = {}
 
-    def add(name: str, tv: TaskVector, origin: object) -> None:
-        if name in vectors:
-            raise ConfigError(f"task name {name!r} appears twice (again in {origin}); rename one with NAME=PATH")
-        vectors[name] = tv
+    def add(task: TaskInput, where_from: str | Path) -> None:
+        if task.name in inputs:
+            raise ConfigError(f"task name {task.name!r} appears twice (again in {where_from}); rename one with NAME=PATH")
+        inputs[task.name] = task
 
-    float_keys = {k: pre.meta(k) for k in pre.keys() if pre.meta(k).is_float}
+    float_metas = {k: pre.meta(k) for k in float_keys(pre)}
     for pack_path in packs:
         pack = open_pack(pack_path, pre, unsafe_pickle)
-        _check_pack_shapes(pack, float_keys, pre)
-        for name in pack.tasks:
-            tv = pack.task_vector(name)
-            tv.origin, tv.nbytes = ("pack", str(pack_path)), partial(_pack_nbytes, pack, name, pre)
-            tv.coded = partial(pack.coded, name)
-            add(name, tv, pack_path)
+        _check_pack_shapes(pack, float_metas, pre)
+        for task in pack_inputs(pack, pre):
+            add(task, pack_path)
     for name, path in (finetuned or {}).items():
-        ft = open_checkpoint(path, unsafe_pickle)
-        tv = TaskVector.from_checkpoints(pre, ft, name=name)
-        tv.origin, tv.nbytes = ("finetuned", str(path)), lambda key, ft=ft: meta_nbytes(ft, key) + meta_nbytes(pre, key)
-        add(name, tv, path)
-    if not vectors:
-        raise ConfigError("no task vectors to merge (give --pack or --finetuned NAME=PATH)")
-    return pre, vectors
+        add(checkpoint_input(name, pre, path, unsafe_pickle), path)
+    if not inputs:
+        raise ConfigError(NO_TASKS)
+    return pre, TaskInputs(inputs.values())
 
 
 @dataclass(frozen=True)
@@ -211,22 +273,27 @@ class MergeInputs:
     @classmethod
     def of(cls, source: TaskSource, unsafe_pickle: bool = False) -> MergeInputs:
         """The paths behind a source built by ``load_task_vectors``; in-memory inputs cannot travel."""
-        unknown = [n for n, tv in source.vectors.items() if tv.origin is None]
-        if isinstance(source.pretrained, MemoryReader) or unknown:
-            what = f"task {unknown[0]!r}" if unknown else "the pretrained model"
-            raise ConfigError(
-                f"a remote executor reopens the inputs on its workers, but {what} is in memory: "
-                "load task vectors from paths (load_task_vectors, or tvq merge --pack/--finetuned)"
-            )
-        origins = {n: tv.origin for n, tv in source.vectors.items()}
-        packs = tuple(dict.fromkeys(_absolute(p) for kind, p in origins.values() if kind == "pack"))
-        fts = tuple((n, _absolute(p)) for n, (kind, p) in origins.items() if kind == "finetuned")
+        origins: dict[str, Origin] = {}
+        for task in source.inputs:
+            if task.origin is None:
+                raise ConfigError(_NOT_REMOTE.format(what=f"task {task.name!r}"))
+            origins[task.name] = task.origin
+        if not Path(source.pretrained.path).exists():  # a state dict, or a reader of no file of its own
+            raise ConfigError(_NOT_REMOTE.format(what="the pretrained model"))
+        packs = tuple(dict.fromkeys(_absolute(o.path) for o in origins.values() if o.kind == "pack"))
+        fts = tuple((n, _absolute(o.path)) for n, o in origins.items() if o.kind == "finetuned")
         return cls(_absolute(source.pretrained.path), packs, fts, tuple(source.tasks), unsafe_pickle)
 
     def open(self) -> TaskSource:
         """The source, opened once per process and version of the input files."""
         files = [self.pretrained, *(f"{p}/manifest.json" for p in self.packs), *(p for _, p in self.finetuned)]
         return _open_inputs(self, tuple(input_stamp(Path(f)) for f in files))
+
+
+_NOT_REMOTE = (
+    "a remote executor reopens the inputs on its workers, but {what} is in memory: "
+    "load task vectors from paths (load_task_vectors, or tvq merge --pack/--finetuned)"
+)
 
 
 def _absolute(path: str | Path) -> str:
@@ -241,28 +308,26 @@ def _open_inputs(inputs: MergeInputs, stamps: tuple[tuple[int, int], ...]) -> Ta
     missing = [t for t in inputs.tasks if t not in vectors]
     if missing:
         raise CheckpointError(f"task {missing[0]!r} is not in the inputs as this worker sees them (packs changed?)")
-    return TaskSource(pre, {t: vectors[t] for t in inputs.tasks})
+    return TaskSource(pre, vectors.select(inputs.tasks))
 
 
-def _check_pack_shapes(pack, float_keys: dict[str, TensorMeta], pre: CheckpointReader) -> None:
+def _check_pack_shapes(pack: Pack, float_metas: dict[str, TensorMeta], pre: CheckpointReader) -> None:
     """Fail before any work when a pack was made from another model (manifest only, no data read)."""
     task = pack.tasks[0]
-    for key in sorted(set(float_keys) - set(pack.keys))[:1]:
+    for key in sorted(set(float_metas) - set(pack.keys))[:1]:
         raise CheckpointError(f"{where(pack.path, key)}: missing from the pack (the pretrained model {pre.path} has it)")
-    for key in sorted(set(pack.keys) - set(float_keys))[:1]:
+    for key in sorted(set(pack.keys) - set(float_metas))[:1]:
         raise CheckpointError(f"{where(pack.path, key)}: not a float tensor of the pretrained model {pre.path}")
     for key in pack.keys:
         shape = tuple(pack.entry(task, key).shape)
-        if shape != tuple(float_keys[key].shape):
+        if shape != tuple(float_metas[key].shape):
             raise CheckpointError(
-                f"{where(pack.path, key)}: shape {list(shape)} differs from the pretrained model's {list(float_keys[key].shape)}"
+                f"{where(pack.path, key)}: shape {list(shape)} differs from the pretrained model's {list(float_metas[key].shape)}"
             )
 
 
 def check_load_config(cfg: PaperLoadConfig, packs: Sequence[str | Path], n_finetuned: int) -> None:
     """The paper's load_config.json must describe the inputs actually given."""
-    from tvq.pack.reader import open_pack
-
     if cfg.load_tv_type == "baseline":
         if packs:
             raise ConfigError("load_config: load_tv_type 'baseline' means FP32 task vectors; drop --pack or change load_tv_type")

@@ -8,13 +8,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tvq.errors import PackError
 
-FORMAT_NAME = "tvq-pack"
+FORMAT_NAME: Final = "tvq-pack"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -22,6 +31,16 @@ MANIFEST_NAME = "manifest.json"
 def manifest_checksum(body: dict) -> str:
     """The manifest's own ``digest``: sha256 of its JSON without that field, keys sorted."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def aux_key(key: str, name: str) -> str:
+    """The name a pack file stores the aux array ``name`` of tensor ``key`` under."""
+    return f"{key}::{name}"
+
+
+def announced_names(keys: list[str], quantized: set[str], aux_names: tuple[str, ...]) -> list[str]:
+    """Every tensor name a pack file may hold: the keys, plus aux arrays of quantized ones."""
+    return [*keys, *(aux_key(k, a) for k in keys if k in quantized for a in aux_names)]
 
 
 class _Strict(BaseModel):
@@ -38,27 +57,118 @@ class AuxEntry(_Strict):
     sha256: str
 
 
-class TensorEntry(_Strict):
-    """One stored tensor. ``q``: packed codes; ``raw``: stored as is; ``const``: no data."""
+# Version 1 writes every tensor entry with these ten keys, in this order, whatever its kind;
+# the keys a kind does not use hold fixed values (a raw tensor's ``"bits": null``). Each kind
+# below has only its own fields: the others are checked and dropped when read and written
+# back when dumped, so manifests on disk and their digests are those of version 1.
+ENTRY_KEYS = ("kind", "shape", "dtype", "bits", "scheme", "params", "aux", "value", "nbytes", "sha256")
 
-    kind: Literal["q", "raw", "const"]
+
+class _Entry(_Strict):
+    """What every kind of stored tensor has: its shape."""
+
+    UNUSED: ClassVar[dict[str, Any]]  # key -> the JSON value version 1 writes for it
+    UNUSED_PROBLEM: ClassVar[str]  # why another value is refused
+
     shape: list[int]
-    dtype: str  # dtype of the stored array (raw) or of the reconstruction (q/const: float32)
-    bits: int | None = None
-    scheme: str | None = None  # quantizer of a ``q`` tensor (see tvq.quant.schemes)
-    params: dict[str, float] = {}  # its scalar parameters, e.g. scale and zero_point
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this tensor takes in its pack file (aux arrays included)."""
+        return 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unused(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unused = cls.UNUSED
+        own = {k: v for k, v in data.items() if k not in unused}
+        if len(own) < len(data):
+            for key, fixed in unused.items():
+                if key in data and (data[key] != fixed or type(data[key]) is not type(fixed)):
+                    raise ValueError(cls.UNUSED_PROBLEM)
+        return own
+
+    @model_serializer(mode="wrap")
+    def _version1_layout(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        own = handler(self)
+        unused = self.UNUSED
+        return {key: own[key] if key in own else _copy(unused[key]) for key in ENTRY_KEYS if key in own or key in unused}
+
+
+def _copy(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value
+
+
+class QuantizedEntry(_Entry):
+    """``q``: ``bits``-bit codes, bit-packed (``nbytes``), decoded to float32 by ``scheme``
+    (see tvq.quant.schemes) with its scalar ``params`` (e.g. scale and zero_point) and, for
+    group-wise schemes, per-group ``aux`` arrays stored beside the codes."""
+
+    UNUSED: ClassVar[dict[str, Any]] = {"dtype": "float32", "value": None}
+    UNUSED_PROBLEM: ClassVar[str] = "codes decode to float32 and carry no value"
+
+    kind: Literal["q"] = "q"
+    bits: int
+    scheme: str
+    params: dict[str, float] = {}
     aux: dict[str, AuxEntry] = {}
-    value: float | None = None
-    nbytes: int = 0  # bytes of the packed codes or raw data, aux arrays excluded
-    sha256: str | None = None
+    nbytes: int  # of the packed codes, aux arrays excluded
+    sha256: str
 
     @property
     def stored_bytes(self) -> int:
         return self.nbytes + sum(a.nbytes for a in self.aux.values())
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def aux_numel(self) -> int:
+        """Elements of each aux array: one per group of ``params["group_size"]`` elements."""
+        size = int(self.params.get("group_size", 1))
+        return -(-self.numel // size)
+
+
+class RawEntry(_Entry):
+    """``raw``: the tensor stored as is, in ``dtype`` (kept tensors: biases, norms; FQ's originals)."""
+
+    UNUSED: ClassVar[dict[str, Any]] = {"bits": None, "scheme": None, "params": {}, "aux": {}, "value": None}
+    UNUSED_PROBLEM: ClassVar[str] = "a raw tensor has no bits, scheme, parameters or value"
+
+    kind: Literal["raw"] = "raw"
+    dtype: str  # torch's name: "float32", "bfloat16", ...
+    nbytes: int
+    sha256: str
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.nbytes
+
+
+class ConstEntry(_Entry):
+    """``const``: every element is ``value`` (float32); nothing is stored. ``bits`` is the
+    width the tensor was given (kept so that adding tasks allocates as before)."""
+
+    UNUSED: ClassVar[dict[str, Any]] = {"dtype": "float32", "scheme": None, "params": {}, "aux": {}, "nbytes": 0, "sha256": None}
+    UNUSED_PROBLEM: ClassVar[str] = "a constant stores no data, parameters or checksum and decodes to float32"
+
+    kind: Literal["const"] = "const"
+    bits: int | None = None
+    value: float
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _value_given(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("a constant needs a finite float32 value, got None")
+        return value
+
+
+TensorEntry: TypeAlias = Annotated[QuantizedEntry | RawEntry | ConstEntry, Field(discriminator="kind")]
+"""One stored tensor, by its ``kind``: packed codes, stored as is, or a constant."""
 
 
 class FileEntry(_Strict):

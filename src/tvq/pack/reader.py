@@ -19,17 +19,26 @@ import torch
 from pydantic import ValidationError
 
 from tvq.errors import PackError, where
+from tvq.io.dtypes import TORCH_DTYPES, dtype_name
 from tvq.io.paths import confined
 from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
-from tvq.pack.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, Manifest, TensorEntry, manifest_checksum
-from tvq.pack.validate import DTYPE_BY_NAME, aux_elements, validate_manifest
-from tvq.pack.writer import aux_key
+from tvq.pack.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    Method,
+    QuantizedEntry,
+    TensorEntry,
+    aux_key,
+    manifest_checksum,
+)
+from tvq.pack.validate import validate_manifest
 from tvq.quant.coded import CodedTensor
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, get_scheme
 from tvq.vector import TaskVector
-
 
 MAX_MANIFEST_BYTES = 1 << 30  # ~2.5 M tensor entries; a manifest is read whole, so it is capped
 
@@ -92,7 +101,7 @@ class Pack:
     def __init__(self, path: str | Path, pretrained: str | Path | CheckpointReader | None = None, unsafe_pickle: bool = False) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, SafetensorsFile] = {}
         self._base_cache: dict[str, CodedTensor | None] = {}
         self._lock = threading.Lock()
         self._pretrained_arg = pretrained
@@ -111,7 +120,7 @@ class Pack:
         return [t.name for t in self.manifest.tasks]
 
     @property
-    def method(self):
+    def method(self) -> Method:
         return self.manifest.method
 
     @cached_property
@@ -137,7 +146,7 @@ class Pack:
         return sum(f.bytes for f in self.manifest.files.values()) + (self.path / "manifest.json").stat().st_size
 
     # -- decoding -------------------------------------------------------------------------
-    def _handle(self, rel: str):
+    def _handle(self, rel: str) -> SafetensorsFile:
         if rel not in self._handles:
             try:
                 self._handles[rel] = SafetensorsFile(self.path / rel)
@@ -149,32 +158,32 @@ class Pack:
         """The stored value of one tensor: dequantized codes, or the raw tensor as stored."""
         entry = self._tensor_entry(rel, key)
         if entry.kind == "const":
-            return torch.full(tuple(entry.shape), float(entry.value), dtype=torch.float32)  # type: ignore[arg-type]
+            return torch.full(tuple(entry.shape), entry.value, dtype=torch.float32)
         if entry.kind == "raw":
-            data = self._read_verified(rel, key, entry.sha256, DTYPE_BY_NAME[entry.dtype], entry.shape)
+            data = self._read_verified(rel, key, entry.sha256, TORCH_DTYPES[entry.dtype], entry.shape)
             if data.is_floating_point() and not bool(torch.isfinite(data).all()):
                 raise PackError(f"{where(self.path / rel, key)}: stored tensor contains NaN or Inf")
             return data  # a fresh buffer (SafetensorsFile reads, never maps): safe to hand out
         codes = self._codes(rel, key, entry)
         aux = self._aux(rel, key, entry)
-        return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)  # type: ignore[arg-type]
+        return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
 
-    def _codes(self, rel: str, key: str, entry: TensorEntry) -> torch.Tensor:
+    def _codes(self, rel: str, key: str, entry: QuantizedEntry) -> torch.Tensor:
         data = self._read_verified(rel, key, entry.sha256, torch.uint8, [entry.nbytes])
-        return unpack_codes(data, entry.bits, entry.numel)  # type: ignore[arg-type]
+        return unpack_codes(data, entry.bits, entry.numel)
 
-    def _aux(self, rel: str, key: str, entry: TensorEntry) -> dict[str, torch.Tensor]:
+    def _aux(self, rel: str, key: str, entry: QuantizedEntry) -> dict[str, torch.Tensor]:
         """The per-group arrays of a group-wise entry, checked to decode to finite values."""
         if not entry.aux:
             return {}
-        shape = [aux_elements(entry)]
+        shape = [entry.aux_numel]
         aux = {name: self._read_verified(rel, aux_key(key, name), a.sha256, torch.float32, shape) for name, a in entry.aux.items()}
-        problem = decode_problem(entry.scheme, entry.bits, entry.params, aux)  # type: ignore[arg-type]
+        problem = decode_problem(entry.scheme, entry.bits, entry.params, aux)
         if problem:
             raise PackError(f"{where(self.path / rel, key)}: {problem}")
         return aux
 
-    def _read_verified(self, rel: str, name: str, sha256: str | None, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    def _read_verified(self, rel: str, name: str, sha256: str, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
         """One stored array, checked against the manifest: dtype, shape, then its sha256."""
         try:
             handle = self._handle(rel)
@@ -183,8 +192,8 @@ class Pack:
                 raise PackError(f"{where(self.path / rel, name)}: missing from the pack file")
             if meta.dtype != dtype or list(meta.shape) != list(shape):
                 raise PackError(
-                    f"{where(self.path / rel, name)}: stored as {str(meta.dtype).removeprefix('torch.')} {list(meta.shape)}, "
-                    f"the manifest says {str(dtype).removeprefix('torch.')} {list(shape)}"
+                    f"{where(self.path / rel, name)}: stored as {dtype_name(meta.dtype)} {list(meta.shape)}, "
+                    f"the manifest says {dtype_name(dtype)} {list(shape)}"
                 )
             data = handle.get_tensor(name)
         except PackError:
@@ -200,14 +209,14 @@ class Pack:
         """The pretrained model the caller named. The path recorded in the manifest is only
         shown, never opened: it comes from whoever made the pack (see docs/security.md)."""
         arg = self._pretrained_arg
-        if arg is not None and hasattr(arg, "get"):
-            return arg  # type: ignore[return-value]
         if arg is None:
             raise PackError(
                 f"{where(self.path)}: needs the pretrained model: pass --pretrained "
                 f"(the pack was made from {self.manifest.pretrained.path[:300]})"
             )
-        path = Path(arg)  # type: ignore[arg-type]
+        if not isinstance(arg, (str, Path)):
+            return arg  # an open reader
+        path = Path(arg)
         reader = open_checkpoint(path, self._unsafe_pickle)
         available = set(reader.keys())
         for key in self.keys:
@@ -222,8 +231,9 @@ class Pack:
         method = self.manifest.method
         if method.target == "finetuned":
             return self._finite(stored.float() - self.pretrained.get(key).float(), rel, key)
-        if method.residual and key in self.manifest.files[self.manifest.base_file].tensors:  # type: ignore[index]
-            return self._finite(self.decode(self.manifest.base_file, key) + stored, rel, key)  # type: ignore[arg-type]
+        base_file = self.manifest.base_file
+        if base_file is not None and key in self.manifest.files[base_file].tensors:
+            return self._finite(self.decode(base_file, key) + stored, rel, key)
         return stored.float()
 
     def _finite(self, tau: torch.Tensor, rel: str, key: str) -> torch.Tensor:
@@ -242,7 +252,7 @@ class Pack:
         base_file = self.manifest.base_file
         if coded is None or not base_file or key not in self.manifest.files[base_file].tensors:
             return coded
-        base = self._base_coded(key)
+        base = self._base_coded(base_file, key)
         if base is None:
             return None
         table = (base.table[:, None] + coded.table[None, :]).reshape(-1)  # β̂ + ô, as task_tensor adds them
@@ -251,13 +261,13 @@ class Pack:
         index = base.index.to(wide, copy=True).mul_(coded.values).add_(coded.index.to(wide))  # never in place on the shared base
         return CodedTensor(table, index)
 
-    def _base_coded(self, key: str) -> CodedTensor | None:
+    def _base_coded(self, base_file: str, key: str) -> CodedTensor | None:
         """The RTVQ base's codes of ``key``, shared by every task's ``coded``: read, verified and
         unpacked once per tensor, not once per task (a few recent keys are kept, one per job)."""
         with self._lock:
             if key in self._base_cache:
                 return self._base_cache[key]
-        base = self._coded(self.manifest.base_file, key)  # type: ignore[arg-type]
+        base = self._coded(base_file, key)
         with self._lock:
             self._base_cache[key] = base
             while len(self._base_cache) > 8:
@@ -266,11 +276,12 @@ class Pack:
 
     def _coded(self, rel: str, key: str) -> CodedTensor | None:
         entry = self._tensor_entry(rel, key)
-        n = entry.numel
         if entry.kind == "const":
-            return CodedTensor(torch.tensor([float(entry.value)], dtype=torch.float32), torch.zeros(n, dtype=torch.uint8))
-        scheme = get_scheme(entry.scheme) if entry.kind == "q" else None
-        if scheme is None or scheme.aux_names:
+            return CodedTensor(torch.tensor([entry.value], dtype=torch.float32), torch.zeros(entry.numel, dtype=torch.uint8))
+        if entry.kind == "raw":
+            return None
+        scheme = get_scheme(entry.scheme)
+        if scheme.aux_names:
             return None
         codes = self._codes(rel, key, entry)
         every_code = torch.arange(2**entry.bits, dtype=torch.int32).to(torch.uint8)

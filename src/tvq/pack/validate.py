@@ -12,14 +12,22 @@ arithmetic; what they still check per read is the data itself (sha256 per tensor
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
 from tvq.errors import PackError, where
+from tvq.io.dtypes import TORCH_DTYPES
 from tvq.io.paths import PACK_FILE_NAME, name_problem
-from tvq.io.readers import SAFETENSORS_DTYPES
-from tvq.pack.manifest import FileEntry, Manifest, TensorEntry
-from tvq.quant.minmax import MAX_BITS, MIN_BITS
+from tvq.pack.manifest import (
+    ConstEntry,
+    FileEntry,
+    Manifest,
+    QuantizedEntry,
+    RawEntry,
+    TensorEntry,
+)
+from tvq.quant.bits import MAX_BITS, MIN_BITS
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import FLOAT32_MAX, SCHEMES, decode_problem
 
@@ -33,20 +41,11 @@ MAX_TASKS = 10_000
 MAX_NAME = 1024  # task and tensor names
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-DTYPE_BY_NAME = {str(d).removeprefix("torch."): d for d in SAFETENSORS_DTYPES.values()}
 
 
 def max_tensor_elements() -> int:
-    import os
-
     value = os.environ.get("TVQ_MAX_TENSOR_ELEMENTS")
     return int(value) if value and value.isdigit() else MAX_TENSOR_ELEMENTS
-
-
-def aux_elements(entry: TensorEntry) -> int:
-    """Elements of each aux array of a group-wise entry: one per group."""
-    size = int(entry.params.get("group_size", 1))
-    return -(-entry.numel // size)
 
 
 class _Checker:
@@ -75,37 +74,35 @@ class _Checker:
             raise self.fail(what, f"shape {entry.shape[:MAX_NDIM + 1]} (at most {MAX_NDIM} non-negative dimensions)")
         if entry.numel > self.cap:
             raise self.fail(what, f"{entry.numel} elements, more than the cap of {self.cap} (TVQ_MAX_TENSOR_ELEMENTS)")
-        if entry.sha256 is not None and not _HEX64.match(entry.sha256):
+        if isinstance(entry, ConstEntry):  # the schema: no data, no checksum, float32
+            self._const(entry, what)
+            return
+        if not _HEX64.match(entry.sha256):
             raise self.fail(what, "sha256 is not 64 hex digits")
-        getattr(self, f"_{entry.kind}")(entry, what)
+        if isinstance(entry, RawEntry):
+            self._raw(entry, what)
+        else:
+            self._q(entry, what)
 
-    def _const(self, e: TensorEntry, what: str) -> None:
-        if e.value is None or not math.isfinite(e.value) or abs(e.value) > FLOAT32_MAX:
+    def _const(self, e: ConstEntry, what: str) -> None:
+        if not math.isfinite(e.value) or abs(e.value) > FLOAT32_MAX:
             raise self.fail(what, f"constant needs a finite float32 value, got {e.value!r}")
-        if e.nbytes or e.sha256 is not None or e.aux or e.params or e.scheme is not None or e.dtype != "float32":
-            raise self.fail(what, "a constant stores no data, parameters or checksum and decodes to float32")
         if e.bits is not None and not MIN_BITS <= e.bits <= MAX_BITS:
             raise self.fail(what, f"bits {e.bits} out of range {MIN_BITS}-{MAX_BITS}")
 
-    def _raw(self, e: TensorEntry, what: str) -> None:
-        dtype = DTYPE_BY_NAME.get(e.dtype)
+    def _raw(self, e: RawEntry, what: str) -> None:
+        dtype = TORCH_DTYPES.get(e.dtype)
         if dtype is None:
             raise self.fail(what, f"unknown dtype {e.dtype!r}")
-        if e.bits is not None or e.scheme is not None or e.params or e.aux or e.value is not None:
-            raise self.fail(what, "a raw tensor has no bits, scheme, parameters or value")
-        if e.sha256 is None:
-            raise self.fail(what, "no sha256")
         if e.nbytes != e.numel * dtype.itemsize:
             raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} elements of {e.dtype} (expected {e.numel * dtype.itemsize})")
 
-    def _q(self, e: TensorEntry, what: str) -> None:
-        scheme = SCHEMES.get(e.scheme or "")
+    def _q(self, e: QuantizedEntry, what: str) -> None:
+        scheme = SCHEMES.get(e.scheme)
         if scheme is None:
             raise self.fail(what, f"unknown quantizer {e.scheme!r}")
-        if e.bits is None or e.bits not in scheme.bits:
-            raise self.fail(what, f"bits {e.bits!r} not valid for {e.scheme} (valid: {', '.join(map(str, scheme.bits))})")
-        if e.dtype != "float32" or e.value is not None or e.sha256 is None:
-            raise self.fail(what, "codes decode to float32, carry a sha256 and no value")
+        if e.bits not in scheme.bits:
+            raise self.fail(what, f"bits {e.bits} not valid for {e.scheme} (valid: {', '.join(map(str, scheme.bits))})")
         if set(e.params) != scheme.param_names:
             raise self.fail(what, f"{e.scheme} needs parameters {sorted(scheme.param_names)}, got {sorted(e.params)}")
         size = e.params.get("group_size")
@@ -120,7 +117,7 @@ class _Checker:
         if set(e.aux) != set(scheme.aux_names):
             raise self.fail(what, f"{e.scheme} stores aux arrays {list(scheme.aux_names)}, got {sorted(e.aux)}")
         for name, aux in e.aux.items():
-            expected = aux_elements(e) * 4
+            expected = e.aux_numel * 4
             if aux.nbytes != expected or not _HEX64.match(aux.sha256):
                 raise self.fail(f"{what}::{name}", f"nbytes {aux.nbytes} (expected {expected} float32 bytes) and a 64-hex sha256")
 

@@ -1,4 +1,4 @@
-"""Writing one pack file: quantize, bit-pack, append, and record the manifest entry."""
+"""Writing one pack file: append encoded tensors and record their manifest entries."""
 
 from __future__ import annotations
 
@@ -6,25 +6,53 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from tvq.io.safetensors_writer import StreamingSafetensorsWriter, sha256_file, sha256_tensor
-from tvq.encode import StoredTensor, encode_quantized, encode_raw
-from tvq.pack.manifest import AuxEntry, FileEntry, TensorEntry
+from tvq.io.dtypes import dtype_name
+from tvq.io.safetensors_writer import (
+    StreamingSafetensorsWriter,
+    sha256_file,
+    sha256_tensor,
+)
+from tvq.pack.manifest import (
+    AuxEntry,
+    ConstEntry,
+    FileEntry,
+    QuantizedEntry,
+    RawEntry,
+    TensorEntry,
+    aux_key,
+)
+from tvq.pack.manifest import (
+    announced_names as announced_names,  # re-exported: its home is tvq.pack.manifest
+)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+class Stored(Protocol):
+    """One encoded tensor, as an encoder hands it over (tvq.encode.StoredTensor): ``q`` (packed
+    codes in ``data``, ``bits``, ``scheme``, ``params``, ``aux`` arrays), ``raw`` (the tensor in
+    ``data``) or ``const`` (``value``); ``sha256`` of ``data`` when already computed."""
 
-
-def aux_key(key: str, name: str) -> str:
-    return f"{key}::{name}"
-
-
-def announced_names(keys: list[str], quantized: set[str], aux_names: tuple[str, ...]) -> list[str]:
-    """Every tensor name a pack file may hold: the keys, plus aux arrays of quantized ones."""
-    return [*keys, *(aux_key(k, a) for k in keys if k in quantized for a in aux_names)]
+    @property
+    def kind(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def data(self) -> torch.Tensor | None: ...
+    @property
+    def bits(self) -> int | None: ...
+    @property
+    def scheme(self) -> str | None: ...
+    @property
+    def params(self) -> dict[str, float]: ...
+    @property
+    def aux(self) -> dict[str, torch.Tensor]: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def sha256(self) -> str | None: ...
 
 
 class PackFileWriter:
@@ -37,39 +65,28 @@ class PackFileWriter:
         self._writer = StreamingSafetensorsWriter(root / rel_name, names, metadata)
         self._tensors: dict[str, TensorEntry] = {}
 
-    def add(self, key: str, stored: StoredTensor) -> None:
+    def add(self, key: str, stored: Stored) -> None:
         """Append one encoded tensor (codes + aux arrays, raw data, or nothing for a constant)."""
-        if stored.kind == "const":
-            self._tensors[key] = TensorEntry(kind="const", shape=stored.shape, dtype="float32", bits=stored.bits, value=stored.value)
-            return
+        self._tensors[key] = self._entry(key, stored)
+
+    def _entry(self, key: str, stored: Stored) -> TensorEntry:
+        if stored.kind == "const" and stored.value is not None:
+            return ConstEntry(shape=stored.shape, bits=stored.bits, value=stored.value)
         data = stored.data
+        if data is None or stored.kind not in ("q", "raw"):
+            raise ValueError(f"{key}: a {stored.kind!r} tensor without its data or value")
         self._writer.add(key, data)
         digest = stored.sha256 or sha256_tensor(data)
+        nbytes = data.numel() * data.element_size()
+        if stored.kind == "raw":
+            return RawEntry(shape=stored.shape, dtype=dtype_name(data.dtype), nbytes=nbytes, sha256=digest)
+        if stored.bits is None or stored.scheme is None:
+            raise ValueError(f"{key}: codes without their bits or scheme")
         aux = {}
         for name, arr in stored.aux.items():
             self._writer.add(aux_key(key, name), arr)
             aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=sha256_tensor(arr))
-        self._tensors[key] = TensorEntry(
-            kind=stored.kind,
-            shape=stored.shape,
-            dtype="float32" if stored.kind == "q" else dtype_name(data.dtype),
-            bits=stored.bits,
-            scheme=stored.scheme,
-            params=stored.params,
-            aux=aux,
-            nbytes=data.numel() * data.element_size(),
-            sha256=digest,
-        )
-
-    def add_quantized(self, key: str, x: torch.Tensor, bits: int, scheme: str = "minmax", **opts) -> torch.Tensor:
-        """Quantize ``x`` (fp32), store it, and return the reconstruction."""
-        stored, recon = encode_quantized(x, bits, scheme, **opts)
-        self.add(key, stored)
-        return recon
-
-    def add_raw(self, key: str, tensor: torch.Tensor) -> None:
-        """Store a tensor exactly as given (kept tensors: biases, norms, or FQ's originals)."""
-        self.add(key, encode_raw(tensor))
+        return QuantizedEntry(shape=stored.shape, bits=stored.bits, scheme=stored.scheme, params=stored.params, aux=aux, nbytes=nbytes, sha256=digest)
 
     def close(self) -> FileEntry:
         size = self._writer.close()

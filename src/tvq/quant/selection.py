@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from tvq.io.readers import TensorMeta
+if TYPE_CHECKING:  # the rules are read by the CLI, which must not import torch to show --help
+    from tvq.io.readers import TensorMeta
 
 
 class KeyRule(str, Enum):

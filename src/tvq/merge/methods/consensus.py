@@ -53,10 +53,7 @@ class Consensus(MergeMethod):
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
-        if o.base == "ties":
-            mtl = ties_tensor(taus, o.density, self.stats, "sum")
-        else:
-            mtl = taus.sum(dim=0)
+        mtl = ties_tensor(taus, o.density, self.stats, "sum") if o.base == "ties" else taus.sum(dim=0)
         votes = torch.zeros(mtl.shape, dtype=torch.int32)
         lam = self._thresholds(mtl.dim())
         for row, lam_t in zip(taus, lam, strict=True):

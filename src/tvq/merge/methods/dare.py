@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tvq.merge.methods.ties import TiesStats, ties_tensor
-from tvq.merge.ops import dare_, task_seed
+from tvq.merge.ops import dare_, tensor_seed
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.source import TaskSource
 
@@ -53,7 +53,7 @@ class Dare(MergeMethod):
 
     def _drop(self, task: str, key: str, tau: torch.Tensor) -> torch.Tensor:
         o = self.options
-        return dare_(tau, o.drop_rate, o.rescale, task_seed(o.seed, task, key))
+        return dare_(tau, o.drop_rate, o.rescale, tensor_seed(o.seed, task, key))
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options

@@ -33,7 +33,11 @@ from tqdm import tqdm
 
 from tvq.errors import ConfigError, PackError, TvqError, where
 from tvq.io.readers import SafetensorsFile
-from tvq.io.safetensors_writer import DTYPE_NAMES, StreamingSafetensorsWriter, sha256_tensor
+from tvq.io.safetensors_writer import (
+    DTYPE_NAMES,
+    StreamingSafetensorsWriter,
+    sha256_tensor,
+)
 from tvq.merge.registry import MergeMethod, merge_method
 from tvq.merge.source import TaskSource
 from tvq.pack.manifest import manifest_checksum
@@ -224,7 +228,7 @@ class EMRPack:
             raise PackError(f"{where(self.path)}: not a tvq EMR pack (metadata format={ascii(meta.get('format'))[:40]})")
         self.tasks, self._recorded = self._read_metadata(meta)
         self._sums = None if self._recorded is None else {name: e["sha256"] for name, e in self._recorded.items()}
-        self.keys = [n.removeprefix("unified.") for n in self._file.keys() if n.startswith("unified.")]
+        self.keys = [n.removeprefix("unified.") for n in self._file.metas if n.startswith("unified.")]
         self._check_header()
         self.rescalers = self._verified("rescalers")
         if not bool(torch.isfinite(self.rescalers).all()) or bool((self.rescalers < 0).any()):

@@ -18,8 +18,22 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
-from tvq.merge.coded import combination_values, joint_index, lookup, marginal_counts, weighted_kth_largest, worth_coding
-from tvq.merge.ops import global_kth_largest, keep_count, row_thresholds, ties_keep, ties_merge, trimmed_sum
+from tvq.merge.coded import (
+    combination_values,
+    joint_index,
+    lookup,
+    marginal_counts,
+    weighted_kth_largest,
+    worth_coding,
+)
+from tvq.merge.ops import (
+    global_kth_largest,
+    keep_count,
+    row_thresholds,
+    ties_keep,
+    ties_merge,
+    trimmed_sum,
+)
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.source import TaskSource
 from tvq.quant.coded import CodedTensor

@@ -1,109 +1,40 @@
 """FQ / TVQ / RTVQ: turn one pretrained and T fine-tuned checkpoints into a pack.
 
-Everything streams tensor by tensor: peak memory is about (T + 3) x the largest tensor,
-whatever the model size. Arithmetic is fp32, as in the paper's code, and the operations
-are the paper's, in its order, so the stored codes are bit-identical to its output.
+Everything streams tensor by tensor: one job per tensor (tvq.encode.key), run by any
+executor, its results written in key order. Peak memory is about (T + 3) x the largest
+tensor, whatever the model size. Arithmetic is fp32, as in the paper's code, and the
+operations are the paper's, in its order, so the stored codes are bit-identical to its output.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from tvq import __version__
+from tvq.encode.checks import check_finite
+from tvq.encode.job import BASE, PRETRAINED, KeyJob, KeyResult, Source
+from tvq.encode.key import encode_key
+from tvq.encode.options import QuantizeOptions
 from tvq.errors import CheckpointError, ConfigError, where
+from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import atomic_dir, atomic_file, check_distinct_outputs, check_output
 from tvq.io.content_hash import DEFAULT_ALGORITHM, algorithm_of, labelled, new_hasher
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
-from tvq.encode import BASE, PRETRAINED, KeyJob, KeyResult, check_finite, encode_key, mean_of
-from tvq.execute import Executor, LocalExecutor
-from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, Method, TaskEntry
-from tvq.pack.validate import MAX_GROUP_SIZE
-from tvq.pack.writer import PackFileWriter, announced_names, close_all
-from tvq.quant.minmax import check_bits
+from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, TaskEntry, announced_names
+from tvq.pack.writer import PackFileWriter, close_all
+from tvq.quant.chunks import mean_of
 from tvq.quant.schemes import get_scheme
 from tvq.quant.selection import KeyRule, TensorRole, tensor_role
 from tvq.vector import check_compatible
-
-
-@dataclass
-class BitPlan:
-    """Bit widths chosen per tensor (and for the RTVQ base) under a memory budget."""
-
-    budget_bits: float
-    bits: dict[str, int]
-    base_bits: dict[str, int] = field(default_factory=dict)
-    budget_bytes: int | None = None
-
-    def get(self, key: str, base: bool = False) -> int | None:
-        return (self.base_bits if base else self.bits).get(key)
-
-
-@dataclass
-class QuantizeOptions:
-    """What to quantize and how; mirrors the paper's quantize_config.json."""
-
-    target: Literal["task_vector", "finetuned"] = "task_vector"
-    bits: int = 4
-    residual: bool = False
-    base_bits: int | None = None
-    error_correction: bool = False
-    key_rule: KeyRule = KeyRule.NDIM
-    quantizer: str = "minmax"  # see tvq.quant.schemes; "minmax" is the paper's
-    group_size: int = 128  # for quantizer="group"
-    # per-tensor bit widths chosen by tvq.allocate (None: ``bits``/``base_bits`` everywhere)
-    bit_plan: BitPlan | None = None
-
-    def bits_for(self, key: str, base: bool = False) -> int:
-        if self.bit_plan is not None:
-            planned = self.bit_plan.get(key, base)
-            if planned is not None:
-                return planned
-        return self.base_bits if base else self.bits
-
-    def scheme_options(self) -> dict:
-        return {"group_size": self.group_size} if self.quantizer == "group" else {}
-
-    def validated(self) -> QuantizeOptions:
-        check_bits(self.bits, "bits")
-        if self.target not in ("task_vector", "finetuned"):
-            raise ConfigError(f"target={self.target!r} is unknown: choose task_vector or finetuned")
-        if self.residual:
-            if self.target != "task_vector":
-                raise ConfigError("residual (RTVQ) quantization needs target=task_vector")
-            if self.base_bits is None:
-                self.base_bits = min(8, self.bits + 1)
-            check_bits(self.base_bits, "base_bits")
-            get_scheme(self.quantizer, self.base_bits)
-        elif self.error_correction:
-            raise ConfigError("error_correction only applies to residual (RTVQ) quantization")
-        get_scheme(self.quantizer, self.bits)
-        if self.quantizer == "group" and not (isinstance(self.group_size, int) and 2 <= self.group_size <= MAX_GROUP_SIZE):
-            raise ConfigError(
-                f"group_size={self.group_size!r} must be an integer from 2 to {MAX_GROUP_SIZE} "
-                "(the most a pack may record; a group larger than a tensor is the whole tensor)"
-            )
-        return self
-
-    def method(self) -> Method:
-        return Method(
-            target=self.target,
-            residual=self.residual,
-            bits=self.bits,
-            base_bits=self.base_bits if self.residual else None,
-            error_correction=self.error_correction,
-            key_rule=KeyRule(self.key_rule).value,
-            quantizer=self.quantizer,
-            group_size=self.group_size if self.quantizer == "group" else None,
-            budget_bits=self.bit_plan.budget_bits if self.bit_plan is not None else None,
-        )
+from tvq.version import __version__
 
 
 class InputDigest:
@@ -131,19 +62,19 @@ class QuantizeReport:
     bytes_written: int
 
 
-def _safe_file_name(index: int, name: str) -> str:
+def task_file_name(index: int, name: str) -> str:
     return f"tasks/{index:03d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:80]}.safetensors"
 
 
-def _as_reader(source, unsafe_pickle: bool) -> CheckpointReader:
-    return source if hasattr(source, "get") else open_checkpoint(source, unsafe_pickle)
+def reader_of(source: Source, unsafe_pickle: bool) -> CheckpointReader:
+    return open_checkpoint(source, unsafe_pickle) if isinstance(source, (str, Path)) else source
 
 
-def _input_ref(path: str | Path, digest: InputDigest, reader: CheckpointReader) -> InputRef:
+def input_ref(path: str | Path, digest: InputDigest, reader: CheckpointReader) -> InputRef:
     return InputRef(path=str(Path(path).resolve()), digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
 
 
-def _check_task_names(finetuned: dict[str, object]) -> None:
+def check_task_names(finetuned: Mapping[str, object]) -> None:
     if not finetuned:
         raise ConfigError("no fine-tuned checkpoints given (use --finetuned NAME=PATH)")
     for name in finetuned:
@@ -151,7 +82,7 @@ def _check_task_names(finetuned: dict[str, object]) -> None:
             raise ConfigError(f"invalid task name {name!r}")
 
 
-def _reference(options: QuantizeOptions) -> str | None:
+def reference_of(options: QuantizeOptions) -> Literal["avg", "quantized_base"] | None:
     if not options.residual:
         return None
     return "quantized_base" if options.error_correction else "avg"
@@ -183,12 +114,13 @@ class StreamStats:
             self.err_sq[name] += err
             self.ref_sq[name] += ref
 
-    def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader, reference: str | None = None) -> TaskEntry:
+    def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader,
+                   reference: Literal["avg", "quantized_base"] | None = None) -> TaskEntry:  # fmt: skip
         err, ref = self.err_sq[name], self.ref_sq[name]
         return TaskEntry(
             name=name,
             file=file,
-            source=_input_ref(path, self.digests[name], reader),
+            source=input_ref(path, self.digests[name], reader),
             rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
             reference=reference,
         )
@@ -215,8 +147,8 @@ def encode_all(
 
 
 def quantize(
-    pretrained: str | Path,
-    finetuned: dict[str, str | Path],
+    pretrained: Source,
+    finetuned: Mapping[str, Source],
     out: str | Path,
     options: QuantizeOptions,
     *,
@@ -235,10 +167,10 @@ def quantize(
     Inputs are hashed with ``digest_algorithm`` (or that of the expected digests).
     """
     options = options.validated()
-    _check_task_names(finetuned)
+    check_task_names(finetuned)
     out = Path(out)
-    pre = _as_reader(pretrained, unsafe_pickle)
-    readers: dict[str, CheckpointReader] = {name: _as_reader(p, unsafe_pickle) for name, p in finetuned.items()}
+    pre = reader_of(pretrained, unsafe_pickle)
+    readers: dict[str, CheckpointReader] = {name: reader_of(p, unsafe_pickle) for name, p in finetuned.items()}
     for reader in readers.values():
         check_compatible(pre, reader)
     inputs = [Path(pre.path), *(Path(r.path) for r in readers.values())]
@@ -256,8 +188,8 @@ def quantize(
     names = list(readers)
     # Remote workers get paths (jobs must be shipped); local ones the readers opened above.
     remote = getattr(executor, "remote", False)
-    pre_src = pretrained if remote and not hasattr(pretrained, "get") else pre
-    ft_src = {n: (p if remote and not hasattr(p, "get") else readers[n]) for n, p in finetuned.items()}
+    pre_src: Source = pretrained if remote and isinstance(pretrained, (str, Path)) else pre
+    ft_src: dict[str, Source] = {n: (p if remote and isinstance(p, (str, Path)) else readers[n]) for n, p in finetuned.items()}
     if expect_digests:
         digest_algorithm = algorithm_of(next(iter(expect_digests.values())))
     jobs = [
@@ -269,14 +201,14 @@ def quantize(
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out, overwrite=overwrite))
         avg_tmp = stack.enter_context(atomic_file(Path(average_out), overwrite=overwrite)) if average_out is not None else None
-        task_files = {name: _safe_file_name(i, name) for i, name in enumerate(names)}
+        task_files = {name: task_file_name(i, name) for i, name in enumerate(names)}
         aux = get_scheme(options.quantizer).aux_names
         task_names = announced_names(float_keys, set(quant_keys), aux)
         writers = {name: PackFileWriter(tmp, task_files[name], task_names, {"task": name}) for name in names}
         if options.residual:
             writers[BASE] = PackFileWriter(tmp, "base.safetensors", announced_names(quant_keys, set(quant_keys), aux), {"role": "base"})
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
-        all_writers = [*writers.values(), *([avg_writer] if avg_writer else [])]
+        all_writers: list[PackFileWriter | StreamingSafetensorsWriter] = [*writers.values(), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
         stats = StreamStats.for_tasks(names, digest_algorithm)
         encode_all(jobs, writers, stats, executor, avg_writer, f"quantize {options.method().label}", progress)
@@ -293,8 +225,8 @@ def quantize(
         manifest = Manifest(
             created_by=f"tvq {__version__}",
             method=options.method(),
-            pretrained=_input_ref(pre.path, stats.digests[PRETRAINED], pre),
-            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], _reference(options)) for name in names],
+            pretrained=input_ref(pre.path, stats.digests[PRETRAINED], pre),
+            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], reference_of(options)) for name in names],
             base_file="base.safetensors" if options.residual else None,
             skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
             files=file_entries,
@@ -305,10 +237,10 @@ def quantize(
 
 
 def average_checkpoints(
-    finetuned: dict[str, str | Path], out: str | Path, *, overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = True
+    finetuned: Mapping[str, str | Path], out: str | Path, *, overwrite: bool = False, unsafe_pickle: bool = False, progress: bool = True
 ) -> None:
     """θ_avg = (1/T) Σ θ_t, the paper's avg_ft_model, streamed to a safetensors file."""
-    _check_task_names(finetuned)
+    check_task_names(finetuned)
     readers = [open_checkpoint(p, unsafe_pickle) for p in finetuned.values()]
     first = readers[0]
     for r in readers[1:]:
@@ -325,7 +257,7 @@ def average_checkpoints(
                     writer.add(key, t0)
                     continue
                 tensors = [r.get(key) for r in readers]
-                for r, t in zip(readers, tensors):
+                for r, t in zip(readers, tensors, strict=True):
                     check_finite(t, r.path, key)
                 mean = mean_of([t.float() for t in tensors])
                 if not bool(torch.isfinite(mean.sum(dtype=torch.float32))) and not bool(torch.isfinite(mean).all()):

@@ -12,50 +12,45 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from tvq import __version__
-from tvq.compress import (
-    BitPlan,
-    QuantizeOptions,
-    QuantizeReport,
-    StreamStats,
-    _check_task_names,
-    _safe_file_name,
-    encode_all,
-    quantize,
-)
-from tvq.encode import PRETRAINED, KeyJob
-from tvq.io.content_hash import algorithm_of
+from tvq.encode.job import PRETRAINED, KeyJob, Source
+from tvq.encode.options import BitPlan, QuantizeOptions
+from tvq.encode.pipeline import QuantizeReport, StreamStats, check_task_names, encode_all, quantize, task_file_name
+from tvq.errors import CheckpointError, ConfigError, where
 from tvq.execute import Executor
-from tvq.errors import CheckpointError, ConfigError, PackError, where
 from tvq.io.atomic import atomic_dir, check_output
+from tvq.io.content_hash import algorithm_of
 from tvq.io.readers import TensorMeta, open_checkpoint
-from tvq.pack.manifest import MANIFEST_NAME, Manifest
+from tvq.pack.manifest import MANIFEST_NAME, Manifest, RawEntry, announced_names
 from tvq.pack.reader import Pack, open_pack
-from tvq.pack.writer import PackFileWriter, announced_names, close_all
+from tvq.pack.writer import PackFileWriter, close_all
 from tvq.quant.schemes import get_scheme
-from tvq.quant.selection import TensorRole
+from tvq.quant.selection import KeyRule, TensorRole
 from tvq.vector import check_compatible
+from tvq.version import __version__
 
 
 def options_of(pack: Pack) -> QuantizeOptions:
     """The QuantizeOptions that produced a pack, per-tensor bit widths included."""
     m = pack.manifest.method
     first = pack.manifest.files[pack.manifest.tasks[0].file].tensors
-    bits = {k: e.bits for k, e in first.items() if e.kind != "raw" and e.bits is not None}
+    bits = {k: e.bits for k, e in first.items() if not isinstance(e, RawEntry) and e.bits is not None}
     base_bits = {}
     if pack.manifest.base_file:
-        base_bits = {k: e.bits for k, e in pack.manifest.files[pack.manifest.base_file].tensors.items() if e.bits is not None}
+        base = pack.manifest.files[pack.manifest.base_file].tensors
+        base_bits = {k: e.bits for k, e in base.items() if not isinstance(e, RawEntry) and e.bits is not None}
     return QuantizeOptions(
         target=m.target,
         bits=m.bits,
         residual=m.residual,
         base_bits=m.base_bits,
         error_correction=m.error_correction,
-        key_rule=m.key_rule,
+        key_rule=KeyRule(m.key_rule),
         quantizer=m.quantizer,
         group_size=m.group_size or 128,
         bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits),
@@ -72,7 +67,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def add_tasks(
     pack_path: str | Path,
-    finetuned: dict[str, str | Path],
+    finetuned: Mapping[str, str | Path],
     out: str | Path | None = None,
     *,
     pretrained: str | Path | None = None,
@@ -86,7 +81,7 @@ def add_tasks(
     ``out=None`` updates the pack in place, atomically (the old pack stays whole until the
     new one is complete).
     """
-    _check_task_names(finetuned)
+    check_task_names(finetuned)
     pack_path = Path(pack_path)
     pack = open_pack(pack_path, pretrained, unsafe_pickle)
     pack.verify()  # never carry corrupted files over
@@ -120,11 +115,11 @@ def add_tasks(
         for rel in m.files:
             _link_or_copy(pack_path / rel, tmp / rel)
         start = len(m.tasks)
-        task_files = {n: _safe_file_name(start + i, n) for i, n in enumerate(readers)}
+        task_files = {n: task_file_name(start + i, n) for i, n in enumerate(readers)}
         names = announced_names(float_keys, quant_keys, get_scheme(options.quantizer).aux_names)
         writers = {n: PackFileWriter(tmp, task_files[n], names, {"task": n}) for n in readers}
         remote = getattr(executor, "remote", False)
-        sources = {n: (finetuned[n] if remote else readers[n]) for n in readers}
+        sources: dict[str, Source] = {n: (finetuned[n] if remote else readers[n]) for n in readers}
         pre_src = pre.path if remote else pre
         jobs = [
             KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
@@ -140,7 +135,7 @@ def add_tasks(
                 w.abort()
         if stats.digests[PRETRAINED].hexdigest() != m.pretrained.digest:
             raise CheckpointError(f"{where(pre.path)}: not the pretrained model this pack was made from (content hash differs)")
-        reference = "quantized_base" if options.residual else None
+        reference: Literal["quantized_base"] | None = "quantized_base" if options.residual else None
         manifest = Manifest(
             created_by=f"tvq {__version__}",
             method=m.method,
@@ -185,7 +180,7 @@ def rebase(
     out: str | Path,
     *,
     pretrained: str | Path | None = None,
-    finetuned: dict[str, str | Path] | None = None,
+    finetuned: Mapping[str, str | Path] | None = None,
     from_pack: bool = False,
     overwrite: bool = False,
     unsafe_pickle: bool = False,
@@ -203,7 +198,7 @@ def rebase(
     if pretrained is None:
         pack.pretrained  # noqa: B018 -- raises the one-line error that names the recorded path
     options.bit_plan = None if not pack.manifest.method.budget_bits else options.bit_plan
-    sources: dict[str, str | Path | ReconstructedModel]
+    sources: dict[str, Source]
     if from_pack:
         if finetuned:
             raise ConfigError("give either --finetuned checkpoints or --from-pack, not both")

@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tvq.compress import BitPlan, QuantizeOptions, QuantizeReport, quantize
-from tvq.encode import KeyInputs, check_average, mean_of
-from tvq.errors import CheckpointError, ConfigError, where
+from tvq.encode.checks import KeyInputs, check_average
+from tvq.encode.options import BitPlan, QuantizeOptions
+from tvq.encode.pipeline import QuantizeReport, quantize
+from tvq.errors import CheckpointError, ConfigError, EncodeError, where
+from tvq.execute import Executor
 from tvq.io.readers import CheckpointReader, open_checkpoint
-from tvq.errors import EncodeError
+from tvq.quant.affine import MappingType
+from tvq.quant.chunks import mean_of
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import TensorRole, tensor_role
@@ -60,10 +64,8 @@ def _aux_bytes(numel: int, options: QuantizeOptions) -> int:
 
 def _code_bytes(x: torch.Tensor, bits: int, options: QuantizeOptions) -> int:
     """Bytes the pack will hold for ``x`` at ``bits``: nothing when it is stored as a constant."""
-    if options.quantizer in ("minmax", "mse", "group"):
-        constant = bool(x.min() == x.max())
-    else:
-        constant = bool(x.abs().max() == 0)
+    affine = get_scheme(options.quantizer).spec(bits, options.scheme_options()).mapping is MappingType.ASYMMETRIC
+    constant = bool(x.min() == x.max()) if affine else bool(x.abs().max() == 0)  # asymmetric: max = min; else all 0
     return 0 if constant else packed_nbytes(x.numel(), bits) + _aux_bytes(x.numel(), options)
 
 
@@ -83,12 +85,13 @@ def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
 def check_sensitivity(weights: Mapping[str, object], source: object = "sensitivity") -> dict[str, float]:
     """Per-tensor weights as floats: finite and non-negative (JSON's NaN and Infinity, booleans
     and strings are not weights; a NaN weight would poison the allocation's comparisons)."""
+    out = {}
     for key, value in weights.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
             shown = json.dumps(value, default=str)[:60]
             raise ConfigError(f"{where(source, str(key))}: sensitivity must be a finite non-negative number, not {shown}")
-    return {str(k): float(v) for k, v in weights.items()}  # type: ignore[arg-type]
+        out[str(key)] = float(value)
+    return out
 
 
 def _candidate_bits(options: QuantizeOptions, candidates: tuple[int, ...]) -> tuple[int, ...]:
@@ -101,7 +104,7 @@ def _candidate_bits(options: QuantizeOptions, candidates: tuple[int, ...]) -> tu
 
 def analyse(
     pretrained: str | Path,
-    finetuned: dict[str, str | Path],
+    finetuned: Mapping[str, str | Path],
     options: QuantizeOptions,
     *,
     candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8),
@@ -118,12 +121,12 @@ def analyse(
     if sensitivity is not None:
         sensitivity = check_sensitivity(sensitivity)
     pre = open_checkpoint(pretrained)
-    readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
+    readers: dict[str, CheckpointReader] = {n: open_checkpoint(p) for n, p in finetuned.items()}
     for r in readers.values():
         check_compatible(pre, r)
     T = len(readers)
     bits_list = _candidate_bits(options, candidates)
-    base_list = _candidate_bits(options, base_candidates) if options.residual else (None,)
+    base_list = _candidate_bits(options, base_candidates) if options.residual else ()
     opts = options.scheme_options()
     table: dict[str, list[Option]] = {}
     fixed = FILE_OVERHEAD * (T + (1 if options.residual else 0)) + 8192
@@ -163,7 +166,7 @@ def analyse(
                     base_bytes = _code_bytes(beta, bb, options) + ENTRY_OVERHEAD
                     for b in bits_list:
                         err = 0.0
-                        for tau, off in zip(taus, offsets):
+                        for tau, off in zip(taus, offsets, strict=True):
                             err += float((beta_hat + fake_quantize_with(off, options.quantizer, b, **opts) - tau).pow(2).sum())
                         nbytes = base_bytes + sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets)
                         opts_for_key.append(Option(b, bb, nbytes, weight * err))
@@ -237,25 +240,18 @@ def choose(table: dict[str, list[Option]], budget_bytes: int) -> dict[str, Optio
     return selection
 
 
-def plan_bits(
-    pretrained: str | Path,
-    finetuned: dict[str, str | Path],
-    options: QuantizeOptions,
-    *,
-    budget_bits: float | None = None,
-    budget_bytes: int | None = None,
-    sensitivity: dict[str, float] | None = None,
-    progress: bool = True,
-) -> BitPlan:
-    """A per-tensor bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes)."""
-    check_budget(budget_bits, budget_bytes)
-    analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
-    return _plan_from(analysis, len(finetuned), budget_bits, budget_bytes)
+Analysis = tuple[dict[str, list[Option]], int, int]  # what ``analyse`` returns
 
 
-def _plan_from(analysis, T: int, budget_bits: float | None, budget_bytes: int | None, shortfall: int = 0) -> BitPlan:
+def plan_from(analysis: Analysis, T: int, budget_bits: float | None, budget_bytes: int | None, shortfall: int = 0) -> BitPlan:
+    """The bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes), ``shortfall`` bytes spared."""
     table, fixed, n_params = analysis
-    total_budget = budget_bytes if budget_bytes is not None else int(budget_bits * n_params * T / 8)
+    if budget_bytes is not None:
+        total_budget = budget_bytes
+    elif budget_bits is not None:
+        total_budget = int(budget_bits * n_params * T / 8)
+    else:
+        raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
     selection = choose(table, total_budget - fixed - shortfall)
     bits = {k: o.bits for k, o in selection.items()}
     base_bits = {k: o.base_bits for k, o in selection.items() if o.base_bits is not None}
@@ -265,7 +261,7 @@ def _plan_from(analysis, T: int, budget_bits: float | None, budget_bytes: int | 
 
 def quantize_within_budget(
     pretrained: str | Path,
-    finetuned: dict[str, str | Path],
+    finetuned: Mapping[str, str | Path],
     out: str | Path,
     options: QuantizeOptions,
     *,
@@ -276,24 +272,24 @@ def quantize_within_budget(
     unsafe_pickle: bool = False,
     progress: bool = True,
     average_out: str | Path | None = None,
-    executor=None,
+    executor: Executor | None = None,
 ) -> QuantizeReport:
-    """Allocate, write, measure: the pack's bytes on disk end at or under the budget."""
-    from collections import Counter
-
+    """Allocate, write, measure: the pack's bytes on disk end at or under the budget. The
+    caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of)."""
     check_budget(budget_bits, budget_bytes)
     options = options.validated()
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0
     for attempt in range(4):
-        plan = _plan_from(analysis, len(finetuned), budget_bits, budget_bytes, shortfall)
-        options.bit_plan = plan
-        if plan.bits:
-            options.bits = Counter(plan.bits.values()).most_common(1)[0][0]
+        plan = plan_from(analysis, len(finetuned), budget_bits, budget_bytes, shortfall)
+        planned = replace(options, bit_plan=plan)
+        if plan.bits:  # the method's headline widths: the most common ones
+            planned.bits = Counter(plan.bits.values()).most_common(1)[0][0]
         if plan.base_bits:
-            options.base_bits = Counter(plan.base_bits.values()).most_common(1)[0][0]
+            planned.base_bits = Counter(plan.base_bits.values()).most_common(1)[0][0]
+        assert plan.budget_bytes is not None  # plan_from sets it
         report = quantize(
-            pretrained, finetuned, out, options, overwrite=overwrite or attempt > 0,
+            pretrained, finetuned, out, planned, overwrite=overwrite or attempt > 0,
             unsafe_pickle=unsafe_pickle, progress=progress, average_out=average_out, executor=executor,
         )
         if report.bytes_written <= plan.budget_bytes:

@@ -1,0 +1,108 @@
+"""One tensor's unit of work: the job an executor runs anywhere, and what it hands back.
+
+A job names its inputs by path (or holds open readers, for local threads), never by tensor,
+so it can be shipped to a Ray worker. Its result holds the stored forms, already hashed;
+the driver writes results in key order, so a pack is byte-identical whichever executor made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeAlias
+
+import torch
+
+from tvq.encode.options import QuantizeOptions
+from tvq.io.content_hash import DEFAULT_ALGORITHM, new_hasher
+from tvq.io.readers import CheckpointReader, open_checkpoint
+from tvq.io.safetensors_writer import tensor_bytes
+from tvq.io.stamps import input_stamp
+from tvq.quant.selection import TensorRole
+from tvq.quant.stored import StoredTensor
+
+BASE = "__base__"  # file id of the RTVQ base in job results
+PRETRAINED = "__pretrained__"
+
+Source: TypeAlias = "str | Path | CheckpointReader"  # a checkpoint's path, or the reader itself
+
+
+@dataclass
+class KeyJob:
+    """Everything needed to encode one tensor of every task."""
+
+    key: str
+    role: TensorRole
+    pretrained: Source
+    finetuned: dict[str, Source]
+    options: QuantizeOptions
+    with_average: bool = False
+    base_pack: str | None = None  # adding tasks to this RTVQ pack: reuse its stored deq(Q(β))
+    unsafe_pickle: bool = False
+    digest_algorithm: str = DEFAULT_ALGORITHM  # of the inputs' content hashes (tvq.io.content_hash)
+
+    @property
+    def streams(self) -> bool:
+        """Whether this tensor takes the streamed path: the paper's min–max on task vectors,
+        each θ_t − θ_pre formed a chunk at a time for all tasks in one pass over θ_pre
+        (~3x faster). The others read each task vector whole (their estimators need it).
+        Both paths keep the statistics packs have always recorded (tvq.encode.tvq)."""
+        return self.role == TensorRole.QUANTIZE and self.options.streams
+
+    def memory_estimate(self) -> int:
+        """Peak bytes of encode_key for this tensor, roughly. The streamed path holds the
+        inputs as stored, the packed codes and, for RTVQ, β̂ in fp32; the other about
+        (tasks + 4) fp32 copies."""
+        if self.role == TensorRole.SKIP:
+            return 0
+        meta = resolve(self.pretrained, self.unsafe_pickle).meta(self.key)
+        tasks = len(self.finetuned)
+        if self.streams:
+            per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (4 if self.options.residual else 0)
+            return meta.numel * per_element
+        return meta.numel * (tasks + 4) * 4
+
+
+@dataclass
+class KeyCodes:
+    """What a method's encoder made of one tensor: stored forms and error statistics."""
+
+    stored: dict[str, StoredTensor] = field(default_factory=dict)  # task name or BASE -> form
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (|τ̂-τ|², |τ|²)
+
+
+@dataclass
+class KeyResult:
+    key: str
+    stored: dict[str, StoredTensor] = field(default_factory=dict)  # task name or BASE -> form
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (|τ̂-τ|², |τ|²)
+    digests: dict[str, str] = field(default_factory=dict)  # input -> digest line
+    average: torch.Tensor | None = None  # θ_avg (or the pretrained tensor, for non-float keys)
+    bytes_read: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this result holds until it is written (for the executor's budget)."""
+        tensors = [self.average] + [t for s in self.stored.values() for t in (s.data, *s.aux.values())]
+        return sum(t.nbytes for t in tensors if t is not None)
+
+
+@lru_cache(maxsize=64)
+def _open_cached(path: str, stamp: tuple[int, int], unsafe_pickle: bool) -> CheckpointReader:
+    return open_checkpoint(path, unsafe_pickle)
+
+
+def resolve(source: Source, unsafe_pickle: bool = False) -> CheckpointReader:
+    """A reader for a path (opened once per process and file version) or the reader itself."""
+    if not isinstance(source, (str, Path)):
+        return source
+    path = Path(source)
+    return _open_cached(str(path), input_stamp(path), unsafe_pickle)
+
+
+def tensor_digest(key: str, t: torch.Tensor, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    """One line of an input's content hash: name, dtype, shape and the hash of the bytes."""
+    h = new_hasher(algorithm)
+    h.update(tensor_bytes(t))
+    return f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|{h.hexdigest()}\n"

@@ -1,0 +1,87 @@
+"""A tensor in the form a pack file stores it: packed codes and parameters, raw, or a constant.
+
+The encoders produce it and the pack writer writes it; it sits here, below both, so the
+pack layer never imports the encoders.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from tvq.io.safetensors_writer import sha256_tensor
+from tvq.quant.chunks import Converted
+from tvq.quant.fused import QuantResult, encode_chunks
+from tvq.quant.packing import unpack_codes
+from tvq.quant.schemes import decode_problem, decoded_bound, get_scheme
+
+
+@dataclass
+class StoredTensor:
+    """What a pack file holds for one tensor, before it is written."""
+
+    kind: Literal["q", "raw", "const"]
+    shape: list[int]
+    data: torch.Tensor | None = None  # packed codes (q) or the tensor itself (raw)
+    bits: int | None = None
+    scheme: str | None = None
+    params: dict[str, float] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    value: float | None = None  # const
+    sha256: str | None = None  # of ``data``, when hashed already (by the worker that made it)
+
+    def decode_problem(self) -> str | None:
+        """Why this could decode to NaN/Inf, or None: a const's value, a q tensor's scheme
+        parameters (raw tensors are the finite τ or θ_t themselves, checked as inputs)."""
+        if self.kind == "const":
+            return None if self.value is not None and math.isfinite(self.value) else f"constant value {self.value}"
+        if self.kind == "q":
+            return decode_problem(str(self.scheme), int(self.bits or 0), self.params, self.aux)
+        return None
+
+    def largest(self) -> float:
+        """The largest magnitude this decodes to (for q, a bound over every code)."""
+        if self.kind == "const":
+            return abs(float(self.value or 0.0))
+        if self.kind == "raw":
+            return float(self.data.abs().max()) if self.data is not None and self.data.numel() else 0.0
+        return decoded_bound(str(self.scheme), int(self.bits or 0), self.params, self.aux)
+
+    def decoded(self) -> torch.Tensor:
+        """The fp32 values this stands for, flat, as a pack reader decodes them."""
+        n = math.prod(self.shape)
+        if self.kind == "const" or self.data is None:
+            return torch.full((n,), float(self.value or 0.0), dtype=torch.float32)
+        if self.kind == "raw":
+            return self.data.reshape(-1).float()
+        bits = int(self.bits or 0)
+        return get_scheme(str(self.scheme)).decode(unpack_codes(self.data, bits, n), bits, self.params, self.aux)
+
+    def hashed(self) -> StoredTensor:
+        """Hash ``data`` now, on this thread: the writer (one driver thread) then only writes."""
+        if self.data is not None and self.sha256 is None:
+            self.sha256 = sha256_tensor(self.data)
+        return self
+
+
+def stored_form(result: QuantResult, shape: list[int], scheme: str) -> StoredTensor:
+    """The stored form of one quantized tensor."""
+    p = result.params
+    if result.packed is None:
+        return StoredTensor("const", shape, bits=p.bits, value=p.constant)
+    return StoredTensor("q", shape, result.packed, p.bits, scheme, dict(p.scalars), dict(p.blocks))
+
+
+def encode_raw(t: torch.Tensor) -> StoredTensor:
+    return StoredTensor("raw", list(t.shape), t.contiguous())
+
+
+def encode_quantized(x: torch.Tensor, bits: int, scheme: str = "minmax", **opts: Any) -> tuple[StoredTensor, torch.Tensor]:
+    """Quantize ``x`` whole: the stored form (bit-packed codes) and the fp32 reconstruction."""
+    spec = get_scheme(scheme, bits).spec(bits, opts)
+    recon = torch.empty(x.shape, dtype=torch.float32)
+    (result,) = encode_chunks([Converted(x)], x.numel(), spec, recon_out=recon.view(-1))
+    return stored_form(result, list(x.shape), scheme), recon
