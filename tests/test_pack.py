@@ -166,7 +166,7 @@ def test_size_on_disk_within_one_percent_of_theoretical(tmp_path, bits):
 def test_manifest_records_method_inputs_and_checksums(tiny):
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True), progress=False)
     m = json.loads((tiny["dir"] / "p" / "manifest.json").read_text())
-    assert m["format"] == "tvq-pack" and m["version"] == 1
+    assert m["format"] == "tvq-pack" and m["version"] == 2
     assert m["method"] == {
         "target": "task_vector", "residual": True, "bits": 2, "base_bits": 3, "error_correction": True,
         "quantizer": "minmax", "group_size": None, "key_rule": "ndim", "budget_bits": None,
@@ -211,7 +211,11 @@ def test_old_packs_read_and_decode_as_before():
 @pytest.mark.parametrize("name", list(PACK_V1_OPTIONS))
 def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
     """The same inputs and options give the manifest written before, key for key (the paths
-    of the inputs aside) and with the same digest once those are the same."""
+    of the inputs aside) and with the same digest once those are the same: every tensor file
+    byte for byte (its bytes and sha256 are in the manifest). The one addition is each task's
+    ``rel_error_quantized`` (issue 14: the error over quantized tensors, not diluted by the
+    exactly stored ones), which old manifests lack and still verify without, and so the format
+    version, 2 instead of 1."""
     inputs = PACK_V1 / "inputs"
     finetuned = {"a": inputs / "t0.safetensors", "b": inputs / "t1.safetensors"}
     if name == "fq":
@@ -220,9 +224,12 @@ def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
     old = json.loads((PACK_V1 / name / "manifest.json").read_text())
     new = json.loads((tmp_path / name / "manifest.json").read_text())
     new["created_by"] = old["created_by"]
+    assert (new["version"], old["version"]) == (2, 1)
+    new["version"] = old["version"]
     new["pretrained"]["path"] = old["pretrained"]["path"]
     for task, before in zip(new["tasks"], old["tasks"], strict=True):
         task["source"]["path"] = before["source"]["path"]
+        assert task.pop("rel_error_quantized") >= task["rel_error"] > 0  # the kept tensors add |τ|², no error
     assert json.dumps(_body(new), indent=1) == json.dumps(_body(old), indent=1)  # order of keys included
     assert manifest_checksum(_body(new)) == old["digest"]
 

@@ -20,7 +20,7 @@ from tvq.bench.cli import app as bench_app
 from tvq.cli_support import console, error_handler, new_app, parse_named_paths, print_line
 from tvq.errors import ConfigError
 from tvq.io.signals import Terminated, install_termination_handlers
-from tvq.merge.cli import register as register_merge
+from tvq.merge_cli import register as register_merge
 from tvq.quant.selection import KeyRule
 
 if TYPE_CHECKING:
@@ -173,12 +173,27 @@ def info_cmd(
     table.add_column("bits/param", justify="right", footer=f"{summary['bits_per_param']:.3f}")
     table.add_column("FP32 bytes", justify="right", footer=f"{summary['total_fp32_bytes']:,}")
     table.add_column("ratio", justify="right", footer=f"{summary['ratio']:.1f}x")
-    table.add_column("rel. L2 error", justify="right")
+    table.add_column("rel. error\nquantized", justify="right")
+    table.add_column("rel. error\nall", justify="right")
     for t in summary["tasks"]:
+        quantized = "n/a" if t["rel_error_quantized"] is None else f"{t['rel_error_quantized']:.4f}"
         table.add_row(
-            t["name"], f"{t['bytes']:,}", f"{t['bits_per_param']:.3f}", f"{t['fp32_bytes']:,}", f"{t['ratio']:.1f}x", f"{t['rel_error']:.4f}"
-        )
+            t["name"], f"{t['bytes']:,}", f"{t['bits_per_param']:.3f}", f"{t['fp32_bytes']:,}", f"{t['ratio']:.1f}x",
+            quantized, f"{t['rel_error']:.4f}",
+        )  # fmt: skip
     console.print(table)
+    console.print(
+        "rel. error = ||τ̂ − τ|| / ||τ|| per task, over the quantized tensors and over all tensors (exactly stored ones"
+        " add no error)" + ("; n/a: this older pack records only the latter" if any(
+            t["rel_error_quantized"] is None for t in summary["tasks"]) else ""),
+        highlight=False,
+    )  # fmt: skip
+    if summary["statistics"]:
+        console.print(
+            f"running statistics: {len(summary['statistics'])} tensors stored exactly per task (never merged as weights;"
+            " tvq merge --norm-stats chooses them)",
+            highlight=False,
+        )
     if summary["base_bytes"]:
         console.print(f"base vector: {summary['base_bytes']:,} bytes (shared; each task above carries 1/T of it)", highlight=False)
     if len(summary["allocation"].get("tasks", {})) > 1 or summary["method"]["budget_bits"] is not None:

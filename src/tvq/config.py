@@ -116,12 +116,14 @@ def validate_config(model: type[BaseModel], data: dict, path: str | Path) -> Bas
         raise ConfigError(f"{where(path)}: {validation_problem(exc)}") from None
 
 
-def validation_problem(exc: ValidationError, shown: dict[str, str] | None = None) -> str:
+def validation_problem(exc: ValidationError, shown: dict[str, str] | None = None, nested: bool = False) -> str:
     """pydantic's first error as "invalid value for 'key': why (got VALUE)", one line; ``shown``
-    maps field names to the names users type (aliases)."""
+    maps field names to the names users type (aliases); ``nested`` names the whole path
+    (``files.<name>.tensors.<key>.bits``) instead of the top-level key."""
     first = exc.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    key = (shown or {}).get(loc[0], loc[0]) if loc else "options"
+    loc = [str(p)[:80] for p in first["loc"]]
+    parts = loc if nested else loc[:1]
+    key = ".".join([(shown or {}).get(parts[0], parts[0]), *parts[1:]]) if parts else "options"
     got = first.get("input")
     text = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
     text = text if len(text) <= 60 else text[:57] + "..."

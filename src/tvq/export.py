@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from tvq.errors import ConfigError
 from tvq.io.atomic import atomic_file, check_output
+from tvq.io.dtypes import output_dtype
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.pack.reader import open_pack
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def export_task(
@@ -28,8 +26,10 @@ def export_task(
     progress: bool = True,
 ) -> None:
     """Stream τ̂ (fp32) or θ_pre + τ̂ (in the pretrained dtype, or ``dtype``) to ``out``."""
-    if dtype != "same" and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is unknown: choose same, {', '.join(DTYPES)}")
+    try:
+        cast = output_dtype(dtype)
+    except ValueError as exc:
+        raise ConfigError(f"--dtype {exc}") from None
     pack = open_pack(pack_path, pretrained, unsafe_pickle)
     pack.manifest.task(task)
     out = Path(out)
@@ -47,7 +47,7 @@ def export_task(
                 if key not in pack.keys:
                     writer.add(key, base)  # non-float buffers come from the pretrained model
                     continue
-                target = base.dtype if dtype == "same" else DTYPES[dtype]
+                target = cast or base.dtype
                 writer.add(key, (base.float() + pack.task_tensor(task, key)).to(target))
             writer.close()
         except BaseException:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tvq.pack.manifest import MANIFEST_NAME
 from tvq.pack.reader import open_pack
+from tvq.quant.selection import is_statistic
 
 
 def pack_summary(path: str | Path, verify: bool = False) -> dict:
@@ -31,7 +32,8 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
                 "fp32_bytes": t.source.fp32_bytes,
                 "ratio": t.source.fp32_bytes / share,
                 "bits_per_param": share * 8 / max(n_params, 1),
-                "rel_error": t.rel_error,
+                "rel_error": t.rel_error,  # over every stored tensor (exact ones dilute it)
+                "rel_error_quantized": t.rel_error_quantized,  # over quantized tensors; None for packs written before it was recorded
                 "source": t.source.path,
             }
         )
@@ -65,4 +67,5 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
         "overhead_bytes": total - theoretical,
         "pretrained": m.pretrained.path,
         "skipped": m.skipped,
+        "statistics": [k for k in first if is_statistic(k)],  # running statistics, stored exactly
     }

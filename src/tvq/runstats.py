@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -56,9 +56,6 @@ class RunStats:
             f"read {_gb(self.bytes_read)}, wrote {_gb(self.bytes_written)} in {self.seconds:.1f} s; "
             f"peak RSS {_gib(self.peak_rss)}{now}"
         )
-
-    def as_dict(self) -> dict[str, int | float | None]:
-        return asdict(self)
 
 
 class RunMeter:

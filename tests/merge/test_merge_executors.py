@@ -98,8 +98,11 @@ def test_bytes_read_counts_codes_and_pre_passes(inputs, tmp_path):
     ta = merge("task_arithmetic", pre, vectors, tmp_path / "ta.safetensors")
     assert ta.bytes_read == theta_pre + codes + len(m.tasks) * base  # each task's τ̂ decodes the base
     pre, vectors = load_task_vectors(inputs["pre_path"], packs=[inputs["pack"]])
-    ties = merge("ties", pre, vectors, tmp_path / "ties.safetensors", {"density": 0.3})
+    ties = merge("ties", pre, vectors, tmp_path / "ties.safetensors", {"density": 0.3, "tie_rule": "keep_ties"})
     assert ties.bytes_read == ta.bytes_read + 3 * (ta.bytes_read - theta_pre)  # global TIES: 3 pre-passes over every τ
+    pre, vectors = load_task_vectors(inputs["pre_path"], packs=[inputs["pack"]])
+    exact = merge("ties", pre, vectors, tmp_path / "exact.safetensors", {"density": 0.3})
+    assert exact.bytes_read == ta.bytes_read + 5 * (ta.bytes_read - theta_pre)  # + 2 tie-break passes: codes tie at the cut-off
 
 
 

@@ -122,8 +122,11 @@ def test_each_tensor_is_read_once_per_pass():
     merge_state_dict("task_arithmetic", pre, vectors)
     assert set(reads.values()) == {1}
     reads.clear()
-    merge_state_dict("ties", pre, vectors)  # global top-k: 2 histogram passes + majority sign + merge
+    merge_state_dict("ties", pre, vectors, {"tie_rule": "keep_ties"})  # global top-k: 2 histogram passes + majority sign + merge
     assert set(reads.values()) == {4}
+    reads.clear()
+    merge_state_dict("ties", pre, vectors)  # every entry ties at the cut-off: + 2 tie-break passes (exact rule)
+    assert set(reads.values()) == {6}
 
 
 def test_mismatched_shapes_name_the_tensor(ckpts, tmp_path):

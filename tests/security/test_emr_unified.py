@@ -235,6 +235,18 @@ def _bad_sum(meta: dict[str, str], tensors: Tensors) -> None:
     meta["tensors"] = json.dumps(sums)
 
 
+def _stats(name: str, dtype: str, shape: list[int], version: str = "3") -> Any:
+    """Add a per-task statistics tensor (version 3: BatchNorm models' packs) to the pack."""
+
+    def edit(meta: dict[str, str], tensors: Tensors) -> None:
+        meta["version"] = version
+        size = math.prod(shape) * {"F32": 4, "F16": 2}[dtype]
+        tensors[f"stats.{name}"] = [dtype, shape, b"\0" * size]
+        record(meta, tensors, f"stats.{name}")
+
+    return edit
+
+
 def _meta_key(key: str, value: str | None) -> Any:
     def edit(meta: dict[str, str], tensors: Tensors) -> None:
         if value is None:
@@ -269,8 +281,13 @@ MALFORMED = {
     "checksum not hex": (_bad_sum, [f"'tensors' entry 'masks.{KEY}' must hold dtype, shape, sha256"]),
     "unknown metadata key": (_meta_key("extra", "1"), ["key 'extra' is unknown"]),
     "digest missing": (_meta_key("digest", None), ["key 'digest' is missing"]),
-    "unknown version": (_meta_key("version", "3"), ["version '3' is not supported"]),
+    "unknown version": (_meta_key("version", "4"), ["version '4' is not supported"]),
     "not an EMR pack": (_meta_key("format", "pt"), ["not a tvq EMR pack"]),
+    "statistics in version 2": (_stats("bn.running_var", "F32", [3, 8], "2"), ["unknown tensor 'stats.bn.running_var'"]),
+    "statistics of a merged tensor": (_stats(KEY, "F32", [3, 16, 12]), [f"tensor 'stats.{KEY}'", "both as a statistic and as a merged"]),
+    "statistics of 2 tasks": (_stats("bn.running_var", "F32", [2, 8]), ["tensor 'stats.bn.running_var'", "[2, 8] is not [3, ...]"]),
+    "statistics in fp16": (_stats("bn.running_var", "F16", [3, 8]), ["tensor 'stats.bn.running_var'", "F16 [3, 8], expected F32 [3, 8]"]),
+    "statistics of no tensor": (_stats("bn.running_var", "F32", [3, 8]), ["tensor 'stats.bn.running_var': not a float tensor of the pretrained"]),
 }
 
 

@@ -197,7 +197,7 @@ def test_a_bug_is_one_line_and_exit_1(tiny, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("tvq.cli.average_checkpoints", boom)
+    monkeypatch.setattr("tvq.encode.pipeline.average_checkpoints", boom)  # the CLI imports it when the command runs
     result = run("average", *finetuned_args(tiny), "--out", tiny["dir"] / "a.safetensors")
     assert error_line(result, code=1) == f"error: internal error: RuntimeError: boom {DEBUG_HINT}"
     monkeypatch.setenv("TVQ_DEBUG", "1")

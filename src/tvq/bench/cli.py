@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-
 from rich.table import Table
 
 from tvq.bench import BenchDataError, BenchError

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tvq.bench import BenchError
+from tvq.config import validation_problem
 
 ALL_TASKS = ["bbc", "fortunes", "wn_noun", "wn_verb", "austen", "tweets", "bing", "word_pos"]
 CI_TASKS = ["fortunes", "wn_verb", "tweets", "bing"]
@@ -66,5 +67,4 @@ def preset(name: str = "full", **overrides: Any) -> BenchConfig:
     try:
         return BenchConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise BenchError(f"preset '{name}': {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise BenchError(f"preset '{name}': {validation_problem(exc, nested=True)}") from None

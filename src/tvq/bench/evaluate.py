@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,6 +27,7 @@ from torch.func import functional_call
 from tvq.bench import BenchError
 from tvq.bench.config import BenchConfig
 from tvq.bench.data import Splits
+from tvq.bench.fisher import task_fisher
 from tvq.bench.model import collate, cosine_logits, encode, iter_batches, load_encoder, load_tokenizer, tokenize
 
 ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
@@ -153,12 +155,16 @@ class BenchRun:
         """Accuracy per task of ``model`` (None = pretrained; a module, state dict or path)."""
         return evaluate_all(model, self, split, tasks)
 
-    def adamerging_inputs(self, tasks: Sequence[str] | None = None, **kwargs: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        return adamerging_inputs(self, tasks, **kwargs)
+    def adamerging_inputs(
+        self, tasks: Sequence[str] | None = None, *, batch_size: int = 16, split: str = "test", seed: int = 0
+    ) -> tuple[Callable[[str, int], Any], Callable[[Callable[..., Any], str, Any], torch.Tensor]]:
+        return adamerging_inputs(self, tasks, batch_size=batch_size, split=split, seed=seed)
+
+    def adamerging_module(self) -> nn.Module:
+        """The module AdaMerging runs merged parameters through (θ_pre, eval mode)."""
+        return self.load_model()
 
     def task_fisher(self, task: str, split: str = "validation", examples: int = 32) -> dict[str, float]:
-        from tvq.bench.fisher import task_fisher
-
         return task_fisher(self, task, split, examples)
 
 
@@ -187,9 +193,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def open_run(out: str | Path) -> BenchRun:
     """The run in ``out``, as the class of its suite (text or vision)."""
     if read_manifest(Path(out)).get("suite", "text") == "vision":
-        from tvq.bench.vision.run import VisionRun
-
-        return VisionRun(out)
+        vision_run: type[BenchRun] = import_module("tvq.bench.vision.run").VisionRun  # a suite built on this module
+        return vision_run(out)
     return BenchRun(out)
 
 
@@ -230,7 +235,7 @@ def evaluate(model: ModelLike, task: BenchTask | str, split: str = "test", *, ru
     return float((predict_logits(model, t, split).argmax(-1) == t.labels(split)).float().mean())
 
 
-def evaluate_all(model: ModelLike, run: BenchRun, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
+def evaluate_all(model: ModelLike | None, run: BenchRun, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
     """Accuracy per task (the model is loaded once); add the mean yourself if you want it."""
     module = model if isinstance(model, nn.Module) else run.load_model(model)
     return {name: evaluate(module, run.task(name), split) for name in (tasks or run.tasks)}

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tvq.bench.evaluate import BenchRun
 from tvq.bench.model import collate
 from tvq.io.atomic import atomic_file
+
+if TYPE_CHECKING:  # the run is passed in; evaluate imports this module
+    from tvq.bench.evaluate import BenchRun
 
 
 def task_fisher(run: BenchRun, task: str, split: str = "validation", examples: int = 32, seed: int = 0) -> dict[str, float]:

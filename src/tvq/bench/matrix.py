@@ -10,6 +10,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,11 +22,15 @@ from tqdm import tqdm
 
 from tvq.bench import BenchError
 from tvq.bench.evaluate import BenchRun, open_run, read_state_dict
+from tvq.bench.fisher import diagonal_fisher, write_sensitivity
 from tvq.encode.budget import quantize_within_budget
 from tvq.encode.options import QuantizeOptions
 from tvq.encode.pipeline import quantize
 from tvq.io.atomic import atomic_file
 from tvq.io.readers import open_checkpoint
+from tvq.merge import merge_state_dict
+from tvq.merge.adamerging import adamerging
+from tvq.pack.reader import open_pack
 from tvq.report import pack_summary
 from tvq.vector import TaskVector
 
@@ -81,6 +86,8 @@ PRECISIONS: dict[str, Precision] = {
 }
 
 LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+SVD_LAMBDA_GRID = (0.4, 0.7, 1.0, 1.3, 1.6, 2.0, 3.0)
+DELLA_LAMBDA_GRID = (0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
     tune: str | None = "lambda"
     per_task: bool = False
+    grid: tuple[float, ...] = LAMBDA_GRID  # the values ``tune`` is tried at
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -107,6 +115,14 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("consensus", "Consensus TA", {"k": 2, "mask_lambda": 0.4, "lambda": 0.3}),
         MethodSpec("emr", "EMR-Merging", tune=None, per_task=True),
         MethodSpec("adamerging", "AdaMerging", tune=None),
+        # issue 14: the SVD methods' references tune α over (0, 3], DELLA's mean-based fuse near 1
+        MethodSpec("tsv_merge", "TSV-Merge", {"lambda": 1.0}, grid=SVD_LAMBDA_GRID),
+        MethodSpec("iso_c", "Iso-C", {"lambda": 1.0}, grid=SVD_LAMBDA_GRID),
+        MethodSpec("iso_cts", "Iso-CTS", {"lambda": 1.0, "common_space_fraction": 0.8}, grid=SVD_LAMBDA_GRID),
+        MethodSpec("model_stock", "Model Stock", tune=None),
+        MethodSpec("della", "DELLA", {"density": 0.7, "epsilon": 0.07, "lambda": 1.1}, grid=DELLA_LAMBDA_GRID),
+        MethodSpec("della_linear", "DELLA (linear)", {"density": 0.7, "epsilon": 0.07, "lambda": 0.3}),
+        MethodSpec("breadcrumbs_ties", "Breadcrumbs-TIES", {"density": 0.1, "gamma": 0.01, "lambda": 0.3}),
     ]
 }
 
@@ -162,8 +178,6 @@ class Matrix:
         if spec.options is None:
             pre = self.run.pretrained_path
             return {t: TaskVector.from_checkpoints(pre, self.run.finetuned_path(t), name=t) for t in self.run.tasks}
-        from tvq.pack.reader import open_pack
-
         pack = open_pack(self.pack(precision), self.run.pretrained_path)
         return pack.task_vectors()
 
@@ -198,8 +212,6 @@ class Matrix:
         """Per-tensor diagonal Fisher of the run (computed once, kept as ``fisher.json``)."""
         path = self.out / "fisher.json"
         if not path.is_file():
-            from tvq.bench.fisher import diagonal_fisher, write_sensitivity
-
             write_sensitivity(diagonal_fisher(self.run, progress=self.progress), path)
         return json.loads(path.read_text())
 
@@ -258,8 +270,6 @@ class Matrix:
         return self._cached(key, compute)
 
     def _merge_state(self, spec: MethodSpec, tvs: dict[str, TaskVector], options: dict, task: str | None = None) -> dict[str, torch.Tensor]:
-        from tvq.merge import merge_state_dict
-
         return merge_state_dict(spec.name, self.run.pretrained_path, tvs, options, task=task)
 
     def _evaluate_merge(self, spec: MethodSpec, tvs: dict[str, TaskVector], options: dict, split: str) -> dict[str, float]:
@@ -272,7 +282,7 @@ class Matrix:
     def _tune(self, spec: MethodSpec, tvs: dict[str, TaskVector]) -> float:
         """The grid value with the best average validation accuracy."""
         best = None
-        for value in LAMBDA_GRID:
+        for value in spec.grid:
             acc = self._evaluate_merge(spec, tvs, {**spec.options, spec.tune: value}, "validation")
             avg = sum(acc.values()) / len(acc)
             if best is None or avg > best[0]:
@@ -281,13 +291,13 @@ class Matrix:
 
     def _adamerging(self, tvs: dict[str, TaskVector], split: str) -> dict[str, float]:
         """Layer-wise AdaMerging on unlabeled test batches (the paper's setting, fewer steps)."""
-        from tvq.merge import adamerging, merge_state_dict
-
         steps = int(self.results.get("adamerging_steps", 100))
-        module = self.run.load_model()
+        module = self.run.adamerging_module()
         batches, forward = self.run.adamerging_inputs(batch_size=16, split="test")
         result = adamerging(module, tvs, batches, forward=forward, steps=steps, lr=1e-3, init=0.3)
-        state = merge_state_dict("adamerging", self.run.pretrained_path, tvs, {"coefficients": result})
+        with tempfile.TemporaryDirectory() as tmp:  # the method takes the coefficients file, as `tvq merge` does
+            result.save(Path(tmp) / "coefficients.json")
+            state = merge_state_dict("adamerging", self.run.pretrained_path, tvs, {"coefficients": Path(tmp) / "coefficients.json"})
         return self.run.evaluate_all(state, split)
 
     # -- the whole grid -------------------------------------------------------------------

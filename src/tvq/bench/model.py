@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tvq.bench import BenchDataError, BenchError
+from tvq.io.model_files import is_weight_file
 
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".ot"}
 SKIP_FILES = {"README.md", ".gitattributes"}
 
 
@@ -180,14 +180,9 @@ def save_encoder(model: nn.Module | Mapping[str, torch.Tensor], model_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(full_state_dict(model, model_dir), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     for p in sorted(model_dir.iterdir()):
-        if p.name in SKIP_FILES or p.suffix in WEIGHT_SUFFIXES:
+        if p.name in SKIP_FILES or is_weight_file(p.name):
             continue
         if p.is_file():
             shutil.copy2(p, out_dir / p.name)
-        elif p.is_dir() and not any(q.suffix in WEIGHT_SUFFIXES for q in p.rglob("*")):
+        elif p.is_dir() and not any(is_weight_file(q.name) for q in p.rglob("*")):
             shutil.copytree(p, out_dir / p.name, dirs_exist_ok=True)
-
-
-def trainable_keys(model: nn.Module, freeze: Sequence[str]) -> list[str]:
-    """Parameters that fine-tuning updates: everything except names containing a ``freeze`` pattern."""
-    return [n for n, _ in model.named_parameters() if not any(f in n for f in freeze)]

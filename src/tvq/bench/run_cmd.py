@@ -17,7 +17,8 @@ from rich.table import Table
 from tvq.cli_support import console
 
 PAPER_PRECISIONS = ("fp32", "fq8", "fq4", "tvq8", "tvq4", "tvq3", "tvq2", "rtvq-b3o2", "rtvq-b3o2-ec", "rtvq-b4o2-ec", "rtvq-b2o2-ec")
-DEFAULT_METHODS = ("task_arithmetic", "ties", "lines", "consensus", "emr", "dare", "breadcrumbs", "magmax", "average", "adamerging")
+DEFAULT_METHODS = ("task_arithmetic", "ties", "lines", "consensus", "emr", "dare", "breadcrumbs", "magmax", "average", "adamerging",
+                   "tsv_merge", "iso_c", "iso_cts", "model_stock", "della")  # fmt: skip
 
 
 def run_cmd(

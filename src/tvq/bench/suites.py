@@ -42,15 +42,15 @@ class Suite:
 
             for name in config.tasks:
                 d = load_images(name, cache)
-                s = split_images(d, seed=config.seed, train=config.train_size, val=config.val_size, test=config.test_size)
-                yield d.name, d.source, d.classes, len(d), s.sizes()
+                sizes = split_images(d, seed=config.seed, train=config.train_size, val=config.val_size, test=config.test_size).sizes()
+                yield d.name, d.source, d.classes, len(d), sizes
             return
         from tvq.bench.data import get_task, load_task, split_task
 
         for name in config.tasks:
             t = load_task(get_task(name), cache)
-            s = split_task(t, seed=config.seed, train=config.train_size, val=config.val_size, test=config.test_size)
-            yield t.name, t.source, t.classes, len(t), s.sizes()
+            sizes = split_task(t, seed=config.seed, train=config.train_size, val=config.val_size, test=config.test_size).sizes()
+            yield t.name, t.source, t.classes, len(t), sizes
 
 
 SUITES = {

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tvq.bench.matrix import METHODS
 from tvq.io.atomic import atomic_file
 
 FIXED, TUNED = "fixed", "tuned"
@@ -45,8 +46,6 @@ def precision_columns(results: dict[str, Any]) -> list[str]:
 
 def markdown_table(results: dict[str, Any], mode: str = FIXED, norm: bool = False) -> str:
     """Average accuracy (or normalized accuracy) per method x precision, as Markdown."""
-    from tvq.bench.matrix import METHODS
-
     ref = results["cells"]["individual|fp32|fixed"]["acc"]
     cols = precision_columns(results)
     labels = [results["precisions"].get(p, {}).get("label", p) for p in cols]
@@ -85,8 +84,6 @@ def frontier_table(results: dict[str, Any], mode: str = FIXED) -> str:
     The goal of issue 5 is checked per row: at <= 2.4 bits/param/task every method within
     0.5 point of its FP32 average, at <= 1.6 bits within 1.5 points.
     """
-    from tvq.bench.matrix import METHODS
-
     methods = ["individual", *method_rows(results)]
     fp32 = {m: cell(results, m, "fp32", mode) or cell(results, m, "fp32", FIXED) for m in methods}
     rows = sorted(((p, info) for p, info in results["precisions"].items() if p != "fp32"), key=lambda kv: kv[1]["bytes_per_task"])
@@ -121,8 +118,6 @@ def plots(results: dict[str, Any], out: Path, methods: Sequence[str] | None = No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from tvq.bench.matrix import METHODS
 
     written = []
     precisions = results["precisions"]

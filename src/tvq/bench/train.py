@@ -14,7 +14,6 @@ interrupted build resumes where it stopped; outputs built with other settings ar
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -112,10 +111,6 @@ def finetune(
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
     return {"steps": steps, "train_s": round(time.perf_counter() - t0, 2), "loss_first": losses[0], "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

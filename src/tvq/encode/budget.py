@@ -137,7 +137,7 @@ def analyse(
         if role == TensorRole.SKIP:
             continue
         n_params += meta.numel
-        if role == TensorRole.KEEP:
+        if role.exact:
             fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + ENTRY_OVERHEAD)
             continue
         p32 = pre.get(key).float()

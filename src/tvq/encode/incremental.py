@@ -126,7 +126,7 @@ def add_tasks(
                    base_pack=str(pack_path) if options.residual and k in base_keys else None, digest_algorithm=algorithm)
             for k in keys
         ]
-        stats = StreamStats.for_tasks(list(readers), algorithm)
+        stats = StreamStats.for_tasks(list(readers), algorithm, quant_keys)
         try:
             encode_all(jobs, writers, stats, executor, desc="add tasks", progress=progress)
             new_files = {task_files[n]: entry for n, entry in close_all(writers).items()}

@@ -54,7 +54,7 @@ def encode_key(job: KeyJob) -> KeyResult:
 def encode(job: KeyJob, inputs: KeyInputs, average: torch.Tensor | None) -> KeyCodes:
     """The method's encoder for this tensor."""
     options = job.options
-    if job.role == TensorRole.KEEP:
+    if job.role.exact:  # kept tensors and running statistics
         return encode_kept(inputs, keep_finetuned=options.target == "finetuned")
     q = options.quantizer_for(job.key)
     if options.target == "finetuned":

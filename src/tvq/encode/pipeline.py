@@ -9,9 +9,9 @@ operations are the paper's, in its order, so the stored codes are bit-identical 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -99,29 +99,36 @@ class StreamStats:
     digests: dict[str, InputDigest]
     err_sq: dict[str, float]
     ref_sq: dict[str, float]
+    quantized: frozenset[str] = frozenset()  # keys of quantized tensors (the others are stored exactly)
+    ref_sq_quantized: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0
 
     @classmethod
-    def for_tasks(cls, names: list[str], algorithm: str = DEFAULT_ALGORITHM) -> StreamStats:
+    def for_tasks(cls, names: list[str], algorithm: str = DEFAULT_ALGORITHM, quantized: Iterable[str] = ()) -> StreamStats:
         digests = {n: InputDigest(algorithm) for n in [PRETRAINED, *names]}
-        return cls(digests, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0))
+        zeros = lambda: dict.fromkeys(names, 0.0)  # noqa: E731
+        return cls(digests, zeros(), zeros(), frozenset(quantized), zeros())
 
     def add(self, result: KeyResult) -> None:
         self.bytes_read += result.bytes_read
         for name, line in result.digests.items():
             self.digests[name].update(line)
+        quantized = result.key in self.quantized
         for name, (err, ref) in result.errors.items():
             self.err_sq[name] += err
             self.ref_sq[name] += ref
+            if quantized:
+                self.ref_sq_quantized[name] += ref
 
     def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader,
                    reference: Literal["avg", "quantized_base"] | None = None) -> TaskEntry:  # fmt: skip
-        err, ref = self.err_sq[name], self.ref_sq[name]
+        err, ref, ref_q = self.err_sq[name], self.ref_sq[name], self.ref_sq_quantized[name]
         return TaskEntry(
             name=name,
             file=file,
             source=input_ref(path, self.digests[name], reader),
             rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
+            rel_error_quantized=(err / ref_q) ** 0.5 if ref_q > 0 else 0.0,  # exact tensors add no error
             reference=reference,
         )
 
@@ -210,7 +217,7 @@ def quantize(
         avg_writer = StreamingSafetensorsWriter(avg_tmp, keys, {"format": "pt"}) if avg_tmp is not None else None
         all_writers: list[PackFileWriter | StreamingSafetensorsWriter] = [*writers.values(), *([avg_writer] if avg_writer else [])]
         stack.callback(lambda: [w.abort() for w in all_writers])  # closes handles; no-op once closed
-        stats = StreamStats.for_tasks(names, digest_algorithm)
+        stats = StreamStats.for_tasks(names, digest_algorithm, quant_keys)
         encode_all(jobs, writers, stats, executor, avg_writer, f"quantize {options.method().label}", progress)
         for name, digest in (expect_digests or {}).items():
             if stats.digests[name].hexdigest() != digest:

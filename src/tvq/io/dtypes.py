@@ -30,3 +30,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 TORCH_DTYPES: dict[str, torch.dtype] = {dtype_name(dtype): dtype for dtype in SAFETENSORS_DTYPES.values()}
+
+# What an output may be cast to (``--dtype``), with the spellings users type.
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``same``/None keeps each tensor's own dtype (None); otherwise float32/float16/bfloat16.
+    An unknown name raises ValueError with the choices (callers add the option's name)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "same":
+        return None
+    try:
+        return OUTPUT_DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"{dtype!r} is unknown: choose same, float32, float16 or bfloat16") from None

@@ -10,46 +10,14 @@ Methods stream tensor by tensor; see ``available_methods()`` and docs/merging.md
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
-_PUBLIC = {
-    "AdaMergingResult": "tvq.merge.adamerging",
-    "adamerging": "tvq.merge.adamerging",
-    "entropy_loss": "tvq.merge.adamerging",
-    "MergeJob": "tvq.merge.engine",
-    "MergeReport": "tvq.merge.engine",
-    "emr_task_model": "tvq.merge.engine",
-    "merge": "tvq.merge.engine",
-    "merge_key": "tvq.merge.engine",
-    "merge_state_dict": "tvq.merge.engine",
-    "write_model": "tvq.merge.engine",
-    "EMRPack": "tvq.merge.methods.emr",
-    "open_emr": "tvq.merge.methods.emr",
-    "MergeMethod": "tvq.merge.registry",
-    "MethodOptions": "tvq.merge.registry",
-    "available_methods": "tvq.merge.registry",
-    "build_method": "tvq.merge.registry",
-    "merge_method": "tvq.merge.registry",
-    "method_class": "tvq.merge.registry",
-    "MergeInputs": "tvq.merge.source",
-    "Origin": "tvq.merge.source",
-    "TaskInput": "tvq.merge.source",
-    "TaskInputs": "tvq.merge.source",
-    "TaskSource": "tvq.merge.source",
-    "load_task_vectors": "tvq.merge.source",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The API loads on first use: ``tvq merge --help`` (whose command lives in this package)
-    must not import torch."""
-    if name in _PUBLIC:
-        value = getattr(import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tvq.merge' has no attribute {name!r}")
-
+import tvq.merge.methods  # noqa: F401  (registers every built-in method with tvq.merge.registry)
+from tvq.merge.adamerging import AdaMergingResult, adamerging, entropy_loss
+from tvq.merge.engine import MergeJob, MergeReport, emr_task_model, merge, merge_key, merge_state_dict, write_model
+from tvq.merge.methods.emr import EMRPack, open_emr
+from tvq.merge.registry import MergeMethod, MethodOptions, available_methods, build_method, merge_method, method_class
+from tvq.merge.source import MergeInputs, Origin, TaskInput, TaskInputs, TaskSource, load_task_vectors
+from tvq.merge.statistics import NormStatsWarning
+from tvq.normstats import reestimate_norm_stats, statistic_keys
 
 __all__ = [
     "AdaMergingResult",
@@ -59,6 +27,7 @@ __all__ = [
     "MergeMethod",
     "MergeReport",
     "MethodOptions",
+    "NormStatsWarning",
     "Origin",
     "TaskInput",
     "TaskInputs",
@@ -75,5 +44,7 @@ __all__ = [
     "merge_state_dict",
     "method_class",
     "open_emr",
+    "reestimate_norm_stats",
+    "statistic_keys",
     "write_model",
 ]

@@ -16,6 +16,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,19 +30,16 @@ from tqdm import tqdm
 from tvq.errors import ConfigError, PackError, TvqError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
+from tvq.io.dtypes import output_dtype
+from tvq.io.model_files import is_weight_file
 from tvq.io.readers import CheckpointReader, as_reader
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.merge.methods.emr import open_emr
-from tvq.merge.registry import MergeMethod, MethodOptions, build_method
-from tvq.merge.source import MergeInputs, TaskSource
+from tvq.merge.registry import KeptDensity, MergeMethod, MethodOptions, build_method
+from tvq.merge.source import MergeInputs, Statistics, TaskSource
+from tvq.merge.statistics import NormStats, NormStatsChoice, NormStatsWarning, resolve_choice
 from tvq.vector import TaskVector
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}  # fmt: skip
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".index.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 Deltas = Callable[[str], torch.Tensor]  # key -> fp32 merged task vector (owned by the caller)
@@ -57,18 +55,16 @@ class MergeReport:
     files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
     bytes_read: int = 0  # input tensor bytes: pre-passes, θ_pre and every τ (packed codes for packs)
+    norm_stats: str | None = None  # where the running statistics came from (None: the model has none)
+    kept: KeptDensity | None = None  # top-k methods (TIES, Breadcrumbs, ...): the density the trim actually kept
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``same``/None keeps each tensor's pretrained dtype; otherwise float32/float16/bfloat16."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "same":
-        return None
     try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ConfigError(f"--dtype {dtype!r} is unknown: choose same, float32, float16 or bfloat16") from None
+        return output_dtype(dtype)
+    except ValueError as exc:
+        raise ConfigError(f"--dtype {exc}") from None
 
 
 def parse_size(size: int | str) -> int:
@@ -160,13 +156,21 @@ def iter_model(
     progress: bool,
     executor: Executor | None = None,
     tasks: int = 1,
+    statistics: NormStats | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merged float tensors (from the executor, in key order); other tensors copied as they are."""
+    """Merged float tensors (from the executor, in key order), running statistics as chosen
+    (``statistics``, on the driver: they are tiny), other tensors copied as they are."""
     keys = pretrained.keys()
-    jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in float_keys)
+    chosen = set(statistics.keys) if statistics is not None else set()
+    merged_keys = float_keys - chosen
+    jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in merged_keys)
     merged = (executor or LocalExecutor()).map(merge_key, jobs)
     for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress):
-        yield key, (next(merged) if key in float_keys else pretrained.get(key))
+        if key in chosen:
+            assert statistics is not None
+            yield key, statistics.value(key, dtype)
+        else:
+            yield key, (next(merged) if key in merged_keys else pretrained.get(key))
 
 
 def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
@@ -202,6 +206,31 @@ def pass_bytes(source: TaskSource) -> int:
     return sum(pre.meta(k).nbytes for k in names) + sum(source.nbytes(k) for k in source.keys)
 
 
+def output_statistics(
+    source: TaskSource,
+    norm_stats: str | None,
+    task: str | None = None,
+    vectors: Mapping[str, TaskVector] | None = None,
+    warn: bool = True,
+) -> NormStats | None:
+    """How the output model gets its running statistics (None when it has none): ``norm_stats``
+    (``pretrained``, ``mean``, ``task:NAME``) or the default, over ``vectors`` (default: the
+    source's tasks). Warns (``NormStatsWarning``, one line) when the default was taken and the
+    tasks changed the statistics."""
+    tasks = list(vectors) if vectors is not None else source.tasks
+    if not source.statistics:
+        if norm_stats is not None:
+            NormStatsChoice.parse(norm_stats, tasks)  # a typo is still an error
+        return None
+    choice, settled = resolve_choice(norm_stats, tasks, task)
+    buffers = {t.name: t.buffers for t in source.inputs} if vectors is None else {}
+    stats = NormStats(source.pretrained, vectors if vectors is not None else source.vectors, source.statistics, choice, buffers)
+    message = stats.warning(stats.changed(), settled) if warn else None
+    if message is not None:
+        warnings.warn(message, NormStatsWarning, stacklevel=3)
+    return stats
+
+
 def merge_state_dict(
     method: str,
     pretrained: str | Path | CheckpointReader | Mapping[str, torch.Tensor],
@@ -210,16 +239,20 @@ def merge_state_dict(
     *,
     task: str | None = None,
     dtype: str | torch.dtype | None = "same",
+    norm_stats: str | None = None,
+    statistics: Statistics = None,
 ) -> dict[str, torch.Tensor]:
-    """The merged model in memory (small models, tests): the same stream, collected in a dict."""
+    """The merged model in memory (small models, tests): the same stream, collected in a dict.
+    ``norm_stats`` and ``statistics`` as for :func:`merge`."""
     pre = as_reader(pretrained)
-    source = TaskSource(pre, task_vectors)
+    source = TaskSource(pre, task_vectors, statistics=statistics)
     m = build_method(method, options, source.tasks, task)
     if m.per_task and task is None:
         raise ConfigError(f"{m.name} merges into one model per task: pass task=NAME")
+    stats = output_statistics(source, norm_stats, task)
     m.prepare(source)
     return dict(iter_model(pre, LocalWork(pre, method_deltas(m, source)), set(source.keys), parse_dtype(dtype), m.name, False,
-                           tasks=len(source.tasks)))  # fmt: skip
+                           tasks=len(source.tasks), statistics=stats))  # fmt: skip
 
 
 def merge(
@@ -237,6 +270,8 @@ def merge(
     inputs: Sequence[str | Path] = (),
     executor: Executor | None = None,
     unsafe_pickle: bool = False,
+    norm_stats: str | None = None,
+    statistics: Statistics = None,
 ) -> MergeReport:
     """Merge ``task_vectors`` into ``pretrained`` with ``method`` and write the result to ``out``.
 
@@ -249,9 +284,16 @@ def merge(
     paths (its ``TaskInputs``, or a ``select`` of them: a plain mapping of task vectors is in
     memory), reopened on the workers (with ``unsafe_pickle``). Packs from ``load_task_vectors``
     merge from their codes where the method allows. EMR's unified pack is written locally.
+
+    Running statistics (BatchNorm's running mean/var, ...) are never merged: ``norm_stats``
+    picks them (``mean`` of the tasks', ``pretrained``, ``task:NAME``; default ``mean``
+    for one merged model, the task's own with ``task``; see ``tvq.merge.statistics``).
+    ``statistics`` says which tensors they are: None detects them by name, a module adds its
+    normalization layers' buffers, a list of keys is taken as it is (``[]``: none, every float
+    tensor merged as before).
     """
     pre = as_reader(pretrained)
-    source = TaskSource(pre, task_vectors)
+    source = TaskSource(pre, task_vectors, statistics=statistics)
     m = build_method(method, options, source.tasks, task)
     out = Path(out)
     protected = [Path(p) for p in inputs] + ([Path(pretrained)] if isinstance(pretrained, (str, Path)) else [])
@@ -263,16 +305,23 @@ def merge(
     dtype_ = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if writes_pack:
+        if norm_stats is not None:
+            raise ConfigError(
+                "--norm-stats chooses the statistics of a model; the unified pack keeps every task's own "
+                "(choose them when writing a task's model with --task)"
+            )
         with atomic_file(out, overwrite=overwrite) as tmp:
             m.write_pack(source, tmp, progress)
         return MergeReport(out, m.name, source.tasks, [out], out.stat().st_size, source.bytes_read)
+    stats = output_statistics(source, norm_stats, task)
     m.prepare(source, progress)
     prepared = source.bytes_read
     label = f"{m.name}" + (f" [{task}]" if task else "")
     report = write_model(pre, method_work(m, source, executor, unsafe_pickle), set(source.keys), out, label, source.tasks,
                          dtype=dtype_, hf_from=hf_folder(pretrained), max_shard_size=shard_bytes, progress=progress,
-                         executor=executor, overwrite=overwrite)  # fmt: skip
-    report.bytes_read = prepared + pass_bytes(source)
+                         executor=executor, overwrite=overwrite, statistics=stats)  # fmt: skip
+    report.bytes_read = prepared + pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
+    report.kept = m.kept_density(source)
     return report
 
 
@@ -286,10 +335,15 @@ def emr_task_model(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = False,
+    norm_stats: str | None = None,
 ) -> MergeReport:
-    """Write one task's model θ_pre + λ_t (m_t ⊙ τ_uni) from a unified EMR pack."""
+    """Write one task's model θ_pre + λ_t (m_t ⊙ τ_uni) from a unified EMR pack, with the
+    task's own running statistics (stored exactly in the pack) unless ``norm_stats`` says otherwise."""
     pack = open_emr(unified)
     pre = as_reader(pretrained)
+    names = set(pre.keys())
+    for key in [k for k in pack.stat_keys if k not in names or not pre.meta(k).is_float][:1]:
+        raise PackError(f"{where(unified, f'stats.{key}')}: not a float tensor of the pretrained model {pre.path}")
     source = TaskSource(pre, {task: pack.task_vector(task)})
     for key in source.keys:  # refused before any output exists, not halfway through it
         if pack.shape(key) != source.shape(key):
@@ -298,10 +352,19 @@ def emr_task_model(
     out = Path(out)
     protected = [Path(unified)] + ([Path(pretrained)] if isinstance(pretrained, (str, Path)) else [])
     check_output(out, overwrite, protected, kind=output_kind(out, hf_folder(pretrained)))
+    if source.float_statistics and not pack.stat_keys:
+        warnings.warn(
+            f"{unified}: this unified pack predates per-task statistics: its running statistics were merged "
+            "by EMR as weights (issue 14); write it again from the task vectors to get each task's own",
+            NormStatsWarning,
+            stacklevel=2,
+        )
+    stats = output_statistics(source, norm_stats, task, vectors={t: pack.task_vector(t) for t in pack.tasks}, warn=False)
     report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
-                         max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite)  # fmt: skip
-    report.bytes_read = pass_bytes(source)
+                         max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite,
+                         statistics=stats)  # fmt: skip
+    report.bytes_read = pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     return report
 
 
@@ -319,16 +382,21 @@ def write_model(
     progress: bool = False,
     executor: Executor | None = None,
     overwrite: bool = True,
+    statistics: NormStats | None = None,
 ) -> MergeReport:
     """Write θ_pre + δ atomically: a Hugging Face folder when ``hf_from`` is given (and ``out`` is not a .safetensors path).
 
-    ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``.
+    ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``;
+    ``statistics`` gives the running statistics (never merged; see ``tvq.merge.statistics``).
     ``overwrite=False`` refuses an ``out`` that another run created while this one worked."""
     if callable(work):
         work = LocalWork(pretrained, work)
-    stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks))
+    stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics)
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
-    report = MergeReport(out, label, tasks)
+    if statistics is not None:
+        meta["tvq_norm_stats"] = statistics.choice.label
+        float_keys = float_keys | set(statistics.float_keys)  # cast to ``dtype`` as well (shard sizes)
+    report = MergeReport(out, label, tasks, norm_stats=statistics.choice.label if statistics is not None else None)
     if output_kind(out, hf_from) == "file":
         with atomic_file(out, overwrite=overwrite) as tmp:
             report.bytes_written = _write_shards(stream, [(tmp, pretrained.keys())], meta)
@@ -390,7 +458,7 @@ def _write_shards(stream: Iterator[tuple[str, torch.Tensor]], shards: list[tuple
 def _copy_hf_files(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
     """Config, tokenizer and other small top-level files; weights are not copied."""
     for item in sorted(src.iterdir()):
-        if not item.is_file() or item.name.startswith(".") or item.name.endswith(WEIGHT_SUFFIXES):
+        if not item.is_file() or item.name.startswith(".") or is_weight_file(item.name):
             continue
         shutil.copy2(item, dst / item.name)
     config = dst / "config.json"

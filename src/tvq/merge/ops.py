@@ -1,19 +1,41 @@
-"""Tensor operations shared by the methods: top-k thresholds, sign election, DARE masks.
+"""Tensor operations shared by the methods: top-k thresholds and masks, sign election, DARE masks.
 
 Top-k never sorts. The k-th largest |τ| is an exact radix select on the fp32 bit patterns
 (two passes of 2^15- and 2^16-bin histograms): over a whole model that is TIES's original
 global threshold in O(1) extra memory, and per large tensor it beats ``torch.kthvalue``
 (which copies the tensor and allocates int64 indices); small tensors and rows use kthvalue.
+
+Ties at the cut-off. A b-bit task vector takes at most 2^b values per tensor, so the k-th
+largest |τ| is shared by thousands of entries. ``tie_rule="keep_ties"`` keeps every entry
+>= the k-th largest, as the TIES reference and FusionBench do (``kthvalue`` then ``>=``) and
+tvq did before, so it keeps more than k. ``"exact"`` (the default) keeps exactly k, as
+mergekit (``argsort``) and the Breadcrumbs code (``topk``) do, but with a deterministic choice
+among the tied entries where theirs is whatever order torch's sort returns: all entries above
+the cut-off value, and of those tied at it the ones first in *hash order*, the order of
+``element_hash(tie_seed(task, tensor), flat index)`` (then the index). The hash is a
+counter-based function of the element's flat index seeded by the task's and the tensor's
+names, never by a position, so the kept set does not depend on the executor, the thread
+count, the order of the tasks or which other tensors are merged, and the same rule gives the
+same entries from dense tensors and from codes (tvq.merge.coded). At a cut-off of 0 the tied
+entries are zeros, which change no merged value: they are taken in index order, unhashed.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 _ZERO = torch.tensor(0.0)
+
+TieRule = Literal["exact", "keep_ties"]
+_M32 = 0xFFFFFFFF
+ALL_TIES = 1 << 32  # a hash cut above every 32-bit hash: every tied entry is kept
+_NO_INDEX = -1
+_ANY_INDEX = (1 << 62) - 1
 
 
 def task_sum(taus: torch.Tensor) -> torch.Tensor:
@@ -52,8 +74,12 @@ def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
     Small tensors use ``torch.kthvalue``; large ones the radix select below, which is about
     3x faster and needs no copy of the tensor (kthvalue copies it and allocates int64 indices).
     """
+    return count_threshold(x, keep_count(density, x.numel()))
+
+
+def count_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x| (0 when k >= numel, inf when k = 0): ``magnitude_threshold`` by count."""
     n = x.numel()
-    k = keep_count(density, n)
     if k >= n:
         return torch.tensor(0.0)
     if k == 0:
@@ -63,13 +89,128 @@ def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
     return global_kth_largest(lambda: iter((x.reshape(1, -1),)), k, 1)[0]
 
 
-def ties_keep(taus: torch.Tensor, density: float, thresholds: torch.Tensor | None = None) -> torch.Tensor:
-    """TIES trim as a bool mask ``[T, *shape]``: per-row top-k (or the given global thresholds)."""
-    keep = torch.empty(taus.shape, dtype=torch.bool)
-    for t, row in enumerate(taus):
-        thr = thresholds[t] if thresholds is not None else magnitude_threshold(row, density)
-        torch.ge(row.abs(), thr, out=keep[t])
-    return keep
+def tie_seed(task: str, key: str) -> int:
+    """The 64-bit seed of the top-k tie-break of one tensor of one task: from their names."""
+    digest = hashlib.sha256(f"tvq-topk\0{task}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+_C1, _C2 = 0x21F0AAAD, 0x735A2D97  # both < 2^31: x·c < 2^63 for x < 2^32, so int64 never overflows
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^32) with low bias (a two-round xorshift-multiply mixer from Chris
+    Wellons' hash prospector), in int64 without overflow; ``x`` is consumed."""
+    x.bitwise_xor_(x >> 16).mul_(_C1).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15).mul_(_C2).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
+
+
+def _mix32_int(x: int) -> int:
+    """``_mix32`` of one Python int."""
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    return x ^ (x >> 15)
+
+
+def element_hash(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash (int64 in [0, 2^32)) of each flat element index under a 64-bit seed:
+    mix(low 32 bits of the index ^ low half of the seed) ^ mix(high 32 bits ^ high half).
+
+    Counter-based: a pure function of (seed, index), so any subset of the elements hashes
+    alike in any order, on any executor. For indices below 2^32 it is a bijection of the
+    index, so the hash order of one tensor's entries has no ties."""
+    index = index.to(torch.int64)
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    if index.numel() and int(index.max()) > _M32:
+        return _mix32((index & _M32).bitwise_xor_(lo)).bitwise_xor_(_mix32((index >> 32).bitwise_xor_(hi)))
+    return _mix32(index.bitwise_xor(lo)).bitwise_xor_(_mix32_int(hi))
+
+
+def hash_order_cut(hashes: torch.Tensor, index: torch.Tensor, need: int) -> tuple[int, int]:
+    """The ``need``-th entry in (hash, index) order, as (hash, index): entries up to it are kept.
+    ``index`` ascends (as ``nonzero`` returns it); 1 <= need <= len."""
+    if not bool(hashes.any()):  # a cut-off of 0: index order
+        return 0, int(index[need - 1])
+    cut = int(torch.kthvalue(hashes, need).values)
+    below = int((hashes < cut).sum())
+    return cut, int(index[hashes == cut][need - below - 1])
+
+
+def tie_hashes(seed: int, index: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The hash order of entries tied at ``threshold``: ``element_hash``, or 0 for all when the
+    cut-off is 0 (tied zeros change no merged value, so index order is enough and costs nothing)."""
+    return element_hash(seed, index) if threshold != 0 else torch.zeros(index.shape, dtype=torch.int64)
+
+
+def dropped_ties(tied: torch.Tensor, seed: int, hash_cut: int, index_cut: int, threshold: float = 1.0) -> torch.Tensor:
+    """Which of the entries tied at ``threshold``, at flat indices ``tied`` (ascending), lie past the cut in hash order."""
+    if threshold == 0:
+        return tied > index_cut
+    h = element_hash(seed, tied)
+    return (h > hash_cut) | ((h == hash_cut) & (tied > index_cut))
+
+
+@dataclass
+class Trim:
+    """Which entries of one tensor each task keeps under top-k: per task t, every |τ_t| above
+    ``thresholds[t]``, and of the entries equal to it those up to (``hash_cut[t]``,
+    ``index_cut[t]``) in hash order (``ALL_TIES``: all of them, the keep_ties rule; at a
+    cut-off of 0 the hash order is the index order, see ``tie_hashes``).
+    ``kept[t]`` counts the entries kept (None when not counted)."""
+
+    thresholds: torch.Tensor  # [T] fp32
+    hash_cut: list[int]
+    index_cut: list[int]
+    seeds: list[int]
+    kept: list[int | None]
+
+    def mask(self, part: torch.Tensor, start: int = 0, zeros: bool = True) -> torch.Tensor:
+        """The keep mask ``[T, m]`` of columns ``start:start+m`` of the flat ``[T, n]`` stack.
+        ``zeros=False`` keeps every entry tied at a cut-off of 0: which zeros a trim keeps
+        changes no sum, sign or disjoint mean, so merges skip them."""
+        mag = part.abs()
+        keep = mag >= self.thresholds.reshape(-1, 1)
+        for t, cut in enumerate(self.hash_cut):
+            thr = float(self.thresholds[t])
+            if cut < ALL_TIES and (zeros or thr != 0):
+                tied = torch.nonzero(mag[t] == thr).squeeze(1)
+                if tied.numel():
+                    drop = dropped_ties(tied + start, self.seeds[t], cut, self.index_cut[t], thr)
+                    keep[t, tied[drop]] = False
+        return keep
+
+    def merge_mask(self, part: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``mask`` for merging (``zeros=False``): the same merged values, fewer hashes."""
+        return self.mask(part, start, zeros=False)
+
+
+def row_cut(row: torch.Tensor, k: int, seed: int, rule: str) -> tuple[torch.Tensor, int, int, int]:
+    """Top-k of one flat row: (threshold, hash cut, index cut, entries kept)."""
+    n = row.numel()
+    thr = count_threshold(row, k)
+    if k >= n or k == 0:
+        return thr, ALL_TIES, _ANY_INDEX, min(k, n)
+    mag = row.abs()
+    if rule == "keep_ties":
+        return thr, ALL_TIES, _ANY_INDEX, int((mag >= thr).sum())
+    above = int((mag > thr).sum())
+    tied = torch.nonzero(mag == thr).squeeze(1)
+    del mag
+    if tied.numel() == k - above:
+        return thr, ALL_TIES, _ANY_INDEX, k
+    cut, index = hash_order_cut(tie_hashes(seed, tied, float(thr)), tied, k - above)
+    return thr, cut, index, k
+
+
+def row_trim(taus: torch.Tensor, density: float, seeds: Sequence[int], rule: str) -> Trim:
+    """Per-row top-``density`` of ``[T, *shape]`` (each row's count is ``keep_count(density, n)``)."""
+    flat = taus.reshape(taus.shape[0], -1)
+    k = keep_count(density, flat.shape[1])
+    cuts = [row_cut(row, k, seed, rule) for row, seed in zip(flat, seeds, strict=True)]
+    return Trim(torch.stack([c[0] for c in cuts]), [c[1] for c in cuts], [c[2] for c in cuts], list(seeds), [c[3] for c in cuts])
 
 
 def trimmed_sum(taus: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -81,28 +222,27 @@ def trimmed_sum(taus: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def row_thresholds(taus: torch.Tensor, density: float) -> torch.Tensor:
-    """Per-row top-k magnitude thresholds ``[T]`` (radix select: no copy of a row)."""
-    return torch.stack([magnitude_threshold(row, density) for row in taus])
-
-
 _TIES_CHUNK = 1 << 20  # columns per chunk: T x chunk temporaries instead of T x n
 
+KeepMask = Callable[[torch.Tensor, int], torch.Tensor]  # (flat [T, m] columns, first column) -> bool [T, m]
 
-def ties_merge(taus: torch.Tensor, thresholds: torch.Tensor, majority: float | None, aggregate: str = "mean") -> torch.Tensor:
-    """TIES on ``[T, *shape]`` with per-row trim thresholds: trim, elect the sign by mass (exact
-    zeros take ``majority``, or this tensor's majority sign), disjoint mean (or sum).
+
+def ties_merge(taus: torch.Tensor, keep: KeepMask, majority: float | None, aggregate: str = "mean") -> torch.Tensor:
+    """TIES on ``[T, *shape]`` with a trim mask (``Trim.mask``): trim, elect the sign by mass
+    (exact zeros take ``majority``, or this tensor's majority sign), disjoint mean (or sum).
 
     Column chunk by column chunk: every element sees the same fp32 operations in the same
     order as whole-tensor code, but the scratch (trim mask, sums, buffers) is a few chunks,
     not ~5 copies of the tensor; the elected sign is kept as int8."""
     flat = taus.reshape(taus.shape[0], -1)
     n = flat.shape[1]
-    thr = thresholds.reshape(-1, 1)
     sign = torch.empty(n, dtype=torch.int8)
+    masks: list[torch.Tensor] = []  # a one-chunk tensor keeps its mask for the second pass
     for start in range(0, n, _TIES_CHUNK):
         part = flat[:, start : start + _TIES_CHUNK]
-        sign[start : start + part.shape[1]] = torch.sign(trimmed_sum(part, part.abs() >= thr))
+        mask = keep(part, start)
+        masks = [mask] if n <= _TIES_CHUNK else []
+        sign[start : start + part.shape[1]] = torch.sign(trimmed_sum(part, mask))
     if majority is None:
         majority = float(torch.sign(sign.sum(dtype=torch.int64)))
     sign[sign == 0] = int(majority)
@@ -110,8 +250,43 @@ def ties_merge(taus: torch.Tensor, thresholds: torch.Tensor, majority: float | N
     for start in range(0, n, _TIES_CHUNK):
         part = flat[:, start : start + _TIES_CHUNK]
         end = start + part.shape[1]
-        out[start:end] = disjoint_merge(part, part.abs() >= thr, sign[start:end], aggregate)
+        out[start:end] = disjoint_merge(part, masks[0] if masks else keep(part, start), sign[start:end], aggregate)
     return out.reshape(taus.shape[1:])
+
+
+def rows_topk(mag: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Bool mask of exactly the ``k`` largest of each row of ``mag`` ``[R, C]`` (0 <= k <= C),
+    ties at a row's cut-off broken in hash order of the flat index (row·C + column; index
+    order at a cut-off of 0, see ``tie_hashes``)."""
+    rows, cols = mag.shape
+    if k >= cols:
+        return torch.ones(mag.shape, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros(mag.shape, dtype=torch.bool)
+    if not bool(mag.any()):  # τ = 0 (a frozen tensor): every row is cut at 0, in index order
+        keep = torch.zeros(mag.shape, dtype=torch.bool)
+        keep[:, :k] = True
+        return keep
+    thr = kth_largest(mag, k, dim=1)
+    keep = mag > thr
+    need = k - keep.sum(dim=1)
+    tied = mag == thr
+    short = need < tied.sum(dim=1)  # rows whose ties do not all fit
+    keep |= tied & ~short.unsqueeze(1)
+    tied &= short.unsqueeze(1)
+    index = torch.nonzero(tied.reshape(-1)).squeeze(1)  # ascending: row by row
+    if index.numel():
+        row = index // cols
+        hashed = (thr.reshape(-1) != 0)[row]  # rows cut at 0 keep index order (``tie_hashes``)
+        if bool(hashed.any()):
+            order_key = row << 32  # (row, hash); the stable sort keeps index order among equal keys
+            order_key[hashed] |= element_hash(seed, index[hashed])
+            order = torch.sort(order_key, stable=True).indices
+            index, row = index[order], row[order]
+        first = torch.searchsorted(row, torch.arange(rows))  # where each row's tied entries start
+        rank = torch.arange(index.numel()) - first[row]
+        keep.view(-1)[index[rank < need[row]]] = True
+    return keep
 
 
 def disjoint_merge(taus: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
@@ -132,7 +307,13 @@ def disjoint_merge(taus: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor, a
 
 
 def global_kth_largest(batches: Callable[[], Iterable[torch.Tensor]], k: int, rows: int) -> torch.Tensor:
-    """Exact k-th largest |x| per row over many ``[rows, ...]`` tensors, in two streaming passes.
+    """Exact k-th largest |x| per row over many ``[rows, ...]`` tensors, in two streaming passes."""
+    return global_select(batches, k, rows)[0]
+
+
+def global_select(batches: Callable[[], Iterable[torch.Tensor]], k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, over many ``[rows, ...]`` tensors in two streaming passes: the exact k-th
+    largest |x|, how many entries equal to it the top k takes, and how many there are.
 
     |x| as fp32 is non-negative, so its int32 bit pattern orders like the value: pass 1
     counts the high 15 bits, which pins the bucket holding the k-th largest; pass 2 counts
@@ -153,8 +334,9 @@ def global_kth_largest(batches: Callable[[], Iterable[torch.Tensor]], k: int, ro
                 if inside.numel():
                     lo[r] += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
         del batch
-    low, _ = _locate(lo, rank)
-    return ((bucket << 16) | low).to(torch.int32).view(torch.float32)
+    low, need = _locate(lo, rank)
+    tied = lo.gather(1, low.unsqueeze(1)).squeeze(1)
+    return ((bucket << 16) | low).to(torch.int32).view(torch.float32), need, tied
 
 
 def _abs_bits(x: torch.Tensor, chunk: int = 1 << 22) -> Iterator[torch.Tensor]:

@@ -10,13 +10,14 @@ strict types: ``true`` is not a number, ``"yes"`` not a boolean, and every float
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tvq.config import integral, validation_problem
 from tvq.errors import ConfigError
@@ -56,6 +57,50 @@ class MethodOptions(BaseModel):
         return [f.alias or name for name, f in cls.model_fields.items()]
 
 
+def tie_rule_field() -> Any:
+    """The shared ``tie_rule`` option of the top-k methods (see tvq.merge.ops)."""
+    return Field(
+        "exact",
+        description="entries tied at the top-k cut-off: exact keeps exactly the requested count "
+        "(ties broken in hash order of the index, seeded by task and tensor name); keep_ties keeps them all (TIES reference)",
+    )
+
+
+@dataclass(frozen=True)
+class KeptDensity:
+    """The fraction of entries a top-k method kept, over the (task, tensor) pairs it trimmed."""
+
+    requested: float
+    kept: int  # entries kept, all pairs together
+    total: int  # entries, all pairs together
+    pairs: int
+    mean: float  # unweighted mean over the pairs
+    min: float
+    max: float
+    missing: int = 0  # pairs not counted (trimmed on remote workers with the keep_ties rule)
+
+    @property
+    def overall(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+    @classmethod
+    def of(cls, requested: float, counts: Iterable[tuple[int, int]], missing: int = 0) -> KeptDensity | None:
+        pairs = [(kept, n) for kept, n in counts if n > 0]
+        if not pairs:
+            return None
+        fractions = [kept / n for kept, n in pairs]
+        return cls(requested, sum(k for k, _ in pairs), sum(n for _, n in pairs), len(pairs),
+                   sum(fractions) / len(fractions), min(fractions), max(fractions), missing)  # fmt: skip
+
+    def line(self) -> str:
+        """``kept 20.0 % of entries (requested 20.0 %; per task and tensor: mean 19.6 %, min 12.5 %, max 20.0 %)``"""
+        text = (
+            f"kept {100 * self.overall:.1f} % of entries (requested {100 * self.requested:.1f} %; per task and tensor: "
+            f"mean {100 * self.mean:.1f} %, min {100 * self.min:.1f} %, max {100 * self.max:.1f} %)"
+        )
+        return text + (f", {self.missing} task-tensor pairs not counted (remote workers)" if self.missing else "")
+
+
 class MergeMethod(ABC):
     """A merge method. Subclasses set ``Options`` and implement ``merge_tensor``."""
 
@@ -67,11 +112,54 @@ class MergeMethod(ABC):
     # per-tensor statistics, reductions over tasks in a fixed order): packs can then be
     # merged from codes through a lookup table, with the same bytes (tvq.merge.coded)
     elementwise: ClassVar[bool] = False
+    # shown after the options in ``tvq merge --help``: what a method needs beyond the stack
+    # of one tensor (e.g. the SVD methods' dense matrices and decomposition buffers)
+    note: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions, tasks: list[str], task: str | None = None) -> None:
         self.options = options
         self.tasks = list(tasks)
         self.task = task
+        self.kept_counts: dict[tuple[str, str], tuple[int, int]] = {}  # (task, key) -> (entries kept, entries)
+
+    def topk_density(self) -> float | None:
+        """The density a top-k trim was asked for (None: the method has no top-k)."""
+        return None
+
+    def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
+        """The entries of one task's tensor the trim keeps by construction (the exact rule), to
+        count tensors merged on remote workers; None when it depends on the values."""
+        return None
+
+    def trims(self, key: str, shape: tuple[int, ...]) -> bool:
+        """Whether the top-k trim applies to this tensor (counted in ``kept_density``)."""
+        return True
+
+    def record_kept(self, key: str, kept: Sequence[int | None], numel: int) -> None:
+        """Note the entries each task kept in one tensor (each key is merged once; a dict
+        item assignment is atomic, so merge threads can record side by side)."""
+        for task, count in zip(self.tasks, kept, strict=True):
+            if count is not None:
+                self.kept_counts[(task, key)] = (int(count), numel)
+
+    def kept_density(self, source: TaskSource) -> KeptDensity | None:
+        """What the top-k trim kept over the whole merge (None for methods without one)."""
+        requested = self.topk_density()
+        if requested is None:
+            return None
+        counts, missing = [], 0
+        for key in source.keys:
+            shape = tuple(source.shape(key))
+            if not self.trims(key, shape):
+                continue
+            for task in self.tasks:
+                if (task, key) in self.kept_counts:
+                    counts.append(self.kept_counts[(task, key)])
+                elif (kept := self.exact_kept(key, shape)) is not None:
+                    counts.append((kept, source.numel(key)))
+                else:
+                    missing += 1
+        return KeptDensity.of(requested, counts, missing)
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:  # noqa: B027 (optional hook)
         """Global statistics before the streaming pass (default: none needed)."""
@@ -190,5 +278,6 @@ def describe_methods() -> str:
             default = "required" if f.is_required() else ("auto" if f.default is None else f.default)
             opts.append(f"{f.alias or field_name}={default}")
         alias = f" ({', '.join(cls.aliases)})" if cls.aliases else ""
-        lines.append(f"{name}{alias}: {', '.join(opts) or 'no options'}")
+        note = f" [{cls.note}]" if cls.note else ""
+        lines.append(f"{name}{alias}: {', '.join(opts) or 'no options'}{note}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 
@@ -30,6 +30,7 @@ from tvq.io.readers import (
     open_checkpoint,
 )
 from tvq.io.stamps import input_stamp
+from tvq.normstats import statistic_keys
 from tvq.pack.reader import Pack, open_pack
 from tvq.quant.coded import CodedTensor
 from tvq.vector import TaskVector
@@ -55,6 +56,7 @@ class TaskInput:
     origin: Origin | None = None  # None: in memory, so a remote worker cannot reopen it
     read_bytes: Callable[[str], int] | None = None  # key -> input bytes τ of that key reads; None: fp32 τ
     codes: Callable[[str], CodedTensor | None] | None = None  # key -> τ̂ as table + codes (packs)
+    buffers: Callable[[str], torch.Tensor | None] | None = None  # key -> the task's own non-float tensor (checkpoints)
 
     def nbytes(self, key: str, numel: int) -> int:
         """Input bytes that reading τ of ``key`` (``numel`` elements) costs."""
@@ -102,20 +104,53 @@ class TaskInputs(Mapping[str, TaskVector]):
         return TaskInputs(self._inputs[n] for n in names)
 
 
-class TaskSource:
-    """The task vectors of one merge, checked against the pretrained model's float tensors."""
+Statistics: TypeAlias = "torch.nn.Module | Iterable[str] | None"  # see TaskSource
 
-    def __init__(self, pretrained: CheckpointReader, vectors: Mapping[str, TaskVector], transform: Transform | None = None) -> None:
+
+def resolve_statistics(pretrained: CheckpointReader, statistics: Statistics = None) -> list[str]:
+    """The running statistics among the pretrained model's tensors, in its order: by name
+    (None), by name and by the module's structure (a module), or exactly the keys given."""
+    names = pretrained.keys()
+    if statistics is None or isinstance(statistics, torch.nn.Module):
+        return statistic_keys(names, statistics)
+    given = list(dict.fromkeys(statistics))
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ConfigError(f"statistics: '{unknown[0]}' is not a tensor of the pretrained model {pretrained.path}")
+    chosen = set(given)
+    return [k for k in names if k in chosen]
+
+
+class TaskSource:
+    """The task vectors of one merge, checked against the pretrained model's float tensors.
+
+    ``keys`` are the tensors a merge method merges: every float tensor but the running
+    statistics (``statistics``: detected by name when None; a module adds its normalization
+    layers' buffers; an explicit list of keys is used as it is, ``[]`` merging every float
+    tensor as tvq did before issue 14). The statistics are chosen, not merged
+    (``tvq.merge.statistics``); task vectors still hold them."""
+
+    def __init__(
+        self,
+        pretrained: CheckpointReader,
+        vectors: Mapping[str, TaskVector],
+        transform: Transform | None = None,
+        statistics: Statistics = None,
+    ) -> None:
         if not vectors:
             raise ConfigError(NO_TASKS)
         self.pretrained = pretrained
         self.vectors = TaskInputs.of(vectors)
         self.inputs = self.vectors.inputs()
         self.tasks = list(self.vectors)
-        self.keys = float_keys(pretrained)
+        every_float = float_keys(pretrained)
+        self.statistics = resolve_statistics(pretrained, statistics)
+        stats = set(self.statistics)
+        self.keys = [k for k in every_float if k not in stats]
+        self.float_statistics = [k for k in every_float if k in stats]
         self._transform = transform
         self._meter = _ByteMeter()
-        key_set = set(self.keys)
+        key_set = set(every_float)
         for name, tv in self.vectors.items():
             tv_keys = set(tv)
             for key in sorted(key_set - tv_keys)[:1]:
@@ -125,7 +160,7 @@ class TaskSource:
 
     def with_transform(self, transform: Transform) -> TaskSource:
         """The same source with every τ passed through ``transform`` (e.g. DARE); reads count in both."""
-        derived = TaskSource(self.pretrained, self.vectors, transform)
+        derived = TaskSource(self.pretrained, self.vectors, transform, self.statistics)
         derived._meter = self._meter
         return derived
 
@@ -223,11 +258,15 @@ def pack_inputs(pack: Pack, pre: CheckpointReader) -> list[TaskInput]:
     ]
 
 
+def _own_tensor(reader: CheckpointReader, key: str) -> torch.Tensor | None:
+    return reader.get(key) if key in set(reader.keys()) else None
+
+
 def checkpoint_input(name: str, pre: CheckpointReader, path: str | Path, unsafe_pickle: bool = False) -> TaskInput:
     """τ = θ_ft − θ_pre of a fine-tuned checkpoint, reopenable from its path."""
     ft = open_checkpoint(path, unsafe_pickle)
     tv = TaskVector.from_checkpoints(pre, ft, name=name)
-    return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre))
+    return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre), buffers=partial(_own_tensor, ft))
 
 
 def load_task_vectors(
@@ -269,6 +308,7 @@ class MergeInputs:
     finetuned: tuple[tuple[str, str], ...]  # (task, path)
     tasks: tuple[str, ...]  # the merge's tasks, in its order
     unsafe_pickle: bool = False
+    statistics: tuple[str, ...] | None = None  # the source's running statistics (None: by name)
 
     @classmethod
     def of(cls, source: TaskSource, unsafe_pickle: bool = False) -> MergeInputs:
@@ -282,7 +322,7 @@ class MergeInputs:
             raise ConfigError(_NOT_REMOTE.format(what="the pretrained model"))
         packs = tuple(dict.fromkeys(_absolute(o.path) for o in origins.values() if o.kind == "pack"))
         fts = tuple((n, _absolute(o.path)) for n, o in origins.items() if o.kind == "finetuned")
-        return cls(_absolute(source.pretrained.path), packs, fts, tuple(source.tasks), unsafe_pickle)
+        return cls(_absolute(source.pretrained.path), packs, fts, tuple(source.tasks), unsafe_pickle, tuple(source.statistics))
 
     def open(self) -> TaskSource:
         """The source, opened once per process and version of the input files."""
@@ -308,7 +348,7 @@ def _open_inputs(inputs: MergeInputs, stamps: tuple[tuple[int, int], ...]) -> Ta
     missing = [t for t in inputs.tasks if t not in vectors]
     if missing:
         raise CheckpointError(f"task {missing[0]!r} is not in the inputs as this worker sees them (packs changed?)")
-    return TaskSource(pre, vectors.select(inputs.tasks))
+    return TaskSource(pre, vectors.select(inputs.tasks), statistics=inputs.statistics)
 
 
 def _check_pack_shapes(pack: Pack, float_metas: dict[str, TensorMeta], pre: CheckpointReader) -> None:

@@ -24,7 +24,8 @@ from pydantic import (
 from tvq.errors import PackError
 
 FORMAT_NAME: Final = "tvq-pack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tasks[].rel_error_quantized (issue 14); 1 still reads
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -214,10 +215,21 @@ class TaskEntry(_Strict):
     name: str
     file: str
     source: InputRef
-    rel_error: float | None = None
+    rel_error: float | None = None  # ‖τ̂ − τ‖ / ‖τ‖ over every stored tensor (exact ones included)
+    # The same over the quantized tensors only (not diluted by exactly stored biases, norms and
+    # running statistics). Optional (older packs lack it) and left out of the JSON when absent, so
+    # manifests of older packs read, re-serialise and verify as they were written.
+    rel_error_quantized: float | None = None
     # RTVQ offsets are measured against θ_avg ("avg") or θ_pre + deq(Q(β)) ("quantized_base",
     # error correction, and every task added to an existing pack); None for TVQ/FQ.
     reference: Literal["avg", "quantized_base"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("rel_error_quantized") is None:
+            out.pop("rel_error_quantized", None)
+        return out
 
 
 class Manifest(_Strict):

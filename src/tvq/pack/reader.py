@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from tvq.config import validation_problem
 from tvq.errors import PackError, where
 from tvq.io.dtypes import TORCH_DTYPES, dtype_name
 from tvq.io.paths import confined
@@ -25,7 +26,7 @@ from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
 from tvq.pack.manifest import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     MANIFEST_NAME,
     Manifest,
     Method,
@@ -66,15 +67,14 @@ def read_manifest(path: Path) -> Manifest:
         raise PackError(f"{where(file)}: unreadable manifest ({str(exc)[:200]})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise PackError(f"{where(file)}: not a tvq pack manifest")
-    if raw.get("version") != FORMAT_VERSION:
-        raise PackError(f"{where(file)}: pack format version {str(raw.get('version'))[:20]} is not supported (this tvq reads {FORMAT_VERSION})")
+    if raw.get("version") not in READABLE_VERSIONS or isinstance(raw.get("version"), bool):
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise PackError(f"{where(file)}: pack format version {str(raw.get('version'))[:20]} is not supported (this tvq reads {readable})")
     try:
         with _no_gc():
             manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(part)[:80] for part in first["loc"])
-        raise PackError(f"{where(file)}: invalid manifest at {loc}: {first['msg']}") from None
+        raise PackError(f"{where(file)}: invalid manifest: {validation_problem(exc, nested=True)}") from None
     as_written = manifest_checksum({k: v for k, v in raw.items() if k != "digest"})  # tvq writes every field: no re-dump
     if manifest.digest != as_written and manifest.digest != manifest.compute_digest():
         raise PackError(f"{where(file)}: manifest checksum mismatch (the file was modified)")

@@ -174,8 +174,9 @@ def validate_manifest(manifest: Manifest, file: Path) -> None:
         if task.file in task_files:
             raise c.fail(f"{what}.file", f"{task.file!r} belongs to two tasks")
         task_files.add(task.file)
-        if task.rel_error is not None and not (math.isfinite(task.rel_error) and task.rel_error >= 0):
-            raise c.fail(f"{what}.rel_error", f"{task.rel_error!r} must be a non-negative finite number")
+        for field, value in (("rel_error", task.rel_error), ("rel_error_quantized", task.rel_error_quantized)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise c.fail(f"{what}.{field}", f"{value!r} must be a non-negative finite number")
         if task.reference is not None and not m.residual:
             raise c.fail(f"{what}.reference", "only RTVQ tasks have a reference")
     if m.residual != (manifest.base_file is not None):

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,6 @@ def _rdata() -> Any:
 
 def _parse_r(raw: bytes) -> Any:
     rdata = _rdata()
-    import warnings
-
     with warnings.catch_warnings():  # a bare serialization has no RDS magic; rdata warns and copes
         warnings.simplefilter("ignore")
         return rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))

@@ -12,17 +12,18 @@ L1 norm instead of 1/(1−p) and use torch's global RNG.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from tvq.merge.methods.ties import TiesStats, ties_tensor
-from tvq.merge.ops import dare_, tensor_seed
-from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
+from tvq.merge.methods.ties import TiesStats, record_stats, ties_tensor
+from tvq.merge.ops import TieRule, dare_, keep_count, tensor_seed
+from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 
-_TIES_ONLY = ("density", "scope")
+_TIES_ONLY = ("density", "scope", "tie_rule")
 
 
 class DareOptions(MethodOptions):
@@ -33,6 +34,7 @@ class DareOptions(MethodOptions):
     lam: float = Field(0.3, alias="lambda", description="scale for task_arithmetic / ties (average uses 1/T)")
     density: float = Field(0.2, ge=0, le=1, description="ties base only: fraction kept by TIES's trim")
     scope: Literal["global", "tensor"] = Field("global", description="ties base only: top-k scope")
+    tie_rule: TieRule = tie_rule_field()
 
     @model_validator(mode="after")
     def _options_fit_base(self) -> DareOptions:
@@ -58,7 +60,15 @@ class Dare(MergeMethod):
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options
         if o.base == "ties" and o.scope == "global":
-            self.stats = TiesStats.compute(source.with_transform(self._drop), o.density, progress)
+            self.stats = TiesStats.compute(source.with_transform(self._drop), o.density, progress, o.tie_rule)
+            record_stats(self, self.stats, source)
+
+    def topk_density(self) -> float | None:
+        return self.options.density if self.options.base == "ties" else None
+
+    def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
+        o = self.options
+        return keep_count(o.density, math.prod(shape)) if o.scope == "tensor" and o.tie_rule == "exact" else None
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
@@ -70,7 +80,7 @@ class Dare(MergeMethod):
             return taus.sum(dim=0).mul_(o.lam)
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("DARE+TIES with scope=global needs prepare() before merge_tensor()")
-        return ties_tensor(taus, o.density, self.stats, "mean").mul_(o.lam)
+        return ties_tensor(taus, o.density, self.stats, "mean", self.tasks, key, o.tie_rule, self).mul_(o.lam)
 
 
 class DareTiesOptions(DareOptions):

@@ -14,6 +14,9 @@ Unified pack: one safetensors file with ``unified.<key>`` (fp32), ``masks.<key>`
 (fp32 ``[T]``), and string metadata ``format=tvq-emr``, ``version=2``, ``tasks`` (JSON list),
 ``tensors`` (JSON ``{name: {dtype, shape, sha256}}`` for every stored tensor) and ``digest``
 (``manifest_checksum`` of ``{format, version, tasks, tensors}`` with the JSON values parsed).
+Running statistics (BatchNorm's running mean/var, ``tvq.normstats``) are not merged: a model
+that has them gets ``stats.<key>`` (fp32 ``[T, *shape]``, each task's own τ_t, exactly) and
+``version=3``; a pack without statistics is written as version 2, byte for byte as before.
 A pack is from a stranger: opening validates all of its metadata and header, and every
 tensor is hashed before use. Version-1 packs (no checksums) still read, with a warning.
 """
@@ -46,6 +49,7 @@ from tvq.vector import TaskVector
 
 FORMAT = "tvq-emr"
 VERSION = "2"  # 2: per-tensor sha256 and a metadata digest; 1: neither (read with a warning)
+STATS_VERSION = "3"  # 2 plus each task's running statistics (``stats.<key>``)
 LEGACY_VERSION = "1"
 MAX_TASKS = 1024
 MAX_TASK_NAME = 256
@@ -106,11 +110,12 @@ class EMR(MergeMethod):
         problem = task_names_problem(self.tasks)
         if problem:
             raise ConfigError(f"emr: cannot write a unified pack: {problem}")
-        keys, t = source.keys, len(self.tasks)
+        keys, t, stats = source.keys, len(self.tasks), source.float_statistics
         shapes = {f"unified.{k}": ("F32", list(source.shape(k))) for k in keys}
         shapes.update({f"masks.{k}": ("U8", [t, packed_nbytes(source.numel(k), 1)]) for k in keys})
         shapes["rescalers"] = ("F32", [t])
-        writer = _ChecksummedWriter(out, self.tasks, shapes)
+        shapes.update({f"stats.{k}": ("F32", [t, *source.shape(k)]) for k in stats})
+        writer = _ChecksummedWriter(out, self.tasks, shapes, STATS_VERSION if stats else VERSION)
         try:
             before = torch.zeros(t, dtype=torch.float64)
             after = torch.zeros_like(before)
@@ -122,6 +127,8 @@ class EMR(MergeMethod):
                 writer.add(f"masks.{key}", torch.stack([pack_codes(m.reshape(-1).to(torch.uint8), 1) for m in masks]))
                 del unified, masks  # before the next tensor's are built
             writer.add("rescalers", rescalers(before, after))
+            for key in stats:  # each task's own statistics, exactly (tiny: one vector per norm layer)
+                writer.add(f"stats.{key}", torch.stack([source.tensor(task, key) for task in self.tasks]))
             writer.close()
         except BaseException:
             writer.abort()
@@ -132,11 +139,11 @@ def _entry(dtype: str, shape: list[int], sha256: str) -> dict[str, Any]:
     return {"dtype": dtype, "shape": shape, "sha256": sha256}
 
 
-def sealed_metadata(tasks: list[str], tensors: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The safetensors metadata of a version-2 pack: the digest covers everything else in it."""
-    digest = manifest_checksum({"format": FORMAT, "version": VERSION, "tasks": tasks, "tensors": tensors})
+def sealed_metadata(tasks: list[str], tensors: dict[str, dict[str, Any]], version: str = VERSION) -> dict[str, str]:
+    """The safetensors metadata of a version-2 (or 3) pack: the digest covers everything else in it."""
+    digest = manifest_checksum({"format": FORMAT, "version": version, "tasks": tasks, "tensors": tensors})
     listed = json.dumps(tensors, separators=(",", ":"))
-    return {"format": FORMAT, "version": VERSION, "tasks": json.dumps(tasks), "tensors": listed, "digest": digest}
+    return {"format": FORMAT, "version": version, "tasks": json.dumps(tasks), "tensors": listed, "digest": digest}
 
 
 class _ChecksummedWriter(StreamingSafetensorsWriter):
@@ -145,17 +152,18 @@ class _ChecksummedWriter(StreamingSafetensorsWriter):
     The metadata starts as a placeholder of the final size (the expected shapes, zero hashes),
     so the header room reserved up front fits the real one and the data is never moved."""
 
-    def __init__(self, path: Path, tasks: list[str], shapes: dict[str, tuple[str, list[int]]]) -> None:
+    def __init__(self, path: Path, tasks: list[str], shapes: dict[str, tuple[str, list[int]]], version: str = VERSION) -> None:
         self._tasks = list(tasks)
+        self._version = version
         self._sums = {name: _entry(dtype, shape, "0" * 64) for name, (dtype, shape) in shapes.items()}
-        super().__init__(path, list(shapes), sealed_metadata(self._tasks, self._sums))
+        super().__init__(path, list(shapes), sealed_metadata(self._tasks, self._sums, version))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         super().add(name, tensor)
         self._sums[name] = _entry(DTYPE_NAMES[tensor.dtype], list(tensor.shape), sha256_tensor(tensor))
 
     def close(self) -> int:
-        self._metadata = sealed_metadata(self._tasks, self._sums)
+        self._metadata = sealed_metadata(self._tasks, self._sums, self._version)
         return super().close()
 
 
@@ -229,6 +237,8 @@ class EMRPack:
         self.tasks, self._recorded = self._read_metadata(meta)
         self._sums = None if self._recorded is None else {name: e["sha256"] for name, e in self._recorded.items()}
         self.keys = [n.removeprefix("unified.") for n in self._file.metas if n.startswith("unified.")]
+        self.stat_keys = [n.removeprefix("stats.") for n in self._file.metas if n.startswith("stats.")]
+        self._stat_set = set(self.stat_keys)
         self._check_header()
         self.rescalers = self._verified("rescalers")
         if not bool(torch.isfinite(self.rescalers).all()) or bool((self.rescalers < 0).any()):
@@ -239,19 +249,20 @@ class EMRPack:
     def _read_metadata(self, meta: dict[str, str]) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
         """The task names, and each tensor's recorded dtype, shape and sha256 (None in version 1)."""
         version = meta.get("version")
-        if version not in (VERSION, LEGACY_VERSION):
-            supported = f"this tvq reads {LEGACY_VERSION} and {VERSION}"
+        if version not in (VERSION, STATS_VERSION, LEGACY_VERSION):
+            supported = f"this tvq reads {LEGACY_VERSION} to {STATS_VERSION}"
             raise PackError(f"{where(self.path)}: EMR pack version {ascii(version)[:40]} is not supported ({supported})")
-        expected = {"format", "version", "tasks"} | ({"tensors", "digest"} if version == VERSION else set())
+        self.version = version
+        expected = {"format", "version", "tasks"} | ({"tensors", "digest"} if version != LEGACY_VERSION else set())
         if set(meta) != expected:
             odd = min(set(meta) ^ expected)
             state = "missing" if odd in expected else "unknown"
             raise PackError(f"{where(self.path)}: malformed EMR metadata: key {ascii(odd)[:80]} is {state}")
         tasks = _strict_json(meta["tasks"], "tasks", self.path)
         recorded = None
-        if version == VERSION:
+        if version != LEGACY_VERSION:
             recorded = _strict_json(meta["tensors"], "tensors", self.path)
-            body = {"format": FORMAT, "version": VERSION, "tasks": tasks, "tensors": recorded}
+            body = {"format": FORMAT, "version": version, "tasks": tasks, "tensors": recorded}
             if meta["digest"] != manifest_checksum(body):
                 raise PackError(f"{where(self.path)}: EMR metadata checksum mismatch (the file was modified)")
             if not isinstance(recorded, dict):
@@ -266,8 +277,9 @@ class EMRPack:
     def _check_header(self) -> None:
         """Every tensor expected, nothing else, with consistent dtypes and sizes, before any read."""
         names = self._file.keys()
+        prefixes = ("unified.", "masks.", "stats.") if self.version == STATS_VERSION else ("unified.", "masks.")
         for name in names:
-            if not name.isprintable() or not (name == "rescalers" or name.startswith(("unified.", "masks."))):
+            if not name.isprintable() or not (name == "rescalers" or name.startswith(prefixes)):
                 raise PackError(f"{where(self.path)}: unknown tensor {ascii(name)[:120]} in an EMR pack")
         present = set(names)
         keys = {n.removeprefix("unified.") for n in names if n.startswith("unified.")}
@@ -283,6 +295,13 @@ class EMRPack:
                 raise PackError(f"{where(self.path, f'unified.{key}')}: {n} elements, more than the {MAX_ELEMENTS} an EMR pack may hold")
             self._expect(f"unified.{key}", torch.float32, self.shape(key))
             self._expect(f"masks.{key}", torch.uint8, (t, packed_nbytes(n, 1)))
+        for key in self.stat_keys:
+            if f"unified.{key}" in present:
+                raise PackError(f"{where(self.path, f'stats.{key}')}: stored both as a statistic and as a merged tensor")
+            meta = self._file.metas[f"stats.{key}"]
+            if len(meta.shape) < 1 or meta.shape[0] != t or math.prod(meta.shape) > MAX_ELEMENTS:
+                raise PackError(f"{where(self.path, f'stats.{key}')}: shape {list(meta.shape)} is not [{t}, ...] (one row per task)")
+            self._expect(f"stats.{key}", torch.float32, tuple(meta.shape))
         if self._recorded is None:
             return
         for name in sorted(present ^ set(self._recorded))[:1]:
@@ -317,7 +336,9 @@ class EMRPack:
         return data
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of the unified tensor of ``key`` (from the validated header)."""
+        """Shape of tensor ``key`` of a task's model (from the validated header)."""
+        if key in self._stat_set:
+            return tuple(self._file.metas[f"stats.{key}"].shape[1:])
         return tuple(self._file.metas[f"unified.{key}"].shape)
 
     def numel(self, key: str) -> int:
@@ -335,13 +356,16 @@ class EMRPack:
         return self.tasks.index(task)
 
     def task_tensor(self, task: str, key: str) -> torch.Tensor:
+        """τ of one tensor of ``task``'s model: λ_t (m_t ⊙ τ_uni), or for a running statistic the task's own."""
+        if key in self._stat_set:
+            return self._verified(f"stats.{key}")[self._index(task)].clone()
         scale = float(self.rescalers[self._index(task)])
         unified = self._verified(f"unified.{key}")
         return (unified * self.mask(task, key)).mul_(scale)
 
     def task_vector(self, task: str) -> TaskVector:
         self._index(task)
-        return TaskVector(self.keys, lambda key: self.task_tensor(task, key), name=task)
+        return TaskVector([*self.keys, *self.stat_keys], lambda key: self.task_tensor(task, key), name=task)
 
 
 def open_emr(path: str | Path) -> EMRPack:

@@ -8,10 +8,16 @@ merged entry is the mean of the trimmed entries that agree with that sign. ``sco
 majority sign); ``scope=tensor`` trims and elects per tensor, like mergekit's ``ties``.
 One deliberate difference: the reference keeps int(k·n)+1 entries (its kthvalue is off by
 one); tvq keeps int(k·n), as the comment in the reference intends and mergekit does.
+
+Ties at the cut-off (``tie_rule``, see tvq.merge.ops): ``exact`` (default) keeps exactly
+int(k·n) entries per task (per tensor, or per model for ``scope=global``), breaking ties at
+the cut-off value in hash order; ``keep_ties`` keeps every entry >= the cut-off, as the
+reference, FusionBench and tvq before it do, which on b-bit task vectors keeps far more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -27,14 +33,24 @@ from tvq.merge.coded import (
     worth_coding,
 )
 from tvq.merge.ops import (
-    global_kth_largest,
+    _ANY_INDEX,
+    _NO_INDEX,
+    _TIES_CHUNK,
+    ALL_TIES,
+    TieRule,
+    Trim,
+    dropped_ties,
+    element_hash,
+    global_select,
+    hash_order_cut,
     keep_count,
-    row_thresholds,
-    ties_keep,
+    row_trim,
+    tie_hashes,
+    tie_seed,
     ties_merge,
     trimmed_sum,
 )
-from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
+from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 from tvq.quant.coded import CodedTensor
 
@@ -44,45 +60,160 @@ class TiesOptions(MethodOptions):
     lam: float = Field(0.3, alias="lambda", description="scale of the merged vector")
     scope: Literal["global", "tensor"] = Field("global", description="top-k over the whole model (paper) or per tensor (mergekit)")
     aggregate: Literal["mean", "sum"] = Field("mean", description="disjoint mean (paper) or disjoint sum")
+    tie_rule: TieRule = tie_rule_field()
 
 
 class TiesStats:
-    """What global TIES needs before streaming: per-task thresholds and the majority sign."""
+    """What global TIES needs before streaming: per task the cut-off |τ| and where the top k
+    ends among the entries tied at it (hash order over the whole model: hash, then tensor name,
+    then index), the majority sign, and the entries kept per tensor."""
 
-    def __init__(self, thresholds: torch.Tensor, majority: float) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        thresholds: torch.Tensor,
+        majority: float,
+        hash_cut: Sequence[int] | None = None,
+        cut_key: Sequence[str | None] | None = None,
+        cut_index: Sequence[int] | None = None,
+    ) -> None:
+        self.tasks = list(tasks)
         self.thresholds = thresholds
         self.majority = majority
+        self.hash_cut = list(hash_cut) if hash_cut is not None else [ALL_TIES] * len(self.tasks)
+        self.cut_key = list(cut_key) if cut_key is not None else [None] * len(self.tasks)
+        self.cut_index = list(cut_index) if cut_index is not None else [_ANY_INDEX] * len(self.tasks)
+        self.kept: dict[str, list[int]] = {}  # key -> entries kept per task
+
+    def trim(self, key: str) -> Trim:
+        """The trim of one tensor: the global cut-off, and the global tie cut seen from this tensor."""
+        index_cut = []
+        for t, cut_key in enumerate(self.cut_key):
+            if cut_key is None or key < cut_key:
+                index_cut.append(_ANY_INDEX)  # this tensor's entries at the cut hash come before the cut
+            elif key == cut_key:
+                index_cut.append(self.cut_index[t])
+            else:
+                index_cut.append(_NO_INDEX)
+        seeds = [tie_seed(task, key) for task in self.tasks]
+        return Trim(self.thresholds, list(self.hash_cut), index_cut, seeds, list(self.kept.get(key, [None] * len(self.tasks))))
 
     @classmethod
-    def compute(cls, source: TaskSource, density: float, progress: bool = False) -> TiesStats:
-        rows = len(source.tasks)
+    def compute(cls, source: TaskSource, density: float, progress: bool = False, tie_rule: str = "exact") -> TiesStats:
+        tasks = list(source.tasks)
+        rows = len(tasks)
         n = sum(source.numel(k) for k in source.keys)
         k = keep_count(density, n)
+        stats = None
         if k >= n:
-            thresholds = torch.zeros(rows)
+            stats = cls(tasks, torch.zeros(rows), 0.0)
         elif k == 0:
-            thresholds = torch.full((rows,), float("inf"))
+            stats = cls(tasks, torch.full((rows,), float("inf")), 0.0)
         else:
-            passes = iter(("1/3", "2/3"))
+            passes = iter(("1/2", "2/2"))
 
             def batches():
                 desc = f"ties: global top-k (pass {next(passes)})"
                 return (source.stack(key) for key in tqdm(source.keys, desc=desc, unit="tensor", disable=not progress))
 
-            thresholds = global_kth_largest(batches, k, rows)
-        votes = 0.0
-        for key in tqdm(source.keys, desc="ties: majority sign (pass 3/3)", unit="tensor", disable=not progress):
-            taus = source.stack(key)
-            votes += float(torch.sign(trimmed_sum(taus, ties_keep(taus, density, thresholds))).sum())
-            del taus  # before the next stack is built
-        return cls(thresholds, float(torch.sign(torch.tensor(votes))))
+            thresholds, need, tied = global_select(batches, k, rows)
+            stats = cls(tasks, thresholds, 0.0)
+            short = [t for t in range(rows) if int(need[t]) < int(tied[t])]
+            if tie_rule == "exact" and short:
+                stats._break_ties(source, short, need, progress)
+        votes = 0
+        for key in tqdm(source.keys, desc="ties: majority sign", unit="tensor", disable=not progress):
+            flat = source.stack(key).reshape(rows, -1)
+            trim = stats.trim(key)
+            counts = torch.zeros(rows, dtype=torch.int64)
+            for start in range(0, flat.shape[1], _TIES_CHUNK):
+                part = flat[:, start : start + _TIES_CHUNK]
+                keep = trim.mask(part, start)
+                votes += int(torch.sign(trimmed_sum(part, keep)).sum(dtype=torch.int64))
+                counts += keep.sum(dim=1)
+            stats.kept[key] = counts.tolist()
+            del flat  # before the next stack is built
+        stats.majority = float(torch.sign(torch.tensor(float(votes))))
+        return stats
+
+    def _break_ties(self, source: TaskSource, short: list[int], need: torch.Tensor, progress: bool) -> None:
+        """Where the top k of each task in ``short`` ends among its tied entries, in hash order
+        (hash, tensor name, index): a 2^16-bin histogram of the hashes' high halves, then the
+        few entries in the bucket that holds the cut; two streaming passes. At a cut-off of 0
+        the order is (tensor name, index) (``tie_hashes``): one pass counts the zeros per tensor."""
+        rows = len(self.tasks)
+        zero = [t for t in short if float(self.thresholds[t]) == 0]
+        hashed = [t for t in short if t not in zero]
+        hist = torch.zeros(len(hashed), 1 << 16, dtype=torch.int64)
+        zeros: dict[int, dict[str, int]] = {t: {} for t in zero}
+
+        def tied_hashes(flat: torch.Tensor, key: str):
+            for j, t in enumerate(hashed):
+                tied = torch.nonzero(flat[t].abs() == self.thresholds[t]).squeeze(1)
+                if tied.numel():
+                    yield j, tied, element_hash(tie_seed(self.tasks[t], key), tied)
+
+        passes = "1/2" if hashed else "1/1"
+        for key in tqdm(source.keys, desc=f"ties: tie-break (pass {passes})", unit="tensor", disable=not progress):
+            flat = source.stack(key).reshape(rows, -1)
+            for t in zero:
+                zeros[t][key] = int((flat[t] == 0).sum())
+            for j, _, h in tied_hashes(flat, key):
+                hist[j] += torch.bincount(h >> 16, minlength=1 << 16)
+            del flat
+        for t in zero:  # the zeros of the tensors in name order, up to the count
+            remaining = int(need[t])
+            for key in sorted(zeros[t]):
+                if remaining <= zeros[t][key]:
+                    break
+                remaining -= zeros[t][key]
+            where = torch.nonzero(source.stack(key)[t].reshape(-1) == 0).squeeze(1)
+            self.hash_cut[t], self.cut_key[t], self.cut_index[t] = 0, key, int(where[remaining - 1])
+        if not hashed:
+            return
+        wanted = need[hashed].to(torch.int64)
+        cum = hist.cumsum(dim=1)
+        bucket = torch.searchsorted(cum, wanted.unsqueeze(1)).squeeze(1)  # first bin reaching the count
+        rank = wanted - (cum.gather(1, bucket.unsqueeze(1)) - hist.gather(1, bucket.unsqueeze(1))).squeeze(1)
+        found: list[list[tuple[torch.Tensor, str, torch.Tensor]]] = [[] for _ in hashed]
+        for key in tqdm(source.keys, desc="ties: tie-break (pass 2/2)", unit="tensor", disable=not progress):
+            for j, tied, h in tied_hashes(source.stack(key).reshape(rows, -1), key):
+                inside = (h >> 16) == bucket[j]
+                if bool(inside.any()):
+                    found[j].append((h[inside] & 0xFFFF, key, tied[inside]))
+        for j, t in enumerate(hashed):
+            entries = sorted((int(lo), key, int(i)) for low, key, index in found[j] for lo, i in zip(low, index, strict=True))
+            lo, key, index = entries[int(rank[j]) - 1]
+            self.hash_cut[t] = (int(bucket[j]) << 16) | lo
+            self.cut_key[t] = key
+            self.cut_index[t] = index
 
 
-def ties_tensor(taus: torch.Tensor, density: float, stats: TiesStats | None, aggregate: str) -> torch.Tensor:
-    """Unscaled TIES merge of one tensor (``taus`` is left unchanged): global thresholds when ``stats`` is given."""
+def record_stats(method: MergeMethod, stats: TiesStats, source: TaskSource) -> None:
+    """Note what global TIES keeps of every tensor (counted by its pre-pass, on the driver)."""
+    for key, counts in stats.kept.items():
+        method.record_kept(key, counts, source.numel(key))
+
+
+def ties_tensor(
+    taus: torch.Tensor,
+    density: float,
+    stats: TiesStats | None,
+    aggregate: str,
+    tasks: Sequence[str],
+    key: str,
+    tie_rule: str,
+    record: MergeMethod | None = None,
+) -> torch.Tensor:
+    """Unscaled TIES merge of one tensor (``taus`` is left unchanged): global cuts when ``stats``
+    is given, else per-tensor top-k with ``tie_rule`` (ties broken by the tasks' names and ``key``).
+    ``record`` gets the entries kept per task."""
     if stats is not None:
-        return ties_merge(taus, stats.thresholds, stats.majority, aggregate)
-    return ties_merge(taus, row_thresholds(taus, density), None, aggregate)
+        return ties_merge(taus, stats.trim(key).merge_mask, stats.majority, aggregate)
+    trim = row_trim(taus, density, [tie_seed(task, key) for task in tasks], tie_rule)
+    if record is not None:
+        record.record_kept(key, trim.kept, taus[0].numel())
+    return ties_merge(taus, trim.merge_mask, None, aggregate)
 
 
 @merge_method("ties", aliases=("ties_merging",))
@@ -92,35 +223,74 @@ class Ties(MergeMethod):
     stats: TiesStats | None = None
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
-        if self.options.scope == "global":
-            self.stats = TiesStats.compute(source, self.options.density, progress)
+        o = self.options
+        if o.scope == "global":
+            self.stats = TiesStats.compute(source, o.density, progress, o.tie_rule)
+            record_stats(self, self.stats, source)
+
+    def topk_density(self) -> float | None:
+        return self.options.density
+
+    def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
+        o = self.options
+        return keep_count(o.density, _numel(shape)) if o.scope == "tensor" and o.tie_rule == "exact" else None
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_tensor()")
-        return ties_tensor(taus, o.density, self.stats, o.aggregate).mul_(o.lam)
+        return ties_tensor(taus, o.density, self.stats, o.aggregate, self.tasks, key, o.tie_rule, self).mul_(o.lam)
 
     def merge_coded(self, key: str, coded: list[CodedTensor]) -> torch.Tensor | None:
         """TIES once per combination of codes: the per-tensor thresholds (k-th largest |τ̂_t|)
         and majority sign come exactly from code histograms, then ``ties_merge`` runs on the
-        combinations, so every element gets the bytes the dense path gives it."""
+        combinations, so every element gets the bytes the dense path gives it. With the exact
+        rule, which of the entries tied at a cut-off are kept depends on their index: a task
+        whose tied entries do not all fit gets a copy of each tied code for the dropped ones
+        (same value, never kept), chosen by the dense path's hash order."""
         if not worth_coding(coded):
             return None
         o = self.options
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_coded()")
-        joint = joint_index(coded)
-        combos = combination_values(coded)
+        n = coded[0].index.numel()
+        joint = per_combination = None
         if self.stats is not None:
-            thresholds, majority = self.stats.thresholds, self.stats.majority
+            trim = self.stats.trim(key)
         else:
-            per_combination = torch.bincount(joint, minlength=combos.shape[1])
-            thresholds = coded_thresholds(coded, marginal_counts(per_combination, coded), o.density)
-            signs = torch.sign(trimmed_sum(combos, combos.abs() >= thresholds.reshape(-1, 1))).to(torch.int64)
+            joint = joint_index(coded)
+            per_combination = torch.bincount(joint, minlength=combination_count(coded))
+            trim = coded_trim(coded, marginal_counts(per_combination, coded), o.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
+            self.record_kept(key, trim.kept, n)
+        split = [split_ties(c, trim, t) for t, c in enumerate(coded)]
+        if any(new is not old for (new, _), old in zip(split, coded, strict=True)):
+            coded = [c for c, _ in split]
+            if not worth_coding(coded):
+                return None  # the copies of the tied codes made the table larger than the tensor
+            joint = per_combination = None
+        joint = joint_index(coded) if joint is None else joint
+        combos = combination_values(coded)
+        keep = combination_keep([keep for _, keep in split])
+        if self.stats is not None:
+            majority = self.stats.majority
+        else:
+            if per_combination is None:
+                per_combination = torch.bincount(joint, minlength=combos.shape[1])
+            signs = torch.sign(trimmed_sum(combos, keep)).to(torch.int64)
             majority = float(torch.sign((signs * per_combination).sum()))
-        lut = ties_merge(combos, thresholds, majority, o.aggregate).mul_(o.lam)
+        lut = ties_merge(combos, lambda part, start: keep[:, start : start + part.shape[1]], majority, o.aggregate).mul_(o.lam)
         return lookup(lut, joint)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for s in shape:
+        total *= s
+    return total
+
+
+def combination_count(coded: list[CodedTensor]) -> int:
+    return _numel([c.values for c in coded])
 
 
 def coded_thresholds(coded: list[CodedTensor], counts: list[torch.Tensor], density: float) -> torch.Tensor:
@@ -132,3 +302,63 @@ def coded_thresholds(coded: list[CodedTensor], counts: list[torch.Tensor], densi
     if k == 0:
         return torch.full((len(coded),), float("inf"))
     return torch.stack([weighted_kth_largest(c.table.abs(), count, k) for c, count in zip(coded, counts, strict=True)])
+
+
+def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: float, seeds: list[int], tie_rule: str) -> Trim:
+    """Per-tensor top-k from codes: the dense ``row_trim`` (same thresholds, same tie cut, same
+    counts), with the histograms standing in for passes over the values."""
+    n = coded[0].index.numel()
+    k = keep_count(density, n)
+    thresholds = coded_thresholds(coded, counts, density)
+    hash_cut, index_cut, kept = [], [], []
+    for c, count, thr, seed in zip(coded, counts, thresholds, seeds, strict=True):
+        mag = c.table.abs()
+        above = int(count[mag > thr].sum())
+        tied = int(count[mag == thr].sum())
+        cut, index = ALL_TIES, _ANY_INDEX
+        if k >= n or k == 0:
+            kept.append(min(k, n))
+        elif tie_rule == "keep_ties" or above + tied == k:
+            kept.append(above + tied)
+        else:
+            where = tied_entries(c, torch.nonzero(mag == thr).squeeze(1))
+            cut, index = hash_order_cut(tie_hashes(seed, where, float(thr)), where, k - above)
+            kept.append(k)
+        hash_cut.append(cut)
+        index_cut.append(index)
+    return Trim(thresholds, hash_cut, index_cut, seeds, kept)
+
+
+def tied_entries(c: CodedTensor, codes: torch.Tensor) -> torch.Tensor:
+    """Flat indices (ascending) of the elements whose code is one of ``codes`` (one or two: the
+    codes of equal |value|)."""
+    hit = c.index == int(codes[0])
+    for code in codes[1:].tolist():
+        hit |= c.index == code
+    return torch.nonzero(hit).squeeze(1)
+
+
+def split_ties(c: CodedTensor, trim: Trim, t: int) -> tuple[CodedTensor, torch.Tensor]:
+    """Task t's codes with the tied entries the trim drops moved to copies of their codes, and
+    which codes of the result are kept (|value| >= threshold, copies never)."""
+    mag = c.table.abs()
+    keep = mag >= trim.thresholds[t]
+    if trim.hash_cut[t] >= ALL_TIES or float(trim.thresholds[t]) == 0.0:  # zeros: no value changes (``Trim.merge_mask``)
+        return c, keep
+    tied_codes = torch.nonzero(mag == trim.thresholds[t]).squeeze(1)
+    if not tied_codes.numel():  # global scope: the cut-off value lies in other tensors
+        return c, keep
+    where = tied_entries(c, tied_codes)
+    drop = where[dropped_ties(where, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
+    copy_of = torch.full((c.values,), -1, dtype=torch.int64)
+    copy_of[tied_codes] = torch.arange(c.values, c.values + tied_codes.numel())
+    index = c.index.to(torch.int32)
+    index[drop] = copy_of[index[drop].long()].to(torch.int32)
+    table = torch.cat([c.table, c.table[tied_codes]])
+    return CodedTensor(table, index), torch.cat([keep, torch.zeros(tied_codes.numel(), dtype=torch.bool)])
+
+
+def combination_keep(keeps: list[torch.Tensor]) -> torch.Tensor:
+    """``[T, V_0·…·V_{T-1}]`` bool: whether task t keeps its entry in each combination."""
+    grids = torch.meshgrid(*keeps, indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids])

@@ -8,6 +8,7 @@ NaN/Inf no float), so an unknown option or a bad value is one line.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -105,6 +106,15 @@ def register(app: typer.Typer, handles_errors) -> None:
         ] = None,
         task: Annotated[Optional[str], typer.Option("--task", help="EMR: write this task's model instead of the unified pack.")] = None,
         unified: Annotated[Optional[Path], typer.Option("--unified", help="EMR: an existing unified pack to read --task from.")] = None,
+        norm_stats: Annotated[
+            Optional[str],
+            typer.Option(
+                "--norm-stats",
+                help="Running statistics (BatchNorm running_mean/var, ...) of the output, never merged as weights: "
+                "mean (of the tasks'; default for one merged model), pretrained or task:NAME; with --task the task's own. "
+                "Best: re-estimate them on data (Python API, docs/merging.md).",
+            ),
+        ] = None,
         dtype: Annotated[str, typer.Option(help="Output dtype: same (pretrained's), float32, float16 or bfloat16.")] = "same",
         max_shard_size: Annotated[str, typer.Option(help="HF output: largest shard, e.g. 5GB or 500MB.")] = "5GB",
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
@@ -118,12 +128,13 @@ def register(app: typer.Typer, handles_errors) -> None:
         threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors merged concurrently (torch single-threaded in each).")] = 2,
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
-        from tvq.cli_support import console, parse_named_paths
+        from tvq.cli_support import console, parse_named_paths, print_line
         from tvq.config import PaperLoadConfig, read_config_file, validate_config
         from tvq.execute import make_executor
         from tvq.merge.engine import emr_task_model, merge
         from tvq.merge.registry import method_class
         from tvq.merge.source import check_load_config, load_task_vectors
+        from tvq.merge.statistics import NormStatsWarning
         from tvq.pack.reader import open_pack
         from tvq.runstats import RunMeter, output_bytes
 
@@ -145,9 +156,12 @@ def register(app: typer.Typer, handles_errors) -> None:
                 raise ConfigError("--unified already holds the merge: drop --pack/--finetuned and method options")
             if pretrained is None:
                 raise ConfigError("--unified needs --pretrained")
-            report = emr_task_model(
-                unified, pretrained, task, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NormStatsWarning)
+                report = emr_task_model(
+                    unified, pretrained, task, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                    norm_stats=norm_stats,
+                )  # fmt: skip
         else:
             if load_config is not None:
                 lc = validate_config(PaperLoadConfig, read_config_file(load_config), load_config)
@@ -158,16 +172,26 @@ def register(app: typer.Typer, handles_errors) -> None:
                 recorded = open_pack(packs[0]).manifest.pretrained.path[:300]
                 raise ConfigError(f"--pretrained is required (a pack's recorded path is never opened unasked; {packs[0]} was made from {recorded})")
             pre, vectors = load_task_vectors(pretrained, packs=packs, finetuned=fts, unsafe_pickle=unsafe_pickle)
-            report = merge(
-                cls.name, pre, vectors, out, options,
-                task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                inputs=[pretrained, *packs, *fts.values()], executor=None if writes_pack else make_executor(executor, address, threads),
-                unsafe_pickle=unsafe_pickle,
-            )  # fmt: skip
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NormStatsWarning)
+                report = merge(
+                    cls.name, pre, vectors, out, options,
+                    task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                    inputs=[pretrained, *packs, *fts.values()], executor=None if writes_pack else make_executor(executor, address, threads),
+                    unsafe_pickle=unsafe_pickle, norm_stats=norm_stats,
+                )  # fmt: skip
+        for w in caught:
+            if issubclass(w.category, NormStatsWarning):
+                print_line("warning", str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         what = "unified EMR pack" if writes_pack else "model"
+        stats = f", {report.norm_stats} running statistics" if report.norm_stats else ""
         console.print(
             f"wrote {what} {out} ({report.method}, {len(report.tasks)} tasks, {len(report.files)} file(s), "
-            f"{report.bytes_written / 2**20:.1f} MiB)",
+            f"{report.bytes_written / 2**20:.1f} MiB{stats})",
             highlight=False,
         )
+        if report.kept is not None:  # top-k methods: what the trim kept against what was asked
+            console.print(report.kept.line(), highlight=False)
         console.print(meter.stop(report.bytes_read, output_bytes(out)).line(), highlight=False)

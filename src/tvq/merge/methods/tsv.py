@@ -1,0 +1,74 @@
+"""TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference
+in Model Merging"): per matrix, each task keeps its top 1/T singular components; the
+concatenated singular vectors are orthogonalised (whitened) before reconstruction.
+
+Reference (AntoAndGar/task_singular_vectors ``src/utils/TSVM_utils.py``
+``compute_and_sum_svd_mem_reduction``, the same in FusionBench's ``TaskSingularVectorMerging``),
+for every 2-D tensor whose name has no ``text_projection``:
+  τ_t = U_t S_t V_tᵀ (reduced SVD, r = min(m, n) components), k = ⌊r/T⌋;
+  U = [U_1[:, :k] … U_T[:, :k] 0] (m × r), S = [S_1[:k] … S_T[:k] 0], V likewise (r × n);
+  δ = polar(U) · diag(S) · polar(Vᵀ), with polar(X) = P Qᵀ from X = P Σ Qᵀ (Procrustes);
+every other tensor is the mean of the task vectors. The merged vector is scaled by α
+(``lambda``): the reference picks α on validation data from (0, 3] (31-point grid);
+FusionBench's default (no α) is 1.0, which is tvq's default.
+
+One deliberate difference: a matrix with fewer singular values than tasks (r < T, e.g. a
+4-class head merged from 8 tasks) gets k = 0 components per task in the reference, i.e. a
+zero update; tvq averages it like the non-matrix tensors instead.
+
+Memory: each 2-D task vector is needed dense (the engine streams one tensor, so that is the
+``[T, m, n]`` stack) plus about five matrix-sized buffers (the per-task SVD, the concatenated
+U and V and their polar factors) while one matrix is merged. The SVDs run single-threaded
+(``tvq.merge.spectral``): use ``--threads N`` to merge N matrices at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
+from tvq.merge.spectral import DEFAULT_EXCLUDE, is_matrix, one_torch_thread, polar, running_mean
+
+MEMORY_NOTE = "SVD per 2-D tensor: each task's matrix dense plus ~5 matrix-sized buffers; single-threaded SVDs (use --threads)"
+
+
+class SpectralOptions(MethodOptions):
+    """Options every SVD merge shares: the final scale and which 2-D tensors are not decomposed."""
+
+    lam: float = Field(1.0, alias="lambda", description="scale α of the merged task vector")
+    exclude_keys: list[str] = Field(DEFAULT_EXCLUDE, description="glob patterns of 2-D tensors averaged instead of decomposed")
+
+
+def tsv_matrix(taus: torch.Tensor) -> torch.Tensor:
+    """TSV-Merge of one ``[T, m, n]`` stack of task matrices (unscaled)."""
+    rows, m, n = taus.shape
+    r = min(m, n)
+    k = r // rows  # the reference's int(s.shape[0] * (1 / T)): the same for every T <= 20, r < 5000 (checked)
+    if k == 0:
+        return running_mean(taus)
+    u_all = torch.zeros(m, r)
+    s_all = torch.zeros(r)
+    v_all = torch.zeros(r, n)
+    for t, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u_all[:, t * k : (t + 1) * k] = u[:, :k]
+        s_all[t * k : (t + 1) * k] = s[:k]
+        v_all[t * k : (t + 1) * k] = vh[:k]
+        del u, s, vh
+    return (polar(u_all) * s_all) @ polar(v_all)
+
+
+@merge_method("tsv_merge", aliases=("tsv", "tsv_m", "tsvm", "task_singular_vectors"))
+class TsvMerge(MergeMethod):
+    """TSV-Merge: per matrix, the top 1/T singular components of every task, whitened."""
+
+    Options = SpectralOptions
+    options: SpectralOptions
+    note = MEMORY_NOTE
+
+    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        with one_torch_thread():
+            merged = tsv_matrix(taus) if is_matrix(key, taus.shape[1:], o.exclude_keys) else running_mean(taus)
+        return merged.mul_(o.lam)
