@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tvq.merge.methods.tsv import SpectralOptions
+from tvq.merge.methods.tsv import SpectralMethod, SpectralOptions
 from tvq.merge.ops import task_sum
-from tvq.merge.registry import MergeMethod, merge_method
-from tvq.merge.spectral import is_matrix, one_torch_thread, polar, running_mean
+from tvq.merge.registry import merge_method
+from tvq.merge.spectral import polar
 
 MEMORY_NOTE = "SVD per 2-D tensor: each task's matrix dense plus ~4 matrix-sized buffers; single-threaded SVDs (use --threads)"
 
@@ -84,18 +84,16 @@ def iso_cts_matrix(taus: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 @merge_method("iso_c", aliases=("iso", "isotropic", "iso_c_merge"))
-class IsoC(MergeMethod):
+class IsoC(SpectralMethod):
     """Iso-C: the task-arithmetic sum of every matrix with an isotropic (flat) spectrum."""
 
-    Options = SpectralOptions
-    options: SpectralOptions
     note = MEMORY_NOTE
 
-    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        o = self.options
-        with one_torch_thread():
-            merged = iso_c_matrix(taus) if is_matrix(key, taus.shape[1:], o.exclude_keys) else iso_c_mean(taus)
-        return merged.mul_(o.lam)
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return iso_c_matrix(taus)
+
+    def merge_other(self, taus: torch.Tensor) -> torch.Tensor:
+        return iso_c_mean(taus)
 
 
 class IsoCtsOptions(SpectralOptions):
@@ -103,16 +101,12 @@ class IsoCtsOptions(SpectralOptions):
 
 
 @merge_method("iso_cts", aliases=("iso_cts_merge",))
-class IsoCts(MergeMethod):
+class IsoCts(SpectralMethod):
     """Iso-CTS: a common subspace of the task sum plus task-specific directions, isotropic."""
 
     Options = IsoCtsOptions
     options: IsoCtsOptions
     note = MEMORY_NOTE
 
-    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        o = self.options
-        matrix = is_matrix(key, taus.shape[1:], o.exclude_keys)
-        with one_torch_thread():
-            merged = iso_cts_matrix(taus, o.common_space_fraction) if matrix else running_mean(taus)
-        return merged.mul_(o.lam)
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return iso_cts_matrix(taus, self.options.common_space_fraction)

@@ -59,16 +59,31 @@ def tsv_matrix(taus: torch.Tensor) -> torch.Tensor:
     return (polar(u_all) * s_all) @ polar(v_all)
 
 
-@merge_method("tsv_merge", aliases=("tsv", "tsv_m", "tsvm", "task_singular_vectors"))
-class TsvMerge(MergeMethod):
-    """TSV-Merge: per matrix, the top 1/T singular components of every task, whitened."""
+class SpectralMethod(MergeMethod):
+    """A per-matrix SVD method: ``merge_matrix`` for the 2-D tensors it covers, ``merge_other``
+    (the mean) for the rest, both scaled by λ. SVDs run on one torch thread: MKL's results
+    change in their last bits with the thread count, and merged bytes must not."""
 
     Options = SpectralOptions
     options: SpectralOptions
     note = MEMORY_NOTE
 
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_other(self, taus: torch.Tensor) -> torch.Tensor:
+        return running_mean(taus)
+
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         with one_torch_thread():
-            merged = tsv_matrix(taus) if is_matrix(key, taus.shape[1:], o.exclude_keys) else running_mean(taus)
+            merged = self.merge_matrix(taus) if is_matrix(key, taus.shape[1:], o.exclude_keys) else self.merge_other(taus)
         return merged.mul_(o.lam)
+
+
+@merge_method("tsv_merge", aliases=("tsv", "tsv_m", "tsvm", "task_singular_vectors"))
+class TsvMerge(SpectralMethod):
+    """TSV-Merge: per matrix, the top 1/T singular components of every task, whitened."""
+
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return tsv_matrix(taus)
