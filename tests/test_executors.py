@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tvq import QuantizeOptions, quantize
-from tvq.execute import LocalExecutor, make_executor
 from tvq.errors import CheckpointError, ConfigError
+from tvq.execute import LocalExecutor, make_executor
 
 
 def _files(path):

@@ -7,12 +7,13 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import finetune
 from tvq import QuantizeOptions, open_pack, quantize
 from tvq.cli import app
-from tvq.errors import CheckpointError, ConfigError
 from tvq.encode.incremental import add_tasks, rebase
+from tvq.errors import CheckpointError, ConfigError
 from tvq.quant.affine import fake_quantize
+
+from conftest import finetune
 
 RTVQ = QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True)
 
@@ -45,7 +46,9 @@ def test_add_task_keeps_old_files_and_base_byte_for_byte(grown):
 
 def test_add_in_place_via_cli_and_errors(grown):
     d = grown["dir"]
-    r = CliRunner().invoke(app, ["add", str(d / "p2"), "-f", f"task2={grown['ft_paths']['task2']}", "--in-place", "-p", str(d / "pre.safetensors"), "--no-progress"])
+    r = CliRunner().invoke(
+        app, ["add", str(d / "p2"), "-f", f"task2={grown['ft_paths']['task2']}", "--in-place", "-p", str(d / "pre.safetensors"), "--no-progress"]
+    )
     assert r.exit_code == 0, r.output
     assert open_pack(d / "p2").tasks == ["task0", "task1", "task2"]
     r = CliRunner().invoke(app, ["add", str(d / "p2"), "-f", f"task2={grown['ft_paths']['task2']}", "--in-place", "-p", str(d / "pre.safetensors")])
@@ -101,7 +104,9 @@ def test_packs_with_sha256_input_digests_still_grow_and_rebase(grown):
     grown3 = open_pack(d / "old3").manifest
     assert grown3.pretrained.digest == old.pretrained.digest
     assert ":" not in grown3.task("task2").source.digest
-    rebase(d / "old3", d / "rebased", pretrained=grown["pre_path"], finetuned=grown["ft_paths"], progress=False)  # checks every source against its sha256
+    rebase(
+        d / "old3", d / "rebased", pretrained=grown["pre_path"], finetuned=grown["ft_paths"], progress=False
+    )  # checks every source against its sha256
     assert open_pack(d / "rebased").manifest.pretrained.digest == old.pretrained.digest
     save_file(finetune(grown["pre"], 9), grown["ft_paths"]["task1"])
     with pytest.raises(CheckpointError, match="content differs"):

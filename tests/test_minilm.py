@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from paper_reference import paper_fq, paper_rtvq, paper_tvq
 from tvq.cli import app
+
+from paper_reference import paper_fq, paper_rtvq, paper_tvq
 
 runner = CliRunner()
 
@@ -64,9 +65,28 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
     tmp, pre, fts = minilm_tasks
     target, bits = spec
     cfg = tmp / f"cfg-{target}{bits}.json"
-    cfg.write_text(json.dumps({"quantize_target": target, "quantize_residual": False, "quantize_task_bit": bits, "quantize_base_bit": None, "q_error_correction": False}))
+    cfg.write_text(
+        json.dumps(
+            {"quantize_target": target, "quantize_residual": False, "quantize_task_bit": bits, "quantize_base_bit": None, "q_error_correction": False}
+        )
+    )
     pack = tmp / f"pack-{target}{bits}"
-    _cli("quantize", "-p", minilm_dir, "-f", f"t0={tmp / 't0.safetensors'}", "-f", f"t1={tmp / 't1.safetensors'}", "-o", pack, "--config", cfg, "--key-rule", "paper", "--no-progress")
+    _cli(
+        "quantize",
+        "-p",
+        minilm_dir,
+        "-f",
+        f"t0={tmp / 't0.safetensors'}",
+        "-f",
+        f"t1={tmp / 't1.safetensors'}",
+        "-o",
+        pack,
+        "--config",
+        cfg,
+        "--key-rule",
+        "paper",
+        "--no-progress",
+    )
     info = json.loads(_cli("info", pack, "--json").output)
     assert info["total_bytes"] <= info["theoretical_bytes"] * 1.01 + 64 * 1024
     exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
@@ -81,13 +101,31 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
 def test_rtvq_with_error_correction_bit_exact_on_minilm(minilm_dir, minilm_tasks):
     tmp, pre, fts = minilm_tasks
     pack = tmp / "pack-rtvq"
-    _cli("quantize", "-p", minilm_dir, "-f", f"t0={tmp / 't0.safetensors'}", "-f", f"t1={tmp / 't1.safetensors'}", "-o", pack,
-         "--residual", "--bits", "2", "--base-bits", "3", "--error-correction", "--key-rule", "paper", "--no-progress")
+    _cli(
+        "quantize",
+        "-p",
+        minilm_dir,
+        "-f",
+        f"t0={tmp / 't0.safetensors'}",
+        "-f",
+        f"t1={tmp / 't1.safetensors'}",
+        "-o",
+        pack,
+        "--residual",
+        "--bits",
+        "2",
+        "--base-bits",
+        "3",
+        "--error-correction",
+        "--key-rule",
+        "paper",
+        "--no-progress",
+    )
     exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
     refs = paper_rtvq(pre, [fts["t0"], fts["t1"]], 3, 2, True)
     manifest = json.loads((pack / "manifest.json").read_text())
     quantized = set(manifest["files"]["base.safetensors"]["tensors"])
-    for n, ref in zip(["t0", "t1"], refs):
+    for n, ref in zip(["t0", "t1"], refs, strict=True):
         for k, e in ref.items():
             if k in quantized:
                 _equal_or_paper_nan({k: exported[n][k]}, {k: e})

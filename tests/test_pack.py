@@ -164,12 +164,25 @@ def test_size_on_disk_within_one_percent_of_theoretical(tmp_path, bits):
 
 
 def test_manifest_records_method_inputs_and_checksums(tiny):
-    quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "p", QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True), progress=False)
+    quantize(
+        tiny["pre_path"],
+        tiny["ft_paths"],
+        tiny["dir"] / "p",
+        QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True),
+        progress=False,
+    )
     m = json.loads((tiny["dir"] / "p" / "manifest.json").read_text())
     assert m["format"] == "tvq-pack" and m["version"] == 2
     assert m["method"] == {
-        "target": "task_vector", "residual": True, "bits": 2, "base_bits": 3, "error_correction": True,
-        "quantizer": "minmax", "group_size": None, "key_rule": "ndim", "budget_bits": None,
+        "target": "task_vector",
+        "residual": True,
+        "bits": 2,
+        "base_bits": 3,
+        "error_correction": True,
+        "quantizer": "minmax",
+        "group_size": None,
+        "key_rule": "ndim",
+        "budget_bits": None,
     }
     content_hash = re.compile(r"blake3:[0-9a-f]{64}")
     assert content_hash.fullmatch(m["pretrained"]["digest"]) and all(content_hash.fullmatch(t["source"]["digest"]) for t in m["tasks"])
@@ -242,8 +255,18 @@ def test_each_kind_has_only_its_own_fields():
     assert (const.numel, const.stored_bytes) == (6, 0)
     dumped = const.model_dump(mode="json")
     assert tuple(dumped) == ENTRY_KEYS  # written with every key of version 1
-    assert dumped == {"kind": "const", "shape": [2, 3], "dtype": "float32", "bits": 4, "scheme": None, "params": {},
-                      "aux": {}, "value": 0.5, "nbytes": 0, "sha256": None}
+    assert dumped == {
+        "kind": "const",
+        "shape": [2, 3],
+        "dtype": "float32",
+        "bits": 4,
+        "scheme": None,
+        "params": {},
+        "aux": {},
+        "value": 0.5,
+        "nbytes": 0,
+        "sha256": None,
+    }
 
 
 def _parse_first(name: str, kind: str, change) -> Manifest:
@@ -275,6 +298,7 @@ def test_fields_another_kind_uses_are_refused(kind, change, problem):
 
 def test_entries_written_without_the_unused_keys_still_parse():
     """A stranger may leave out what a kind does not use; the digest covers them as tvq writes them."""
+
     def strip(entry: dict) -> None:
         for key in ("scheme", "params", "aux", "nbytes", "sha256", "dtype"):
             entry.pop(key)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paper_reference import asymmetric_quantization, dequantize
 from tvq.errors import ConfigError
 from tvq.quant.affine import fake_quantize, minmax_dequantize, minmax_params, minmax_quantize
 from tvq.quant.bits import check_bits
+
+from paper_reference import asymmetric_quantization, dequantize
 
 
 def test_hand_computed_two_bit_example():

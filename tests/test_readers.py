@@ -72,7 +72,9 @@ def test_half_precision_inputs_use_fp32_deltas(tiny, dtype):
 
 def test_cli_rejects_unsafe_pickle_by_default(tiny):
     torch.save(torch.nn.Linear(3, 2), tiny["dir"] / "module.pt")
-    r = CliRunner().invoke(app, ["quantize", "-p", str(tiny["dir"] / "module.pt"), "-f", f"a={tiny['dir'] / 'module.pt'}", "-o", str(tiny["dir"] / "p")])
+    r = CliRunner().invoke(
+        app, ["quantize", "-p", str(tiny["dir"] / "module.pt"), "-f", f"a={tiny['dir'] / 'module.pt'}", "-o", str(tiny["dir"] / "p")]
+    )
     assert r.exit_code == 2 and "weights_only" in r.output and "Traceback" not in r.output
 
 

@@ -28,6 +28,7 @@ mergekit computes in fp32 (``dtype: float32``) and writes bf16 (``out_dtype``), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -282,10 +283,8 @@ class Cgroup:
 
     def reset(self) -> None:
         for name in ("memory.max_usage_in_bytes", "memory.failcnt"):
-            try:
+            with contextlib.suppress(OSError):
                 (self.path / name).write_text("0")
-            except OSError:
-                pass
 
     def read(self) -> tuple[int, int, int]:
         peak = int((self.path / "memory.max_usage_in_bytes").read_text())
@@ -301,10 +300,8 @@ class Cgroup:
         return ["sh", "-c", f'echo $$ > {self.path / "cgroup.procs"} && exec "$@"', "sh", *cmd]
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.path.rmdir()
-        except OSError:
-            pass
 
 
 def cpu_busy_s() -> float:
@@ -417,7 +414,8 @@ def run_step(step: Step, *, cgroup: Cgroup | None, cache: str, log_dir: Path, ha
     if step.kind == "quantize":
         m.pack_info = pack_info(step.output)
     print(
-        f"    wall {wall:.1f} s, CPU {(m.user_s or 0) + (m.sys_s or 0):.0f} s, others {m.other_cpu_cores or 0:.2f} cores, maxrss {m.maxrss_mib or 0:.0f} MiB, anon {m.peak_anon_mib:.0f} MiB"
+        f"    wall {wall:.1f} s, CPU {(m.user_s or 0) + (m.sys_s or 0):.0f} s, others {m.other_cpu_cores or 0:.2f} cores, "
+        f"maxrss {m.maxrss_mib or 0:.0f} MiB, anon {m.peak_anon_mib:.0f} MiB"
         + (f", cgroup peak {m.cgroup_peak_mib:.0f} MiB" if cgroup else "")
         + f", {m.bytes_on_disk / 1e9:.3f} GB on disk",
         flush=True,
@@ -657,8 +655,13 @@ def main(argv: list[str] | None = None) -> int:
         help="OMP_WAIT_POLICY for every step (both tools): passive avoids libgomp's spin-wait collapse when other "
         "processes compete for the cores; 'default' leaves the environment as it is",
     )
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for every step, both tools (e.g. THP_MEM_ALLOC_ENABLE=1); repeatable")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for every step, both tools (e.g. THP_MEM_ALLOC_ENABLE=1); repeatable",
+    )
     ap.add_argument("--tvq-threads", type=int, default=2, help="tvq quantize/merge --threads N (0: tool default)")
     ap.add_argument("--tag", default="", help="suffix of results-<tag>.json/.md")
     args = ap.parse_args(argv)

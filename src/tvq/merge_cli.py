@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -86,28 +86,28 @@ def register(app: typer.Typer, handles_errors) -> None:
         ctx: typer.Context,
         out: Annotated[Path, typer.Option("--out", "-o", help="Output: HF folder (HF pretrained), .safetensors file, or EMR pack.")],
         method: Annotated[
-            Optional[str], typer.Option("--method", "-m", help="Merge method or alias (see below); method options follow as --name VALUE.")
+            str | None, typer.Option("--method", "-m", help="Merge method or alias (see below); method options follow as --name VALUE.")
         ] = None,
         pretrained: Annotated[
-            Optional[Path],
+            Path | None,
             typer.Option("--pretrained", "-p", help="Pretrained model (required; a pack only records where its own came from)."),
         ] = None,
         pack: Annotated[
-            Optional[list[Path]], typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
+            list[Path] | None, typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
         ] = None,
         finetuned: Annotated[
-            Optional[list[str]], typer.Option("--finetuned", "-f", help="NAME=PATH of an FP32 fine-tuned checkpoint; repeatable.")
+            list[str] | None, typer.Option("--finetuned", "-f", help="NAME=PATH of an FP32 fine-tuned checkpoint; repeatable.")
         ] = None,
         config: Annotated[
-            Optional[Path], typer.Option("--config", help="YAML/JSON merge config: method + options (flags override).")
+            Path | None, typer.Option("--config", help="YAML/JSON merge config: method + options (flags override).")
         ] = None,
         load_config: Annotated[
-            Optional[Path], typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")
+            Path | None, typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")
         ] = None,
-        task: Annotated[Optional[str], typer.Option("--task", help="EMR: write this task's model instead of the unified pack.")] = None,
-        unified: Annotated[Optional[Path], typer.Option("--unified", help="EMR: an existing unified pack to read --task from.")] = None,
+        task: Annotated[str | None, typer.Option("--task", help="EMR: write this task's model instead of the unified pack.")] = None,
+        unified: Annotated[Path | None, typer.Option("--unified", help="EMR: an existing unified pack to read --task from.")] = None,
         norm_stats: Annotated[
-            Optional[str],
+            str | None,
             typer.Option(
                 "--norm-stats",
                 help="Running statistics (BatchNorm running_mean/var, ...) of the output, never merged as weights: "
@@ -124,7 +124,7 @@ def register(app: typer.Typer, handles_errors) -> None:
             str,
             typer.Option(help="local, or ray (tensors merged over a Ray cluster; same output). EMR's unified pack and --unified run locally."),
         ] = "local",
-        address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+        address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
         threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors merged concurrently (torch single-threaded in each).")] = 2,
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tvq.bench import BenchDataError
-from tvq.bench.data import TaskData, TaskSpec, get_task, jsonl_task, list_tasks, load_task, register_task, split_task
-from tvq.bench.data import debian, sources
+from tvq.bench.data import TaskData, TaskSpec, debian, get_task, jsonl_task, list_tasks, load_task, register_task, sources, split_task
 
 
 def _task(n: int = 100, classes: int = 3) -> TaskData:
@@ -75,7 +74,8 @@ def test_user_callable_task_cached_and_cleaned(tmp_path: Path) -> None:
     again = load_task(spec, tmp_path)
     assert again == data and len(calls) == 1  # second time from the gzipped JSONL cache
     cached = tmp_path / "data" / "toy_user.v1.jsonl.gz"
-    header = json.loads(gzip.open(cached, "rt").readline())
+    with gzip.open(cached, "rt") as fh:
+        header = json.loads(fh.readline())
     assert header["classes"] == ["neg", "pos"] and header["n"] == 3
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import make_ckpts, make_pack
 
 from tvq.errors import ConfigError
 from tvq.execute import LocalExecutor
 from tvq.merge import load_task_vectors, merge
 from tvq.merge.adamerging import AdaMergingResult
+
+from merge_helpers import make_ckpts, make_pack
 
 METHODS = [
     ("task_arithmetic", {}),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from merge_helpers import tv
 
 from tvq.errors import ConfigError
 from tvq.merge import merge_state_dict
 from tvq.merge.methods.lines import depth_scales
+
+from merge_helpers import tv
 
 
 def merged(method: str, vectors: dict, pre: dict | None = None, task: str | None = None, **options) -> dict[str, torch.Tensor]:

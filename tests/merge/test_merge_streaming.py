@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from merge_helpers import make_ckpts, make_pack, small_model
 from safetensors.torch import load_file
 
 from tvq.errors import CheckpointError
@@ -22,6 +21,8 @@ from tvq.merge import (
 from tvq.merge.ops import global_kth_largest, magnitude_threshold
 from tvq.pack.reader import open_pack
 from tvq.vector import TaskVector
+
+from merge_helpers import make_ckpts, make_pack, small_model
 
 METHODS = [
     ("average", {}),

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from merge_helpers import make_ckpts, make_pack, tv
 from torch import nn
 
 from tvq.errors import CheckpointError
@@ -15,6 +14,8 @@ from tvq.io.readers import MemoryReader, as_reader
 from tvq.merge import TaskInputs, load_task_vectors, merge_state_dict
 from tvq.merge.source import MergeInputs, TaskSource
 from tvq.vector import TaskVector
+
+from merge_helpers import make_ckpts, make_pack, tv
 
 
 def dict_applied(module: nn.Module, tau: TaskVector, scale: float) -> dict[str, torch.Tensor]:

@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-from attack import one_line_refusal
-from conftest import finetune, make_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -29,6 +27,9 @@ from tvq.cli import app
 from tvq.errors import TvqError
 from tvq.merge import emr_task_model, load_task_vectors, merge_state_dict, open_emr
 from tvq.pack.manifest import manifest_checksum
+
+from attack import one_line_refusal
+from conftest import finetune, make_model
 
 runner = CliRunner()
 KEY = "encoder.layer.0.attn.weight"  # [16, 12]: 192 elements, masks [3, 24]

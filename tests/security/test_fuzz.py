@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack import read_manifest_json, snapshot, write_manifest_json
-from conftest import finetune, make_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -29,6 +27,9 @@ from tvq.errors import TvqError
 from tvq.export import export_task
 from tvq.io.readers import open_checkpoint
 from tvq.pack.reader import open_pack
+
+from attack import read_manifest_json, snapshot, write_manifest_json
+from conftest import finetune, make_model
 
 EXAMPLES = int(os.environ.get("TVQ_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=EXAMPLES <= 40)
@@ -80,15 +81,38 @@ def _paths(value: object, prefix: tuple = ()) -> Iterator[tuple]:
             yield from _paths(v, (*prefix, i))
 
 
-HOSTILE_STRINGS = ["../x.safetensors", "/etc/hostname", "tasks/../../x", "..\\x", "", "a" * 5000, "tasks/000-t0.safetensors",
-                   "base.safetensors", "q", "raw", "const", "minmax", "group", "float32", "bfloat16", "NaN", "\x00"]
+HOSTILE_STRINGS = [
+    "../x.safetensors",
+    "/etc/hostname",
+    "tasks/../../x",
+    "..\\x",
+    "",
+    "a" * 5000,
+    "tasks/000-t0.safetensors",
+    "base.safetensors",
+    "q",
+    "raw",
+    "const",
+    "minmax",
+    "group",
+    "float32",
+    "bfloat16",
+    "NaN",
+    "\x00",
+]
 json_scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([0, 1, -1, 2**31, 2**32 + 1, 10**12, 2**63]),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-45, 3e38, 1e39]),
-    st.text(max_size=20), st.sampled_from(HOSTILE_STRINGS),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, -1, 2**31, 2**32 + 1, 10**12, 2**63]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1e-45, 3e38, 1e39]),
+    st.text(max_size=20),
+    st.sampled_from(HOSTILE_STRINGS),
 )
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+json_values = st.recursive(
+    json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6
+)
 
 
 def _mutate(tree: dict, path: tuple, action: str, value: object) -> None:
@@ -208,7 +232,7 @@ def test_fuzz_shard_indexes(packs, rss_bound, picks):
         before = snapshot(work)
         try:
             reader = open_checkpoint(folder)
-            for key in reader.keys():
+            for key in reader.keys():  # noqa: SIM118 -- a reader, not a dict
                 t = reader.get(key)
                 assert not (t.numel() and bool((t == 7).all()) and not bool((sd.get(key, t) == 7).all())), key  # never the bait
         except TvqError as exc:

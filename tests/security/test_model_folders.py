@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack import one_line_refusal, snapshot
-from conftest import finetune, make_model
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -21,6 +19,9 @@ from tvq import TaskVector, open_checkpoint
 from tvq.cli import app
 from tvq.errors import CheckpointError
 from tvq.io.readers import MAX_HEADER_BYTES, MAX_INDEX_BYTES
+
+from attack import one_line_refusal, snapshot
+from conftest import finetune, make_model
 
 INDEX = "model.safetensors.index.json"
 

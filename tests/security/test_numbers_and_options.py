@@ -498,7 +498,9 @@ def test_tvq_average_that_overflows(tiny):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra", [["--method", "task_arithmetic", "--lambda", "1e10"], ["--method", "task_arithmetic", "--dtype", "float16", "--lambda", "1e8"]])
+@pytest.mark.parametrize(
+    "extra", [["--method", "task_arithmetic", "--lambda", "1e10"], ["--method", "task_arithmetic", "--dtype", "float16", "--lambda", "1e8"]]
+)
 def test_merge_that_overflows_writes_nothing(tiny, extra):
     """Finite λ, finite inputs, and still a merged tensor beyond the output dtype: an error, not Inf."""
     _set(tiny["ft_paths"]["task0"], W, (0, 0), 1e30)

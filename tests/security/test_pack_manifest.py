@@ -13,11 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from attack import every_task_entry, first_q, one_line_refusal, read_manifest_json, snapshot, tamper, write_manifest_json
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tvq.cli import app
+
+from attack import every_task_entry, first_q, one_line_refusal, read_manifest_json, snapshot, tamper, write_manifest_json
 
 runner = CliRunner()
 
@@ -94,7 +95,9 @@ def test_verify_is_no_file_content_oracle(tiny, pack):
     assert "ok" not in r.output.split("error:")[0]
 
 
-@pytest.mark.parametrize("name", ["tasks\\..\\..\\x.safetensors", "tasks//x.safetensors", "./x.safetensors", "tasks/x.txt", "tasks/\x01x.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["tasks\\..\\..\\x.safetensors", "tasks//x.safetensors", "./x.safetensors", "tasks/x.txt", "tasks/\x01x.safetensors"]
+)
 def test_file_names_tvq_would_not_write_are_refused(tiny, pack, name):
     tamper(pack, lambda m: _rename_task_file(m, name))
     assert_one_line_error(run("info", pack), "manifest.json", "file name")
@@ -330,8 +333,12 @@ def test_base_plus_offset_overflow_is_an_error(tiny, rtvq):
 
 def test_valid_packs_still_open_after_a_json_round_trip(tiny, pack, rtvq):
     """The validator accepts what tvq writes (every kind of pack) — the control for the above."""
-    for p in (pack, rtvq, make_pack(tiny, tiny["dir"] / "fq", "--target", "finetuned", "--bits", "8"),
-              make_pack(tiny, tiny["dir"] / "g", "--bits", "3", "--quantizer", "group", "--group-size", "8")):
+    for p in (
+        pack,
+        rtvq,
+        make_pack(tiny, tiny["dir"] / "fq", "--target", "finetuned", "--bits", "8"),
+        make_pack(tiny, tiny["dir"] / "g", "--bits", "3", "--quantizer", "group", "--group-size", "8"),
+    ):
         write_manifest_json(p, read_manifest_json(p))
         r = run("verify", p)
         assert r.exit_code == 0, r.output

@@ -16,20 +16,31 @@ from rich.table import Table
 from tvq.bench import BenchDataError, BenchError
 from tvq.cli_support import console, error_handler, new_app
 
-app = new_app("bench", "The real benchmarks: 8 text tasks (MiniLM) or 6 image tasks (EfficientNet-Lite0, --suite vision), from packages, frozen heads.")
+app = new_app(
+    "bench", "The real benchmarks: 8 text tasks (MiniLM) or 6 image tasks (EfficientNet-Lite0, --suite vision), from packages, frozen heads."
+)
 _errors = error_handler("completed work is kept; re-run to resume", ((BenchDataError, 1),))
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")]
 Preset = Annotated[str, typer.Option("--preset", help="full (8 tasks, 4,000 train) or ci (4 tasks, 512 train).")]
 Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated task names (or name=file.jsonl); default: the preset's.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Split and training seed (default 0).")]
-SuiteOpt = Annotated[str, typer.Option("--suite", help="text (MiniLM, 8 text tasks) or vision (EfficientNet-Lite0 or your image encoder, 6 image tasks).")]
+SuiteOpt = Annotated[
+    str, typer.Option("--suite", help="text (MiniLM, 8 text tasks) or vision (EfficientNet-Lite0 or your image encoder, 6 image tasks).")
+]
 Encoder = Annotated[
     Optional[str],
-    typer.Option(help="text: another HF encoder folder. vision: an HF CLIPModel/CLIPVisionModel folder, or KIND[:ARG] of an encoder registered with tvq.bench.vision.register_encoder (default efficientnet-lite0)."),
+    typer.Option(
+        help="text: another HF encoder folder. vision: an HF CLIPModel/CLIPVisionModel folder, or KIND[:ARG] of an encoder "
+        "registered with tvq.bench.vision.register_encoder (default efficientnet-lite0)."
+    ),
 ]
-ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="vision: input side in px (default 64; ci 48; a CLIP tower needs its own, e.g. 224).")]
-Head = Annotated[Optional[str], typer.Option("--head", help="vision: class_mean (default) or text (CLIP zero-shot text heads; needs a CLIPModel folder).")]
+ImageSize = Annotated[
+    Optional[int], typer.Option("--image-size", help="vision: input side in px (default 64; ci 48; a CLIP tower needs its own, e.g. 224).")
+]
+Head = Annotated[
+    Optional[str], typer.Option("--head", help="vision: class_mean (default) or text (CLIP zero-shot text heads; needs a CLIPModel folder).")
+]
 
 
 def _config(suite: str, preset_name: str, tasks: str | None, seed: int | None, **extra: Any) -> Any:
@@ -59,7 +70,9 @@ def data_cmd(preset: Preset = "full", tasks: Tasks = None, cache: Cache = None, 
 @app.command("build")
 @_errors
 def build_cmd(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default <cache>/runs/<preset>, vision: runs/vision-<preset>).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run folder (default <cache>/runs/<preset>, vision: runs/vision-<preset>).")
+    ] = None,
     preset: Preset = "full",
     tasks: Tasks = None,
     cache: Cache = None,
@@ -93,7 +106,15 @@ def build_cmd(
         zs.append(100 * info["zero_shot"]["test"])
         ft.append(100 * info["finetuned"]["test"])
         sizes = info["splits"]["sizes"]
-        table.add_row(name, str(len(info["classes"])), str(sizes["train"]), str(sizes["test"]), f"{zs[-1]:.1f}", f"{ft[-1]:.1f}", f"{info['timings']['train_s']:.0f}")
+        table.add_row(
+            name,
+            str(len(info["classes"])),
+            str(sizes["train"]),
+            str(sizes["test"]),
+            f"{zs[-1]:.1f}",
+            f"{ft[-1]:.1f}",
+            f"{info['timings']['train_s']:.0f}",
+        )
     table.add_row("average", "", "", "", f"{sum(zs) / len(zs):.1f}", f"{sum(ft) / len(ft):.1f}", "", style="bold")
     console.print(table)
 

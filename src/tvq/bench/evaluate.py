@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ from tvq.bench.data import Splits
 from tvq.bench.fisher import task_fisher
 from tvq.bench.model import collate, cosine_logits, encode, iter_batches, load_encoder, load_tokenizer, tokenize
 
-ModelLike = Union[nn.Module, Mapping[str, torch.Tensor], str, Path]
+ModelLike = nn.Module | Mapping[str, torch.Tensor] | str | Path
 MANIFEST = "manifest.json"
 RUN_FORMAT = "tvq-bench-run"
 
@@ -125,7 +125,9 @@ class BenchRun:
                 raise BenchError(f"{self.out}: task '{name}' is not in this run (has {', '.join(self.manifest['tasks'])})")
             splits = Splits.load(self.out / info["splits"]["file"])
             c = self.config
-            self._tasks[name] = BenchTask(name, splits.classes, self.heads[name], splits, self.tokenizer, c.max_length, c.logit_scale, c.eval_batch_size, self)
+            self._tasks[name] = BenchTask(
+                name, splits.classes, self.heads[name], splits, self.tokenizer, c.max_length, c.logit_scale, c.eval_batch_size, self
+            )
         return self._tasks[name]
 
     def load_model(self, source: ModelLike | None = None) -> nn.Module:
@@ -148,7 +150,6 @@ class BenchRun:
                 raise BenchError(f"tensor '{k}': shape {tuple(v.shape)}, the encoder has {tuple(own[k].shape)}")
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         return model.eval()
-
 
     # -- what the grid (tvq.bench.matrix) calls; other suites override these -----------------
     def evaluate_all(self, model: ModelLike | None = None, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -187,7 +188,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise BenchError(f"{p}: no model.safetensors")
     with safe_open(str(file), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- a reader, not a dict
 
 
 def open_run(out: str | Path) -> BenchRun:
@@ -241,9 +242,7 @@ def evaluate_all(model: ModelLike | None, run: BenchRun, split: str = "test", ta
     return {name: evaluate(module, run.task(name), split) for name in (tasks or run.tasks)}
 
 
-def task_logits(
-    model: nn.Module, task: BenchTask, texts: Sequence[str], *, params: Mapping[str, torch.Tensor] | None = None
-) -> torch.Tensor:
+def task_logits(model: nn.Module, task: BenchTask, texts: Sequence[str], *, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Differentiable logits for a batch of texts; with ``params``, run via ``functional_call``.
 
     This is the hook for losses on unlabeled data (e.g. AdaMerging's entropy): gradients flow

@@ -48,7 +48,7 @@ def task_fisher(run: BenchRun, task: str, split: str = "validation", examples: i
         log_probs = F.log_softmax(logits.float(), dim=-1)
         y = int(torch.multinomial(log_probs.detach().exp(), 1, generator=gen))
         grads = torch.autograd.grad(log_probs[y], list(params.values()), allow_unused=True)
-        for k, g in zip(params, grads):
+        for k, g in zip(params, grads, strict=True):
             if g is not None:
                 sums[k] += g.double().pow(2).sum()
     n = max(len(ids), 1)

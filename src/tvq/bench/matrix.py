@@ -53,7 +53,7 @@ def _p(name: str, label: str, paper: bool = True, budget: float | None = None, f
     return Precision(name, label, options or None, budget, paper, fisher)
 
 
-_RTVQ_EC_MSE = dict(residual=True, base_bits=3, bits=2, error_correction=True, quantizer="mse")
+_RTVQ_EC_MSE: dict[str, Any] = dict(residual=True, base_bits=3, bits=2, error_correction=True, quantizer="mse")
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -187,7 +187,7 @@ class Matrix:
         path = self.out / "packs" / precision
         if not (path / "manifest.json").is_file():
             finetuned = {t: self.run.finetuned_path(t) for t in self.run.tasks}
-            options = QuantizeOptions(**spec.options)
+            options = QuantizeOptions(**(spec.options or {}))
             if spec.budget_bits is not None:
                 sensitivity = self.fisher() if spec.fisher else None
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,
@@ -221,7 +221,7 @@ class Matrix:
             pre = open_checkpoint(self.run.pretrained_path)
             fts = [open_checkpoint(self.run.finetuned_path(t)) for t in self.run.tasks]
             self.results["trained_params"] = sum(
-                pre.meta(k).numel for k in pre.keys()
+                pre.meta(k).numel for k in pre.keys()  # noqa: SIM118 -- a reader, not a dict
                 if pre.meta(k).is_float and any(not torch.equal(pre.get(k), f.get(k)) for f in fts)
             )  # fmt: skip
         return self.results["trained_params"]
@@ -262,7 +262,7 @@ class Matrix:
             t0 = time.perf_counter()
             tvs = self.task_vectors(precision)
             options = dict(spec.options)
-            if mode == "tuned":
+            if mode == "tuned" and spec.tune is not None:
                 options[spec.tune] = self._tune(spec, tvs)
             acc = self._evaluate_merge(spec, tvs, options, "test")
             return Cell(method, precision, mode, acc, options, time.perf_counter() - t0)
@@ -281,12 +281,13 @@ class Matrix:
 
     def _tune(self, spec: MethodSpec, tvs: dict[str, TaskVector]) -> float:
         """The grid value with the best average validation accuracy."""
-        best = None
+        best: tuple[float, float] | None = None
         for value in spec.grid:
             acc = self._evaluate_merge(spec, tvs, {**spec.options, spec.tune: value}, "validation")
             avg = sum(acc.values()) / len(acc)
             if best is None or avg > best[0]:
                 best = (avg, value)
+        assert best is not None, "λ grids are never empty"
         return best[1]
 
     def _adamerging(self, tvs: dict[str, TaskVector], split: str) -> dict[str, float]:
@@ -304,21 +305,21 @@ class Matrix:
     def run_grid(self, methods: Sequence[str], precisions: Sequence[str], tune: bool = True, individual: bool = True) -> None:
         self.references()
         self._fp32_info()
-        cells = [(None, p) for p in precisions] if individual else []
+        cells: list[tuple[str | None, str]] = [(None, p) for p in precisions] if individual else []
         for p in precisions:
             for m in methods:
                 cells.append((m, p))
         bar = tqdm(total=len(cells) + (sum(1 for m in methods if METHODS[m].tune) * len(precisions) if tune else 0),
                    desc="bench grid", unit="cell", disable=not self.progress)
-        for m, p in cells:
-            bar.set_postfix_str(f"{m or 'individual'} @ {p}")
-            if m is None:
+        for method, p in cells:
+            bar.set_postfix_str(f"{method or 'individual'} @ {p}")
+            if method is None:
                 self.individual(p)
             else:
-                self.merged(m, p, "fixed")
-                if tune and METHODS[m].tune:
+                self.merged(method, p, "fixed")
+                if tune and METHODS[method].tune:
                     bar.update(1)
-                    self.merged(m, p, "tuned")
+                    self.merged(method, p, "tuned")
             bar.update(1)
         bar.close()
 

@@ -164,7 +164,7 @@ def full_state_dict(model: nn.Module | Mapping[str, torch.Tensor], model_dir: Pa
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 -- a reader, not a dict
             ref = f.get_tensor(k)
             t = state.get(k)
             if t is None:

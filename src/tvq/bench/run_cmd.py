@@ -22,14 +22,34 @@ DEFAULT_METHODS = ("task_arithmetic", "ties", "lines", "consensus", "emr", "dare
 
 
 def run_cmd(
-    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder from `tvq bench build` (default <cache>/runs/<preset>, vision: runs/vision-<preset>; built if missing).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where packs, results and plots go (default <run>/grid; <run>/grid-bn-<rule> for a non-default --bn-stats).")] = None,
+    run: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--run", help="Run folder from `tvq bench build` (default <cache>/runs/<preset>, vision: runs/vision-<preset>; built if missing)."
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out", "-o", help="Where packs, results and plots go (default <run>/grid; <run>/grid-bn-<rule> for a non-default --bn-stats)."
+        ),
+    ] = None,
     preset: Annotated[str, typer.Option(help="Preset used when the run has to be built: ci or full.")] = "full",
-    suite: Annotated[str, typer.Option(help="Suite used when the run has to be built: text or vision (an existing run's own suite is used otherwise).")] = "text",
-    bn_stats: Annotated[Optional[str], typer.Option("--bn-stats", help="vision: BatchNorm statistics of evaluated models: task (default: re-estimated per task), pooled, pretrained or merged.")] = None,
+    suite: Annotated[
+        str, typer.Option(help="Suite used when the run has to be built: text or vision (an existing run's own suite is used otherwise).")
+    ] = "text",
+    bn_stats: Annotated[
+        Optional[str],
+        typer.Option(
+            "--bn-stats",
+            help="vision: BatchNorm statistics of evaluated models: task (default: re-estimated per task), pooled, pretrained or merged.",
+        ),
+    ] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Data/run cache (default $TVQ_CACHE or ~/.cache/tvq/bench).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated merge methods, or 'all'.")] = None,
-    precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precisions (fp32, fq4, tvq2, rtvq-b3o2-ec, budget-2.375, ...), 'paper' or 'all'.")] = None,
+    precisions: Annotated[
+        Optional[str], typer.Option(help="Comma-separated precisions (fp32, fq4, tvq2, rtvq-b3o2-ec, budget-2.375, ...), 'paper' or 'all'.")
+    ] = None,
     tune: Annotated[bool, typer.Option(help="Also tune λ on the validation split.")] = True,
     adamerging_steps: Annotated[int, typer.Option(help="AdaMerging optimisation steps (the paper: 500 epochs x 8 tasks).")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,

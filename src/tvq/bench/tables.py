@@ -94,10 +94,11 @@ def frontier_table(results: dict[str, Any], mode: str = FIXED) -> str:
         values, worst = [], None
         for m in methods:
             c = cell(results, m, p, mode) or (cell(results, m, p, FIXED) if m == "individual" else None)
-            if c is None or fp32[m] is None:
+            reference = fp32[m]
+            if c is None or reference is None:
                 values.append("–")
                 continue
-            delta = _avg(c["acc"]) - _avg(fp32[m]["acc"])
+            delta = _avg(c["acc"]) - _avg(reference["acc"])
             worst = delta if worst is None else min(worst, delta)
             values.append(f"{_avg(c['acc']):.1f} ({delta:+.1f})")
         bits = info["bits_per_param"]

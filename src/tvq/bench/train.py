@@ -110,7 +110,13 @@ def finetune(
     model.eval()
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])
-    return {"steps": steps, "train_s": round(time.perf_counter() - t0, 2), "loss_first": losses[0], "loss_last": losses[-1], "trainable": sum(p.numel() for p in params)}
+    return {
+        "steps": steps,
+        "train_s": round(time.perf_counter() - t0, 2),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -218,7 +224,13 @@ def build(
             classes=s.classes,
             source=s.info.get("source", ""),
             seed=task_seed(config.seed, name),
-            splits={"file": f"splits/{name}.jsonl.gz", "sizes": s.sizes(), "sha256": s.digest(), "seed": config.seed, "n_total": s.info.get("n_total")},
+            splits={
+                "file": f"splits/{name}.jsonl.gz",
+                "sizes": s.sizes(),
+                "sha256": s.digest(),
+                "seed": config.seed,
+                "n_total": s.info.get("n_total"),
+            },
         )
         infos[name] = info
     _write_json(out / MANIFEST, manifest)
@@ -236,7 +248,7 @@ def build(
     heads: dict[str, torch.Tensor] = {}
     if (out / "heads.safetensors").is_file():
         with safe_open(str(out / "heads.safetensors"), "pt") as f:
-            heads = {k: f.get_tensor(k) for k in f.keys()}
+            heads = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- a reader, not a dict
     for i, (name, s) in enumerate(splits.items(), 1):
         info = infos[name]
         tag = f"[{i}/{len(splits)}] {name}"

@@ -26,8 +26,8 @@ from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
 from tvq.pack.manifest import (
     FORMAT_NAME,
-    READABLE_VERSIONS,
     MANIFEST_NAME,
+    READABLE_VERSIONS,
     Manifest,
     Method,
     QuantizedEntry,

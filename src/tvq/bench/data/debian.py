@@ -17,6 +17,7 @@ import tarfile
 import uuid
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def read_r_lazyload(data_dir: Path, name: str) -> Any:
         f.seek(offset)
         blob = f.read(length)
     kind = blob[4:5]
-    codecs = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": lambda b: b}
+    codecs: dict[bytes, Callable[[bytes], bytes]] = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": bytes}
     raw = codecs[kind](blob[5:]) if kind in codecs else zlib.decompress(blob[4:])
     return _parse_r(raw)
 

@@ -128,8 +128,10 @@ def default_cache_dir() -> Path:
 
 def _coerce(spec: TaskSpec, out: LoaderResult) -> TaskData:
     """Accept the loader's result in any documented form and check it."""
+    classes: list[str] | None
+    labels: list[Any]
     if isinstance(out, TaskData):
-        texts, labels, classes = out.texts, out.labels, out.classes
+        texts, labels, classes = out.texts, list(out.labels), out.classes
     elif isinstance(out, tuple) and len(out) in (2, 3):
         texts, labels = list(out[0]), list(out[1])
         classes = list(out[2]) if len(out) == 3 else None
@@ -159,12 +161,12 @@ def _clean(data: TaskData) -> TaskData:
     """
     seen: dict[str, int] = {}
     conflict: set[str] = set()
-    for t, y in zip(data.texts, data.labels):
+    for t, y in zip(data.texts, data.labels, strict=True):
         t = t.strip()
         if t and seen.setdefault(t, y) != y:
             conflict.add(t)
     texts, labels, kept = [], [], set()
-    for t, y in zip(data.texts, data.labels):
+    for t, y in zip(data.texts, data.labels, strict=True):
         t = t.strip()
         if t and t not in conflict and t not in kept:
             kept.add(t)
@@ -212,7 +214,7 @@ def load_task(task: str | TaskSpec, cache_dir: str | Path | None = None, *, refr
         raise BenchDataError(f"task '{spec.name}' ({spec.source}) has no examples")
     if spec.cache:
         header = {"format": CACHE_FORMAT, "name": spec.name, "classes": data.classes, "source": data.source, "version": spec.version, "n": len(data)}
-        _write_jsonl_gz(path, header, [{"text": t, "label": y} for t, y in zip(data.texts, data.labels)])
+        _write_jsonl_gz(path, header, [{"text": t, "label": y} for t, y in zip(data.texts, data.labels, strict=True)])
     return data
 
 

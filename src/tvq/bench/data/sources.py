@@ -62,7 +62,7 @@ def fortunes(cache: Path) -> TaskData:
     return TaskData("fortunes", texts, labels, FORTUNE_CLASSES, "Debian fortunes")
 
 
-LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather"]
+LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather"]  # noqa: E501 -- data
 
 
 def _wordnet(pos: str, cache: Path, min_share: float = 0.02) -> TaskData:
@@ -141,7 +141,7 @@ def word_pos(cache: Path) -> TaskData:
     """
     df = r_package_object("r-cran-tidytext", "parts_of_speech", cache)
     tags: dict[str, set[str]] = defaultdict(set)
-    for w, p in zip(df["word"], df["pos"]):
+    for w, p in zip(df["word"], df["pos"], strict=True):
         if isinstance(p, str) and isinstance(w, str):
             tags[w].add("verb" if p.startswith("Verb") else p.lower())
     index = {c: i for i, c in enumerate(POS_CLASSES)}

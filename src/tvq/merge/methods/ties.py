@@ -81,7 +81,7 @@ class TiesStats:
         self.thresholds = thresholds
         self.majority = majority
         self.hash_cut = list(hash_cut) if hash_cut is not None else [ALL_TIES] * len(self.tasks)
-        self.cut_key = list(cut_key) if cut_key is not None else [None] * len(self.tasks)
+        self.cut_key: list[str | None] = list(cut_key) if cut_key is not None else [None] * len(self.tasks)
         self.cut_index = list(cut_index) if cut_index is not None else [_ANY_INDEX] * len(self.tasks)
         self.kept: dict[str, list[int]] = {}  # key -> entries kept per task
 
@@ -310,7 +310,9 @@ def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: fl
     n = coded[0].index.numel()
     k = keep_count(density, n)
     thresholds = coded_thresholds(coded, counts, density)
-    hash_cut, index_cut, kept = [], [], []
+    hash_cut: list[int] = []
+    index_cut: list[int] = []
+    kept: list[int | None] = []
     for c, count, thr, seed in zip(coded, counts, thresholds, seeds, strict=True):
         mag = c.table.abs()
         above = int(count[mag > thr].sum())

@@ -24,6 +24,8 @@ U and V and their polar factors) while one matrix is merged. The SVDs run single
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -64,7 +66,7 @@ class SpectralMethod(MergeMethod):
     (the mean) for the rest, both scaled by λ. SVDs run on one torch thread: MKL's results
     change in their last bits with the thread count, and merged bytes must not."""
 
-    Options = SpectralOptions
+    Options: ClassVar[type[SpectralOptions]] = SpectralOptions
     options: SpectralOptions
     note = MEMORY_NOTE
 
