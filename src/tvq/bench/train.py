@@ -21,7 +21,7 @@ import platform
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,30 @@ Log = Callable[[str], None]
 def task_seed(seed: int, task: str) -> int:
     """A per-task seed that does not depend on the task's position in the list."""
     return zlib.crc32(f"{seed}:{task}".encode())
+
+
+def record_task_splits(
+    out: Path, manifest: dict[str, Any], splits: Mapping[str, Any], seed: int, force: bool, suffix: str, **extra_keys: Any
+) -> dict[str, Any]:
+    """Save each task's splits under ``out/splits`` and record them in the run manifest (its
+    ``task_info``, returned). A task
+    whose data changed since it was built is refused (or, with ``force``, started afresh);
+    ``extra_keys`` names split-info fields to record too, with their defaults (e.g.
+    ``grouped=False``). Shared by the suites."""
+    infos: dict[str, Any] = manifest.setdefault("task_info", {})
+    for name, s in splits.items():
+        info = infos.get(name, {})
+        if info.get("splits", {}).get("sha256") != s.digest():
+            if "finetuned" in info and not force:
+                raise BenchError(f"{out}: the data of task '{name}' changed since it was built; use another --out or pass --force")
+            info = {}
+            shutil.rmtree(out / name, ignore_errors=True)
+        s.save(out / "splits" / f"{name}{suffix}")
+        recorded = {"file": f"splits/{name}{suffix}", "sizes": s.sizes(), "sha256": s.digest(), "seed": seed, "n_total": s.info.get("n_total")}
+        recorded.update({key: s.info.get(key, default) for key, default in extra_keys.items()})
+        info.update(classes=s.classes, source=s.info.get("source", ""), seed=task_seed(seed, name), splits=recorded)
+        infos[name] = info
+    return infos
 
 
 def finetune(
@@ -211,28 +235,7 @@ def build(
             "threads": torch.get_num_threads(),
         },
     )
-    infos: dict[str, Any] = manifest.setdefault("task_info", {})
-    for name, s in splits.items():
-        info = infos.get(name, {})
-        if info.get("splits", {}).get("sha256") != s.digest():
-            if "finetuned" in info and not force:
-                raise BenchError(f"{out}: the data of task '{name}' changed since it was built; use another --out or pass --force")
-            info = {}
-            shutil.rmtree(out / name, ignore_errors=True)
-        s.save(out / "splits" / f"{name}.jsonl.gz")
-        info.update(
-            classes=s.classes,
-            source=s.info.get("source", ""),
-            seed=task_seed(config.seed, name),
-            splits={
-                "file": f"splits/{name}.jsonl.gz",
-                "sizes": s.sizes(),
-                "sha256": s.digest(),
-                "seed": config.seed,
-                "n_total": s.info.get("n_total"),
-            },
-        )
-        infos[name] = info
+    infos = record_task_splits(out, manifest, splits, config.seed, force, ".jsonl.gz")
     _write_json(out / MANIFEST, manifest)
 
     t0 = time.perf_counter()

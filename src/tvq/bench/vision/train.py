@@ -35,7 +35,7 @@ from tvq.bench import BenchError
 from tvq.bench.data import default_cache_dir
 from tvq.bench.evaluate import MANIFEST, RUN_FORMAT
 from tvq.bench.model import class_mean_head, cosine_logits
-from tvq.bench.train import DONE, Log, _check_reuse, _previous, _write_json, task_seed
+from tvq.bench.train import DONE, Log, _check_reuse, _previous, _write_json, record_task_splits
 from tvq.bench.vision.config import VisionConfig
 from tvq.bench.vision.data import ImageSplits, get_image_task, load_images, split_images
 from tvq.bench.vision.encoders import ImageEncoder, make_encoder
@@ -164,29 +164,7 @@ def build(
             "pillow": _version("pillow"),
         },  # fmt: skip
     )
-    infos: dict[str, Any] = manifest.setdefault("task_info", {})
-    for name, s in splits.items():
-        info = infos.get(name, {})
-        if info.get("splits", {}).get("sha256") != s.digest():
-            if "finetuned" in info and not force:
-                raise BenchError(f"{out}: the data of task '{name}' changed since it was built; use another --out or pass --force")
-            info = {}
-            shutil.rmtree(out / name, ignore_errors=True)
-        s.save(out / "splits" / f"{name}.npz")
-        info.update(
-            classes=s.classes,
-            source=s.info.get("source", ""),
-            seed=task_seed(config.seed, name),
-            splits={
-                "file": f"splits/{name}.npz",
-                "sizes": s.sizes(),
-                "sha256": s.digest(),
-                "seed": config.seed,
-                "n_total": s.info.get("n_total"),
-                "grouped": s.info.get("grouped", False),
-            },  # fmt: skip
-        )
-        infos[name] = info
+    infos = record_task_splits(out, manifest, splits, config.seed, force, ".npz", grouped=False)
     _write_json(out / MANIFEST, manifest)
 
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
