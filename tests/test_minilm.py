@@ -44,6 +44,12 @@ def _cli(*args):
     return r
 
 
+def _quantize_paper_rule(pretrained, tmp, pack, *options):
+    """Quantize the two fine-tunes t0, t1 with the paper's key rule (what its code quantizes)."""
+    ft = [f"t{i}={tmp / f't{i}.safetensors'}" for i in range(2)]
+    _cli("quantize", "-p", pretrained, "-f", ft[0], "-f", ft[1], "-o", pack, *options, "--key-rule", "paper", "--no-progress")
+
+
 def _export_all(pack, names, tmp, pretrained):
     out = {}
     for n in names:
@@ -71,22 +77,7 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
         )
     )
     pack = tmp / f"pack-{target}{bits}"
-    _cli(
-        "quantize",
-        "-p",
-        minilm_dir,
-        "-f",
-        f"t0={tmp / 't0.safetensors'}",
-        "-f",
-        f"t1={tmp / 't1.safetensors'}",
-        "-o",
-        pack,
-        "--config",
-        cfg,
-        "--key-rule",
-        "paper",
-        "--no-progress",
-    )
+    _quantize_paper_rule(minilm_dir, tmp, pack, "--config", cfg)
     info = json.loads(_cli("info", pack, "--json").output)
     assert info["total_bytes"] <= info["theoretical_bytes"] * 1.01 + 64 * 1024
     exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
@@ -101,26 +92,7 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
 def test_rtvq_with_error_correction_bit_exact_on_minilm(minilm_dir, minilm_tasks):
     tmp, pre, fts = minilm_tasks
     pack = tmp / "pack-rtvq"
-    _cli(
-        "quantize",
-        "-p",
-        minilm_dir,
-        "-f",
-        f"t0={tmp / 't0.safetensors'}",
-        "-f",
-        f"t1={tmp / 't1.safetensors'}",
-        "-o",
-        pack,
-        "--residual",
-        "--bits",
-        "2",
-        "--base-bits",
-        "3",
-        "--error-correction",
-        "--key-rule",
-        "paper",
-        "--no-progress",
-    )
+    _quantize_paper_rule(minilm_dir, tmp, pack, "--residual", "--bits", "2", "--base-bits", "3", "--error-correction")
     exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
     refs = paper_rtvq(pre, [fts["t0"], fts["t1"]], 3, 2, True)
     manifest = json.loads((pack / "manifest.json").read_text())

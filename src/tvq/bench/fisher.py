@@ -12,11 +12,13 @@ elements, normalise per task so every task counts equally, and average over task
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from tvq.bench.model import collate
@@ -34,24 +36,33 @@ def task_fisher(run: BenchRun, task: str, split: str = "validation", examples: i
     thousands of elements make it stable). Tensors frozen during fine-tuning are skipped:
     their task vectors are zero and cost nothing to store.
     """
-    model = run.load_model(run.finetuned_path(task))
-    frozen = tuple(run.config.freeze)
+    bench = run.task(task)
+    ids = bench.token_ids(split)[:examples]
+    examples_ = [collate([x], bench.tokenizer.pad_token_id) for x in ids]
+    return empirical_fisher(run.load_model(run.finetuned_path(task)), run.config.freeze, examples_, bench.logits_of, seed)
+
+
+def empirical_fisher(
+    model: nn.Module, freeze: Sequence[str], examples: Sequence[Any], logits_of: Callable[[nn.Module, Any], torch.Tensor], seed: int = 0
+) -> dict[str, float]:
+    """Mean per-element diagonal Fisher of each parameter of ``model`` not matched by a
+    ``freeze`` pattern, over ``examples`` (one-example batches; ``logits_of(model, batch)``
+    gives their logits), with labels drawn from the model's predictive distribution. Shared
+    by the suites."""
+    frozen = tuple(freeze)
     params = {k: p for k, p in model.named_parameters() if not any(f in k for f in frozen)}
     for k, p in model.named_parameters():
         p.requires_grad_(k in params)
-    bench = run.task(task)
-    ids = bench.token_ids(split)[:examples]
     gen = torch.Generator().manual_seed(seed)
     sums = {k: torch.zeros((), dtype=torch.float64) for k in params}
-    for x in ids:
-        logits = bench.logits_of(model, collate([x], bench.tokenizer.pad_token_id))[0]
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+    for batch in examples:
+        log_probs = F.log_softmax(logits_of(model, batch)[0].float(), dim=-1)
         y = int(torch.multinomial(log_probs.detach().exp(), 1, generator=gen))
         grads = torch.autograd.grad(log_probs[y], list(params.values()), allow_unused=True)
         for k, g in zip(params, grads, strict=True):
             if g is not None:
                 sums[k] += g.double().pow(2).sum()
-    n = max(len(ids), 1)
+    n = max(len(examples), 1)
     return {k: float(s) / n / params[k].numel() for k, s in sums.items()}
 
 

@@ -14,8 +14,9 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Generic, Protocol, TypeVar, Union
 
 from tvq.bench import BenchDataError
 
@@ -64,7 +65,43 @@ class TaskSpec:
     cache: bool = True
 
 
-_REGISTRY: dict[str, TaskSpec] = {}
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+Spec = TypeVar("Spec", bound=Named)
+
+
+class TaskRegistry(Generic[Spec]):
+    """Task specs by name (one per suite). ``builtin`` imports the module that registers the
+    built-in tasks, on first lookup (it builds on the registry's module, so it cannot be
+    imported by it); ``hint`` says how to add a task, in the unknown-task error."""
+
+    def __init__(self, kind: str, hint: str, builtin: str | None = None) -> None:
+        self.kind, self.hint, self.builtin = kind, hint, builtin
+        self._specs: dict[str, Spec] = {}
+
+    def register(self, spec: Spec, *, replace: bool = False) -> Spec:
+        _check_name(spec.name)
+        if spec.name in self._specs and not replace:
+            raise BenchDataError(f"{self.kind} '{spec.name}' is already registered (pass replace=True)")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> Spec:
+        self._load_builtin()
+        if name not in self._specs:
+            raise BenchDataError(f"unknown {self.kind} '{name}' (known: {', '.join(self._specs)}; {self.hint})")
+        return self._specs[name]
+
+    def names(self) -> list[str]:
+        self._load_builtin()
+        return list(self._specs)
+
+    def _load_builtin(self) -> None:
+        if self.builtin is not None:
+            import_module(self.builtin)
 
 
 def _check_name(name: str) -> None:
@@ -72,13 +109,12 @@ def _check_name(name: str) -> None:
         raise BenchDataError(f"task name '{name}' is invalid (letters, digits, '_', '-'; not {sorted(RESERVED)})")
 
 
+_TASKS: TaskRegistry[TaskSpec] = TaskRegistry("task", "or use name=file.jsonl")
+
+
 def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
     """Add a task to the registry so ``load_task(name)`` and ``--tasks name`` find it."""
-    _check_name(spec.name)
-    if spec.name in _REGISTRY and not replace:
-        raise BenchDataError(f"task '{spec.name}' is already registered (pass replace=True)")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _TASKS.register(spec, replace=replace)
 
 
 def get_task(name: str) -> TaskSpec:
@@ -86,13 +122,11 @@ def get_task(name: str) -> TaskSpec:
     if "=" in name:
         task_name, path = name.split("=", 1)
         return jsonl_task(path, name=task_name)
-    if name not in _REGISTRY:
-        raise BenchDataError(f"unknown task '{name}' (known: {', '.join(_REGISTRY)}; or use name=file.jsonl)")
-    return _REGISTRY[name]
+    return _TASKS.get(name)
 
 
 def list_tasks() -> list[str]:
-    return list(_REGISTRY)
+    return _TASKS.names()
 
 
 def jsonl_task(

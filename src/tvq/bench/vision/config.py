@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from tvq.bench import BenchError
+from tvq.bench.config import TrainingConfig, make_preset
 
 ALL_TASKS = ["mnist", "digits", "fashion", "animals", "icons", "glyphs"]
 CI_TASKS = ["mnist", "digits", "animals"]
 BnStats = Literal["task", "pooled", "pretrained", "merged"]
 
 
-class VisionConfig(BaseModel):
+class VisionConfig(TrainingConfig):
     """Everything that determines the vision fine-tunes, plus how merged models get BN statistics.
 
     Defaults are the ``full`` preset: EfficientNet-Lite0 at 64 px, 3,000 train / 300 val /
@@ -38,9 +38,8 @@ class VisionConfig(BaseModel):
     ones with its default; for comparison only).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    EVALUATION_ONLY: ClassVar[frozenset[str]] = TrainingConfig.EVALUATION_ONLY | {"bn_stats", "bn_images"}
 
-    preset: str = "custom"
     tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
     encoder: str | None = Field(None, description="None = EfficientNet-Lite0; an HF CLIP folder; or KIND[:ARG] of a registered encoder")
     image_size: int | None = Field(64, gt=7, description="input side in px; None = the encoder's own")
@@ -49,20 +48,9 @@ class VisionConfig(BaseModel):
     val_size: int = Field(300, ge=0)
     test_size: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=1)
-    epochs: int = Field(2, gt=0)
     lr: float = Field(1e-3, gt=0)
-    warmup: float = Field(0.1, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    logit_scale: float = Field(20.0, gt=0)
-    freeze: list[str] = Field(default_factory=list)
-    seed: int = 0
-    eval_batch_size: int = Field(128, gt=0)
     bn_stats: BnStats = "task"
     bn_images: int = Field(512, gt=0)
-
-    def training_fields(self) -> dict[str, Any]:
-        """The settings a built checkpoint depends on (not the task list, names or evaluation options)."""
-        return self.model_dump(exclude={"preset", "tasks", "eval_batch_size", "bn_stats", "bn_images"})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -73,10 +61,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str = "full", **overrides: Any) -> VisionConfig:
     """A preset with some fields replaced, e.g. ``preset("ci", tasks=["digits"], seed=1)``."""
-    if name not in PRESETS:
-        raise BenchError(f"unknown vision preset '{name}' (known: {', '.join(PRESETS)})")
-    try:
-        return VisionConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise BenchError(f"vision preset '{name}': {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return make_preset(VisionConfig, PRESETS, name, overrides, label="vision preset")

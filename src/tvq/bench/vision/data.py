@@ -19,14 +19,13 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tvq.bench import BenchDataError
-from tvq.bench.data.registry import SPLIT_ALIASES, _check_name, default_cache_dir
+from tvq.bench.data.registry import SPLIT_ALIASES, TaskRegistry, default_cache_dir
 
 CACHE_FORMAT = "tvq-bench-images"
 SPLITS_FORMAT = "tvq-bench-image-splits"
@@ -64,32 +63,21 @@ class ImageTaskSpec:
     cache: bool = True
 
 
-_REGISTRY: dict[str, ImageTaskSpec] = {}
+# the built-in tasks' module builds on this one, so it is imported at the first lookup
+_IMAGE_TASKS: TaskRegistry[ImageTaskSpec] = TaskRegistry("image task", "register one with register_image_task", builtin="tvq.bench.vision.sources")
 
 
 def register_image_task(spec: ImageTaskSpec, *, replace: bool = False) -> ImageTaskSpec:
     """Add a task so ``load_images(name)`` and ``--tasks name`` (with ``--suite vision``) find it."""
-    _check_name(spec.name)
-    if spec.name in _REGISTRY and not replace:
-        raise BenchDataError(f"image task '{spec.name}' is already registered (pass replace=True)")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def _builtin() -> None:
-    import_module("tvq.bench.vision.sources")  # registers the built-in tasks (it builds on this module)
+    return _IMAGE_TASKS.register(spec, replace=replace)
 
 
 def get_image_task(name: str) -> ImageTaskSpec:
-    _builtin()
-    if name not in _REGISTRY:
-        raise BenchDataError(f"unknown image task '{name}' (known: {', '.join(_REGISTRY)}; register one with register_image_task)")
-    return _REGISTRY[name]
+    return _IMAGE_TASKS.get(name)
 
 
 def list_image_tasks() -> list[str]:
-    _builtin()
-    return list(_REGISTRY)
+    return _IMAGE_TASKS.names()
 
 
 def _check(data: ImageData) -> ImageData:

@@ -30,6 +30,7 @@ from torch import nn
 
 from tvq.bench import BenchError
 from tvq.bench.evaluate import BenchRun, ModelLike, read_state_dict
+from tvq.bench.fisher import empirical_fisher
 from tvq.bench.model import cosine_logits
 from tvq.bench.vision.bn import norm_layers, reestimate, stat_keys, with_stats_from
 from tvq.bench.vision.config import VisionConfig
@@ -209,20 +210,7 @@ class VisionRun(BenchRun):
 
     def task_fisher(self, task: str, split: str = "validation", examples: int = 32, seed: int = 0) -> dict[str, float]:
         """Mean per-element diagonal Fisher of each trained tensor of ``task``'s fine-tuned model (as the text suite's)."""
-        model = self.load_model(self.finetuned_path(task)).eval()
-        params = {k: p for k, p in model.named_parameters() if not any(f in k for f in self.config.freeze)}
-        for k, p in model.named_parameters():
-            p.requires_grad_(k in params)
         t = self.task(task)
         x = t.images(split)[:examples]
-        gen = torch.Generator().manual_seed(seed)
-        sums = {k: torch.zeros((), dtype=torch.float64) for k in params}
-        for i in range(len(x)):
-            log_probs = F.log_softmax(t.logits_of(model, t.batch(x[i : i + 1]))[0], dim=-1)
-            y = int(torch.multinomial(log_probs.detach().exp(), 1, generator=gen))
-            grads = torch.autograd.grad(log_probs[y], list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads, strict=True):
-                if g is not None:
-                    sums[k] += g.double().pow(2).sum()
-        n = max(len(x), 1)
-        return {k: float(s) / n / params[k].numel() for k, s in sums.items()}
+        batches = [t.batch(x[i : i + 1]) for i in range(len(x))]
+        return empirical_fisher(self.load_model(self.finetuned_path(task)).eval(), self.config.freeze, batches, t.logits_of, seed)
