@@ -10,6 +10,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,27 @@ class Precision:
     budget_bits: float | None = None
     paper: bool = True  # in the paper's tables (False: tvq's improvements)
     fisher: bool = False  # allocate with the diagonal Fisher as sensitivity (else the weights alone)
+
+    @property
+    def family(self) -> str:
+        """The scheme family a plot joins with lines (widths of one scheme), see ``scheme_family``."""
+        return scheme_family(self.name)
+
+
+def scheme_family(precision: str) -> str:
+    """``TVQ`` for tvq8…tvq2, ``FQ``, ``RTVQ`` / ``RTVQ+EC`` over base widths, ``budget`` /
+    ``budget, Fisher`` over budgets, ``FP32``; any other scheme is its own family (not joined)."""
+    if precision == "fp32":
+        return "FP32"
+    if re.fullmatch(r"fq\d+", precision):
+        return "FQ"
+    if re.fullmatch(r"tvq\d+", precision):
+        return "TVQ"
+    if re.fullmatch(r"rtvq-b\d+o\d+(-ec)?", precision):
+        return "RTVQ+EC" if precision.endswith("-ec") else "RTVQ"
+    if re.fullmatch(r"budget-[\d.]+(-fisher)?", precision):
+        return "budget, Fisher" if precision.endswith("-fisher") else "budget"
+    return precision
 
 
 def _p(name: str, label: str, paper: bool = True, budget: float | None = None, fisher: bool = False, **options: Any) -> Precision:
@@ -158,6 +180,9 @@ class Matrix:
             cached = json.loads((self.out / RESULTS).read_text())
             if cached.get("run") == str(self.run.out) and cached.get("tasks") == self.run.tasks and cached.get("settings", {}) == settings:
                 self.results = cached
+        # test examples per task: the binomial intervals of the reports
+        infos = self.run.manifest["task_info"]
+        self.results["test_sizes"] = {t: infos[t]["splits"]["sizes"]["test"] for t in self.run.tasks}
 
     # -- bookkeeping ----------------------------------------------------------------------
     def save(self) -> None:
@@ -204,6 +229,7 @@ class Matrix:
                 "bits_per_trained_param": s["total_bytes"] * 8 / len(s["tasks"]) / trained,
                 "rel_error": sum(t["rel_error"] for t in s["tasks"]) / len(s["tasks"]),
                 "paper": spec.paper,
+                "family": spec.family,
             }
             self.save()
         return path

@@ -5,11 +5,13 @@ Everything here is computed from ``results.json``; nothing is typed in by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tvq.bench.matrix import METHODS
+from tvq.bench.matrix import METHODS, scheme_family
 from tvq.io.atomic import atomic_file
 
 FIXED, TUNED = "fixed", "tuned"
@@ -22,6 +24,32 @@ def _avg(acc: dict[str, float]) -> float:
 def normalized(acc: dict[str, float], reference: dict[str, float]) -> float:
     """Mean over tasks of accuracy / the task's own fine-tuned FP32 accuracy, in %."""
     return 100 * sum(acc[t] / reference[t] for t in acc if reference.get(t)) / len(acc)
+
+
+def wilson_halfwidth(p: float, n: int, z: float = 1.96) -> float:
+    """Half the width of the Wilson 95 % interval of an accuracy ``p`` on ``n`` examples, in points."""
+    if n <= 0:
+        return float("nan")
+    denom = 1 + z * z / n
+    return 100 * z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+
+
+def average_halfwidth(acc: Mapping[str, float], sizes: Mapping[str, int], z: float = 1.96) -> float:
+    """Half-width (points) of a normal 95 % interval of the average over tasks of binomial accuracies."""
+    variance = sum(acc[t] * (1 - acc[t]) / sizes[t] for t in acc if sizes.get(t))
+    return 100 * z * math.sqrt(variance) / len(acc)
+
+
+def interval_note(results: dict[str, Any]) -> str:
+    """One sentence: how far sampling alone moves the numbers (from the fine-tuned models' accuracies)."""
+    sizes = results.get("test_sizes")
+    ref = results["cells"].get("individual|fp32|fixed")
+    if not sizes or ref is None:
+        return ""
+    n, most = min(sizes.values()), max(sizes.values())
+    return (f"Sampling error: {n if n == most else f'{n}–{most}'} test examples per task, so one example moves a task by up to "
+            f"{100 / n:.1f} point; the 95 % binomial interval of an average here is about ±{average_halfwidth(ref['acc'], sizes):.1f} "
+            "point (per-task intervals in the per-task table).")  # fmt: skip
 
 
 def cell(results: dict[str, Any], method: str, precision: str, mode: str = FIXED) -> dict | None:
@@ -51,7 +79,9 @@ def markdown_table(results: dict[str, Any], mode: str = FIXED, norm: bool = Fals
     labels = [results["precisions"].get(p, {}).get("label", p) for p in cols]
     bits = [results["precisions"].get(p, {}).get("bits_per_param") for p in cols]
     out = ["| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(cols)]
+    trained = [results["precisions"].get(p, {}).get("bits_per_trained_param") for p in cols]
     out.append("| bits/param/task (on disk) | " + " | ".join(f"{b:.2f}" if b else "–" for b in bits) + " |")
+    out.append("| bits/trained param/task | " + " | ".join(f"{b:.2f}" if b else "–" for b in trained) + " |")
     zs = results["cells"].get("zero_shot")
     if zs:
         out.append(f"| Zero-shot | {_fmt(zs['acc'], ref, norm)} |" + " |" * (len(cols) - 1))
@@ -70,11 +100,15 @@ def _fmt(acc: dict[str, float], ref: dict[str, float], norm: bool) -> str:
 
 
 def per_task_table(results: dict[str, Any], precision: str = "fp32", mode: str = FIXED) -> str:
+    """Per-task accuracy (%), with the Wilson 95 % half-width when the test sizes are known."""
     tasks = results["tasks"]
+    sizes = results.get("test_sizes") or {}
     out = ["| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
     for key, c in results["cells"].items():
         if c["precision"] == precision and c["mode"] == mode or key == "zero_shot":
-            out.append(f"| {c['method']} | " + " | ".join(f"{100 * c['acc'][t]:.1f}" for t in tasks) + f" | {_avg(c['acc']):.1f} |")
+            values = [f"{100 * c['acc'][t]:.1f}" + (f" ±{wilson_halfwidth(c['acc'][t], sizes[t]):.1f}" if t in sizes else "") for t in tasks]
+            avg = f"{_avg(c['acc']):.1f}" + (f" ±{average_halfwidth(c['acc'], sizes):.1f}" if sizes else "")
+            out.append(f"| {c['method']} | " + " | ".join(values) + f" | {avg} |")
     return "\n".join(out)
 
 
@@ -113,42 +147,72 @@ def frontier_table(results: dict[str, Any], mode: str = FIXED) -> str:
     return "\n".join(out)
 
 
+MARKERS = {"FP32": "*", "FQ": "X", "TVQ": "o", "RTVQ": "s", "RTVQ+EC": "D", "budget": "^", "budget, Fisher": "v"}
+
+
+def _method_label(method: str) -> str:
+    return "Individual" if method == "individual" else METHODS[method].label if method in METHODS else method
+
+
 def plots(results: dict[str, Any], out: Path, methods: Sequence[str] | None = None) -> list[Path]:
-    """accuracy_vs_bits.png (paper precisions) and accuracy_vs_bytes.png (every scheme)."""
+    """accuracy_vs_bits.png (the paper's schemes) and accuracy_vs_bytes.png (every scheme).
+
+    Colour is the method, marker the scheme family; lines join only the widths of one family
+    (TVQ 8…2 bits, RTVQ base widths, budgets), never unrelated schemes. Every scheme is named
+    at the top of the plot over a dotted line at its size, FQ included; the dashed line is
+    zero-shot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     written = []
     precisions = results["precisions"]
     methods = list(methods or ["individual", *method_rows(results)])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    zero_shot = results["cells"].get("zero_shot")
     for name, xkey, paper_only, xlabel in [
         ("accuracy_vs_bits.png", "bits_per_param", True, "bits per parameter per task (measured on disk)"),
         ("accuracy_vs_bytes.png", "bytes_per_task", False, "bytes on disk per task"),
     ]:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for method in methods:
-            pts = []
-            for p, info in precisions.items():
-                if paper_only and not info.get("paper", True):
-                    continue
-                if p.startswith("fq"):
-                    continue
+        shown = {p: info for p, info in precisions.items() if not (paper_only and not info.get("paper", True))}
+        fig, ax = plt.subplots(figsize=(9, 6))
+        families: list[str] = []
+        for i, method in enumerate(methods):
+            by_family: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for p, info in shown.items():
                 c = cell(results, method, p, FIXED)
                 if c:
-                    pts.append((info[xkey], _avg(c["acc"])))
-            if len(pts) >= 2:
+                    family = info.get("family") or scheme_family(p)
+                    by_family[family].append((info[xkey], _avg(c["acc"])))
+            for family, pts in by_family.items():
                 pts.sort()
-                label = "Individual" if method == "individual" else METHODS[method].label if method in METHODS else method
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+                families += [family] if family not in families else []
+                joined = family in MARKERS and family != "FP32" and len(pts) > 1
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=MARKERS.get(family, "P"), color=colors[i % len(colors)],
+                        linestyle="-" if joined else "none", markersize=6, linewidth=1.2)  # fmt: skip
+        at: dict[float, list[str]] = defaultdict(list)
+        for p, info in shown.items():
+            if any(cell(results, m, p, FIXED) for m in methods):
+                at[round(math.log2(info[xkey]), 2)].append(info.get("label", p))
+        for x2, labels in at.items():
+            ax.axvline(2**x2, color="0.85", linestyle=":", linewidth=0.8, zorder=0)
+            ax.text(2**x2, 1.01, " / ".join(labels), transform=ax.get_xaxis_transform(), rotation=60, fontsize=6, ha="left", va="bottom")
+        if zero_shot:
+            ax.axhline(_avg(zero_shot["acc"]), color="0.4", linestyle="--", linewidth=1)
+        handles = [Line2D([], [], color=colors[i % len(colors)], label=_method_label(m)) for i, m in enumerate(methods)]
+        handles += [Line2D([], [], color="0.3", marker=MARKERS.get(f, "P"), linestyle="none", label=f) for f in families]
+        if zero_shot:
+            handles.append(Line2D([], [], color="0.4", linestyle="--", label=f"zero-shot ({_avg(zero_shot['acc']):.1f})"))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("average accuracy (%)")
-        ax.set_title("tvq benchmark: " + ("TVQ / RTVQ as in the paper" if paper_only else "all storage schemes"))
+        ax.set_ylabel("average test accuracy over tasks (%), λ fixed")
+        title = "TVQ / RTVQ as in the paper" if paper_only else "every storage scheme"
+        fig.suptitle(f"tvq {results.get('suite', 'text')} benchmark ({len(results['tasks'])} tasks): {title}", y=0.98)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         path = out / name
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
@@ -174,8 +238,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "same method with FP32 task vectors. Goal (issue 5): within 0.5 point at <= 2.4 bits/param/task, "
         "within 1.5 points at <= 1.6.",
         frontier_table(results),
-        "Per task, FP32 task vectors:",
+        "Per task, FP32 task vectors (± the Wilson 95 % half-width of each accuracy, in points):",
         per_task_table(results),
+        interval_note(results),
     ]
     path = out / "results.md"
     with atomic_file(path) as tmp:
