@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import tvq.encode.budget as budget
 from tvq import QuantizeOptions, open_pack, quantize
 from tvq.cli import app
 from tvq.encode.budget import Option, choose, quantize_within_budget
 from tvq.encode.incremental import options_of
 from tvq.errors import ConfigError
+from tvq.quant.error_model import ValueStats, mse_clips
+from tvq.quant.schemes import fake_quantize_with
 from tvq.report import pack_summary
 
 from conftest import laplace
@@ -70,7 +74,9 @@ def _widths(manifest) -> dict[str, tuple[int, int | None]]:
 def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
     tmp, fts = uneven
     pre = tmp / "pre.safetensors"
-    uniform = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
+    # the budget is the plain-packed size: the allocator prices plain packing (pricing entropy-coded
+    # sizes is issue 15, part 2); entropy coding then only makes the allocated pack smaller
+    uniform = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual, entropy="off")
     quantize(pre, fts, tmp / "uniform", uniform, progress=False)
     budget = pack_summary(tmp / "uniform")["total_bytes"]
     opts = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
@@ -108,3 +114,27 @@ def test_cli_budget_errors(uneven):
     sens.write_text(json.dumps({"l0.weight": "high"}))
     r = CliRunner().invoke(app, [*base, "--budget-bits", "3", "--sensitivity", str(sens)])
     assert r.exit_code == 2 and "l0.weight" in r.output and "non-negative" in r.output
+
+
+def test_infeasible_budget_is_refused_before_any_analysis(uneven, monkeypatch):
+    """Feasibility comes from metadata: no tensor is read, and the error names a budget that fits."""
+    tmp, fts = uneven
+    monkeypatch.setattr(budget, "analyse", lambda *a, **k: pytest.fail("analysed an infeasible budget"))
+    with pytest.raises(ConfigError, match="budget too small") as info:
+        quantize_within_budget(tmp / "pre.safetensors", fts, tmp / "p", QuantizeOptions(bits=2), budget_bits=0.05, progress=False)
+    suggested = int(re.search(r"--budget-bytes ([\d,]+)", str(info.value)).group(1).replace(",", ""))
+    monkeypatch.undo()
+    report = quantize_within_budget(tmp / "pre.safetensors", fts, tmp / "p", QuantizeOptions(bits=2), budget_bytes=suggested, progress=False)
+    assert report.bytes_written <= suggested
+
+
+@pytest.mark.parametrize("quantizer", ["minmax", "mse"])
+def test_estimated_width_errors_match_quantizing(quantizer):
+    """The allocation's one-pass error model agrees with quantizing at every width (within 1 %)."""
+    g = torch.Generator().manual_seed(3)
+    for x in [torch.randn(50_000, generator=g), laplace((40_000,), 1e-3, g), torch.rand(3000, generator=g) + 1.0]:
+        stats = ValueStats.of(x)
+        for bits in (1, 2, 3, 4, 8):
+            exact = float((fake_quantize_with(x, quantizer, bits) - x).pow(2).sum())
+            estimate = stats.error(bits, mse_clips(40) if quantizer == "mse" else (1.0,))
+            assert estimate == pytest.approx(exact, rel=0.01), (quantizer, bits)

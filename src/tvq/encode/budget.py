@@ -33,8 +33,10 @@ from tvq.encode.pipeline import QuantizeReport, quantize
 from tvq.errors import CheckpointError, ConfigError, EncodeError, where
 from tvq.execute import Executor
 from tvq.io.readers import CheckpointReader, open_checkpoint
-from tvq.quant.affine import MappingType
+from tvq.quant import affine
+from tvq.quant.affine import MappingType, QuantSpec, RangeEstimator, clipped_params
 from tvq.quant.chunks import mean_of
+from tvq.quant.error_model import ValueStats, mse_clips
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import TensorRole, tensor_role
@@ -64,9 +66,42 @@ def _aux_bytes(numel: int, options: QuantizeOptions) -> int:
 
 def _code_bytes(x: torch.Tensor, bits: int, options: QuantizeOptions) -> int:
     """Bytes the pack will hold for ``x`` at ``bits``: nothing when it is stored as a constant."""
-    affine = get_scheme(options.quantizer).spec(bits, options.scheme_options()).mapping is MappingType.ASYMMETRIC
-    constant = bool(x.min() == x.max()) if affine else bool(x.abs().max() == 0)  # asymmetric: max = min; else all 0
-    return 0 if constant else packed_nbytes(x.numel(), bits) + _aux_bytes(x.numel(), options)
+    return _bytes_at(_is_constant(x, options), x.numel(), bits, options)
+
+
+def _is_constant(x: torch.Tensor, options: QuantizeOptions) -> bool:
+    """Stored as a constant: asymmetric grids when max = min, the others when all is 0."""
+    affine = get_scheme(options.quantizer).spec(2, options.scheme_options()).mapping is MappingType.ASYMMETRIC
+    return bool(x.min() == x.max()) if affine else bool(x.abs().max() == 0)
+
+
+def _bytes_at(constant: bool, numel: int, bits: int, options: QuantizeOptions) -> int:
+    return 0 if constant else packed_nbytes(numel, bits) + _aux_bytes(numel, options)
+
+
+def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions) -> torch.Tensor:
+    """The RTVQ base as the encoder would store it; for the MSE grid with the clip factor the
+    error model finds (the encoder searches a sample for it: the same factor but for near ties)."""
+    if options.quantizer != "mse":
+        return fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
+    flat = beta.reshape(-1)
+    stats = ValueStats.of(flat)
+    if stats.constant:
+        return beta.clone()
+    qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, mse_clips(QuantSpec(bits, estimator=RangeEstimator.MSE).grid)))
+    return affine.dequantize(affine.quantize(flat, qp), qp, tuple(beta.shape))
+
+
+def _width_errors(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: QuantizeOptions) -> list[float]:
+    """Σ over ``xs`` of each width's squared quantization error. The paper's min–max and the
+    MSE-clipped grids are estimated for every width and clip factor from one pass over each
+    tensor (``tvq.quant.error_model``); the other schemes quantize once per width."""
+    if options.quantizer in ("minmax", "mse"):
+        clips = mse_clips(QuantSpec(2, estimator=RangeEstimator.MSE).grid) if options.quantizer == "mse" else [1.0]
+        stats = [ValueStats.of(x) for x in xs]
+        return [sum(st.error(b, clips) for st in stats) for b in bits_list]
+    opts = options.scheme_options()
+    return [sum(float((fake_quantize_with(x, options.quantizer, b, **opts) - x).pow(2).sum()) for x in xs) for b in bits_list]
 
 
 def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
@@ -102,6 +137,60 @@ def _candidate_bits(options: QuantizeOptions, candidates: tuple[int, ...]) -> tu
     return out
 
 
+@dataclass(frozen=True)
+class Floor:
+    """What any pack of these inputs costs, from the checkpoints' metadata alone."""
+
+    fixed: int  # tensors stored exactly, file overheads
+    entries: int  # one header/manifest entry per stored quantized tensor (constants cost only that)
+    fewest_bits: int  # the quantized tensors at the fewest candidate bits, none constant
+    n_params: int
+
+    def budget_bytes(self, T: int, budget_bits: float | None, budget_bytes: int | None) -> int:
+        return budget_bytes if budget_bytes is not None else int((budget_bits or 0.0) * self.n_params * T / 8)
+
+
+def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8),
+             base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)) -> Floor:  # fmt: skip
+    """The least bytes a pack of ``T`` tasks can take, before reading any tensor."""
+    fewest = min(_candidate_bits(options, candidates))
+    fewest_base = min(_candidate_bits(options, base_candidates)) if options.residual else None
+    fixed = FILE_OVERHEAD * (T + (1 if options.residual else 0)) + 8192
+    entries = fewest_bits = n_params = 0
+    for key in pretrained.keys():  # noqa: SIM118 -- a reader, not a dict
+        meta = pretrained.meta(key)
+        role = tensor_role(key, meta, options.key_rule)
+        if role == TensorRole.SKIP:
+            continue
+        n_params += meta.numel
+        if role.exact:
+            fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + ENTRY_OVERHEAD)
+            continue
+        stored = T + (1 if fewest_base is not None else 0)
+        entries += stored * ENTRY_OVERHEAD
+        fewest_bits += T * _bytes_at(False, meta.numel, fewest, options)
+        if fewest_base is not None:
+            fewest_bits += _bytes_at(False, meta.numel, fewest_base, options)
+    return Floor(fixed, entries, fewest_bits, n_params)
+
+
+def check_feasible(floor: Floor, T: int, budget_bits: float | None, budget_bytes: int | None, source: object) -> None:
+    """Refuse, before any analysis, a budget no pack can meet, saying which budget would fit."""
+    budget = floor.budget_bytes(T, budget_bits, budget_bytes)
+    if budget >= floor.fixed + floor.entries:
+        return
+    per_param = 8 / max(floor.n_params * T, 1)
+    least = (floor.fixed + floor.entries) * per_param
+    typical = (floor.fixed + floor.entries + floor.fewest_bits) * per_param
+    asked = f"--budget-bits {budget_bits:g}" if budget_bits is not None else f"--budget-bytes {budget_bytes:,}"
+    raise ConfigError(
+        f"{source}: budget too small: {asked} for {T} task(s), where the tensors stored exactly and the pack's headers alone take "
+        f"{least:.3g} bits per parameter per task ({floor.fixed + floor.entries:,} bytes); a pack at the fewest bits takes about "
+        f"{typical:.3g} (--budget-bits {math.ceil(typical * 100) / 100:g}, or --budget-bytes "
+        f"{floor.fixed + floor.entries + floor.fewest_bits:,})"
+    )
+
+
 def analyse(
     pretrained: str | Path,
     finetuned: Mapping[str, str | Path],
@@ -129,16 +218,10 @@ def analyse(
     base_list = _candidate_bits(options, base_candidates) if options.residual else ()
     opts = options.scheme_options()
     table: dict[str, list[Option]] = {}
-    fixed = FILE_OVERHEAD * (T + (1 if options.residual else 0)) + 8192
-    n_params = 0
+    floor = floor_of(pre, T, options, candidates, base_candidates)
     for key in tqdm(sorted(pre.keys()), desc="analyse bit widths", unit="tensor", disable=not progress):
-        meta = pre.meta(key)
-        role = tensor_role(key, meta, options.key_rule)
-        if role == TensorRole.SKIP:
-            continue
-        n_params += meta.numel
-        if role.exact:
-            fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + ENTRY_OVERHEAD)
+        role = tensor_role(key, pre.meta(key), options.key_rule)
+        if role == TensorRole.SKIP or role.exact:  # costs counted in floor.fixed
             continue
         p32 = pre.get(key).float()
         fts = [r.get(key).float() for r in readers.values()]
@@ -146,34 +229,41 @@ def analyse(
         weight = 1.0 if sensitivity is None else float(sensitivity.get(key, 1.0))
         try:  # a tensor no candidate can encode: the error names the file that caused it
             opts_for_key: list[Option] = []
-            if options.target == "finetuned":
-                for b in bits_list:
-                    err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in fts)
-                    nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in fts)
-                    opts_for_key.append(Option(b, None, nbytes, weight * err))
-            elif not options.residual:
-                for b in bits_list:
-                    err = sum(float((fake_quantize_with(t, options.quantizer, b, **opts) - t).pow(2).sum()) for t in taus)
-                    nbytes = sum(_code_bytes(t, b, options) + ENTRY_OVERHEAD for t in taus)
+            if not options.residual:
+                xs = fts if options.target == "finetuned" else taus
+                constant = [_is_constant(x, options) for x in xs]
+                for b, err in zip(bits_list, _width_errors(xs, bits_list, options), strict=True):
+                    nbytes = sum(_bytes_at(c, x.numel(), b, options) + ENTRY_OVERHEAD for c, x in zip(constant, xs, strict=True))
                     opts_for_key.append(Option(b, None, nbytes, weight * err))
             else:
                 avg = mean_of(fts)
                 beta = avg - p32
-                for bb in base_list:
-                    beta_hat = fake_quantize_with(beta, options.quantizer, bb, **opts)
-                    reference = beta_hat + p32 if options.error_correction else avg
-                    offsets = [t - reference for t in fts]
-                    base_bytes = _code_bytes(beta, bb, options) + ENTRY_OVERHEAD
+                base_hat = {bb: _base_estimate(beta, bb, options) for bb in base_list}
+                base_bytes = {bb: _code_bytes(beta, bb, options) + ENTRY_OVERHEAD for bb in base_list}
+                if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
+                    for bb, beta_hat in base_hat.items():
+                        offsets = [t - beta_hat for t in taus]
+                        constant = [_is_constant(off, options) for off in offsets]
+                        for b, err in zip(bits_list, _width_errors(offsets, bits_list, options), strict=True):
+                            nbytes = base_bytes[bb] + sum(_bytes_at(c, off.numel(), b, options) + ENTRY_OVERHEAD
+                                                          for c, off in zip(constant, offsets, strict=True))  # fmt: skip
+                            opts_for_key.append(Option(b, bb, nbytes, weight * err))
+                else:  # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
+                    e_base = {bb: beta_hat - beta for bb, beta_hat in base_hat.items()}
+                    offsets = [t - avg for t in fts]
+                    pair_error = {(bb, b): 0.0 for bb in base_list for b in bits_list}
                     for b in bits_list:
-                        err = 0.0
-                        for tau, off in zip(taus, offsets, strict=True):
-                            err += float((beta_hat + fake_quantize_with(off, options.quantizer, b, **opts) - tau).pow(2).sum())
-                        nbytes = base_bytes + sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets)
-                        opts_for_key.append(Option(b, bb, nbytes, weight * err))
+                        for off in offsets:
+                            e_off = fake_quantize_with(off, options.quantizer, b, **opts) - off
+                            for bb in base_list:
+                                pair_error[bb, b] += float((e_base[bb] + e_off).pow(2).sum())
+                    off_bytes = {b: sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets) for b in bits_list}
+                    for bb in base_list:
+                        opts_for_key += [Option(b, bb, base_bytes[bb] + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
         except EncodeError as exc:
             raise _unencodable(key, pre, readers, exc, options.residual) from None
         table[key] = opts_for_key
-    return table, fixed, n_params
+    return table, floor.fixed, floor.n_params
 
 
 def _unencodable(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], exc: EncodeError,
@@ -278,6 +368,7 @@ def quantize_within_budget(
     caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of)."""
     check_budget(budget_bits, budget_bytes)
     options = options.validated()
+    check_feasible(floor_of(open_checkpoint(pretrained), len(finetuned), options), len(finetuned), budget_bits, budget_bytes, pretrained)
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0
     for attempt in range(4):

@@ -192,9 +192,14 @@ def _mse_params(spec: QuantSpec, flat: torch.Tensor, lo: float, hi: float) -> QP
         err = float((deq - sample).pow(2).sum())
         if err < best[0]:
             best = (err, alpha)
-    a_lo, a_hi = best[1] * lo, best[1] * hi
-    scale, zp = affine_from_range(a_lo, a_hi, spec.bits)
-    return _affine(spec.bits, float(torch.tensor(scale, dtype=torch.float32)), float(zp), a_lo, a_hi, clip=best[1])
+    return clipped_params(spec.bits, lo, hi, best[1])
+
+
+def clipped_params(bits: int, lo: float, hi: float, clip: float) -> QParams:
+    """The MSE scheme's parameters once its clip factor is chosen: min–max on [clip·lo, clip·hi]."""
+    a_lo, a_hi = clip * lo, clip * hi
+    scale, zp = affine_from_range(a_lo, a_hi, bits)
+    return _affine(bits, float(torch.tensor(scale, dtype=torch.float32)), float(zp), a_lo, a_hi, clip=clip)
 
 
 def _rows(flat: torch.Tensor, block: int) -> torch.Tensor:
