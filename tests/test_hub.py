@@ -1,0 +1,70 @@
+"""Hub ids wherever a model path is accepted: resolved from a local Hugging Face cache, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tvq.errors import CheckpointError
+from tvq.io.hub import parse_hub_id, resolve_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cached_model(cache, repo: str, tensors: dict[str, torch.Tensor], commit: str = COMMIT, ref: str = "main"):
+    """A model as huggingface_hub's cache lays it out: refs/<ref> -> snapshots/<commit>/files."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    save_file(tensors, snapshot / "model.safetensors")
+    (snapshot / "config.json").write_text("{}")
+    return snapshot
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("org/name", ("org/name", None)),
+        ("org/name@v1.0", ("org/name", "v1.0")),
+        (f"Org-1/model.v2@{COMMIT}", ("Org-1/model.v2", COMMIT)),
+        ("../escape", None),
+        ("org/../name", None),
+        ("/abs/path", None),
+        ("a/b/c", None),
+        ("name", None),
+        ("org/name@", None),
+    ],
+)
+def test_hub_id_shape(text, parsed):
+    assert parse_hub_id(text) == parsed
+
+
+def test_hub_ids_resolve_from_the_cache_offline(offline_cache):
+    snapshot = cached_model(offline_cache, "acme/tiny", {"w": torch.ones(2)})
+    assert resolve_model("acme/tiny") == snapshot
+    assert resolve_model(f"acme/tiny@{COMMIT}") == snapshot
+    with pytest.raises(CheckpointError, match="acme/other: neither a local path nor a hub model in the cache"):
+        resolve_model("acme/other")
+    with pytest.raises(CheckpointError, match="acme/tiny@v9"):
+        resolve_model("acme/tiny@v9")
+
+
+def test_an_existing_local_path_wins_over_a_hub_id(offline_cache, tmp_path, monkeypatch):
+    cached_model(offline_cache, "acme/tiny", {"w": torch.ones(2)})
+    local = tmp_path / "acme" / "tiny"
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("acme/tiny") == local.relative_to(tmp_path)
