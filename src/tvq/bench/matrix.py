@@ -98,6 +98,7 @@ PRECISIONS: dict[str, Precision] = {
         _p("tvq-ternary", "TVQ ternary", False, bits=2, quantizer="ternary"),
         _p("tvq-sign", "TVQ 1-bit sign", False, bits=1, quantizer="sign"),
         _p("rtvq-mse-b3o2-ec", "RTVQ B3O2+EC mse-clip", False, residual=True, base_bits=3, bits=2, error_correction=True, quantizer="mse"),
+        _p("budget-3.0", "budget 3.0 b (RTVQ+EC, mse)", False, 3.0, **_RTVQ_EC_MSE),  # TVQ INT2's size where 1-D tensors stay exact
         _p("budget-2.375", "budget 2.375 b (RTVQ+EC, mse)", False, 2.375, **_RTVQ_EC_MSE),
         _p("budget-1.6", "budget 1.6 b (RTVQ+EC, mse)", False, 1.6, **_RTVQ_EC_MSE),
         _p("budget-1.2", "budget 1.2 b (RTVQ+EC, mse)", False, 1.2, **_RTVQ_EC_MSE),

@@ -151,8 +151,9 @@ class Floor:
 
 
 def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8),
-             base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)) -> Floor:  # fmt: skip
-    """The least bytes a pack of ``T`` tasks can take, before reading any tensor."""
+             base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8), unchanged: frozenset[str] = frozenset()) -> Floor:  # fmt: skip
+    """The least bytes a pack of ``T`` tasks can take, from the checkpoints' metadata; the
+    tensors in ``unchanged`` (no task changed them) cost no codes."""
     fewest = min(_candidate_bits(options, candidates))
     fewest_base = min(_candidate_bits(options, base_candidates)) if options.residual else None
     fixed = FILE_OVERHEAD * (T + (1 if options.residual else 0)) + 8192
@@ -166,28 +167,47 @@ def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, can
         if role.exact:
             fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + ENTRY_OVERHEAD)
             continue
-        stored = T + (1 if fewest_base is not None else 0)
-        entries += stored * ENTRY_OVERHEAD
+        entries += (T + (1 if fewest_base is not None else 0)) * ENTRY_OVERHEAD
+        if key in unchanged:
+            continue
         fewest_bits += T * _bytes_at(False, meta.numel, fewest, options)
         if fewest_base is not None:
             fewest_bits += _bytes_at(False, meta.numel, fewest_base, options)
     return Floor(fixed, entries, fewest_bits, n_params)
 
 
-def check_feasible(floor: Floor, T: int, budget_bits: float | None, budget_bytes: int | None, source: object) -> None:
-    """Refuse, before any analysis, a budget no pack can meet, saying which budget would fit."""
+def unchanged_keys(pretrained: CheckpointReader, readers: Mapping[str, CheckpointReader], options: QuantizeOptions) -> frozenset[str]:
+    """The quantized tensors that no fine-tuned model changed (frozen in fine-tuning): their
+    task vectors are constants of 0 bytes. One comparison pass, no arithmetic."""
+    if options.target != "task_vector":
+        return frozenset()
+    out = set()
+    for key in pretrained.keys():  # noqa: SIM118 -- a reader, not a dict
+        role = tensor_role(key, pretrained.meta(key), options.key_rule)
+        if role != TensorRole.SKIP and not role.exact:
+            pre = pretrained.get(key)
+            if all(torch.equal(pre, r.get(key)) for r in readers.values()):
+                out.add(key)
+    return frozenset(out)
+
+
+def check_feasible(floor: Floor, T: int, budget_bits: float | None, budget_bytes: int | None, source: object, codes: bool = True) -> None:
+    """Refuse, before any analysis, a budget no pack can meet, saying which budget would fit.
+
+    ``codes=False`` checks only what metadata proves (every quantized tensor might be a
+    constant); with ``codes`` the changed tensors' codes at the fewest bits count too."""
     budget = floor.budget_bytes(T, budget_bits, budget_bytes)
-    if budget >= floor.fixed + floor.entries:
+    least_bytes = floor.fixed + floor.entries + (floor.fewest_bits if codes else 0)
+    if budget >= least_bytes:
         return
     per_param = 8 / max(floor.n_params * T, 1)
-    least = (floor.fixed + floor.entries) * per_param
-    typical = (floor.fixed + floor.entries + floor.fewest_bits) * per_param
+    fits = floor.fixed + floor.entries + floor.fewest_bits
     asked = f"--budget-bits {budget_bits:g}" if budget_bits is not None else f"--budget-bytes {budget_bytes:,}"
     raise ConfigError(
-        f"{source}: budget too small: {asked} for {T} task(s), where the tensors stored exactly and the pack's headers alone take "
-        f"{least:.3g} bits per parameter per task ({floor.fixed + floor.entries:,} bytes); a pack at the fewest bits takes about "
-        f"{typical:.3g} (--budget-bits {math.ceil(typical * 100) / 100:g}, or --budget-bytes "
-        f"{floor.fixed + floor.entries + floor.fewest_bits:,})"
+        f"{source}: budget too small: {asked} for {T} task(s), where the tensors stored exactly, the pack's headers"
+        f"{' and the changed tensors at the fewest bits' if codes else ''} take at least {least_bytes * per_param:.3g} bits per parameter "
+        f"per task ({least_bytes:,} bytes); the least budget that fits is about --budget-bits {math.ceil(fits * per_param * 100) / 100:g} "
+        f"(--budget-bytes {fits:,})"
     )
 
 
@@ -368,7 +388,13 @@ def quantize_within_budget(
     caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of)."""
     check_budget(budget_bits, budget_bytes)
     options = options.validated()
-    check_feasible(floor_of(open_checkpoint(pretrained), len(finetuned), options), len(finetuned), budget_bits, budget_bytes, pretrained)
+    pre, T = open_checkpoint(pretrained), len(finetuned)
+    check_feasible(floor_of(pre, T, options), T, budget_bits, budget_bytes, pretrained, codes=False)  # metadata: instant
+    readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
+    for reader in readers.values():
+        check_compatible(pre, reader)
+    unchanged = unchanged_keys(pre, readers, options)
+    check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)  # one read
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0
     for attempt in range(4):
