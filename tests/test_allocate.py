@@ -11,13 +11,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import tvq.encode.budget as budget
-from tvq import QuantizeOptions, open_pack, quantize
+from tvq import QuantizeOptions, TaskVector, open_pack, quantize
 from tvq.cli import app
 from tvq.encode.budget import Option, choose, quantize_within_budget
 from tvq.encode.incremental import options_of
 from tvq.errors import ConfigError
+from tvq.quant import entropy
 from tvq.quant.error_model import ValueStats, mse_clips
-from tvq.quant.schemes import fake_quantize_with
+from tvq.quant.packing import pack_codes, packed_nbytes
+from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.report import pack_summary
 
 from conftest import laplace
@@ -138,3 +140,43 @@ def test_estimated_width_errors_match_quantizing(quantizer):
             exact = float((fake_quantize_with(x, quantizer, bits) - x).pow(2).sum())
             estimate = stats.error(bits, mse_clips(40) if quantizer == "mse" else (1.0,))
             assert estimate == pytest.approx(exact, rel=0.01), (quantizer, bits)
+
+
+def quantize_codes(x, bits):
+    return get_scheme("minmax").encode(x, bits, {}).codes
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_priced_size_is_close_to_what_the_coder_writes(bits):
+    """The allocation prices a candidate by its codes' entropy; the coder lands within 10 % (or a few hundred bytes)."""
+    g = torch.Generator().manual_seed(bits)
+    x = laplace((400_000,), 1e-3, g)
+    stats = ValueStats.of(x)
+    _, entropy_bits, p_max = stats.best(bits)
+    codes = quantize_codes(x, bits)
+    aligned = entropy.to_aligned(pack_codes(codes, bits), bits, codes.numel())
+    coded, record = entropy.encode(aligned)
+    plain = packed_nbytes(codes.numel(), bits)
+    actual = coded.numel() if entropy.pays(coded.numel(), len(record.blocks), plain) else plain
+    assert entropy.estimated_bytes(entropy_bits, codes.numel(), bits, p_max) == pytest.approx(actual, rel=0.1, abs=512)
+
+
+def test_allocation_may_mix_quantizers_and_the_pack_reads_and_grows(uneven):
+    """An MSE budget pack can keep the paper's min–max grid for some tensors (sparser codes
+    entropy-code smaller); each entry records its scheme, decodes, and `add` keeps the plan."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    opts = QuantizeOptions(bits=2, quantizer="mse")
+    first = {k: fts[k] for k in ("t0", "t1")}
+    report = quantize_within_budget(pre, first, tmp / "mixed", opts, budget_bits=2.5, progress=False)
+    pack = open_pack(tmp / "mixed", pre)
+    schemes = {e.scheme for e in pack.manifest.files[pack.manifest.tasks[0].file].tensors.values() if e.kind == "q"}
+    assert schemes <= {"mse", "minmax"} and report.bytes_written <= pack_summary(tmp / "mixed")["total_bytes"] + 1
+    for name, path in first.items():
+        exact = TaskVector.from_checkpoints(pre, path)
+        for key in exact:
+            assert torch.isfinite(pack.task_tensor(name, key)).all()
+    plan = options_of(pack).bit_plan
+    assert plan is not None and {k: s for k, s in plan.schemes.items()} == {
+        k: e.scheme for k, e in pack.manifest.files[pack.manifest.tasks[0].file].tensors.items() if e.kind == "q" and e.scheme != "mse"
+    }

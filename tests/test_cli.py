@@ -239,3 +239,13 @@ def test_user_text_is_printed_literally(tiny):
     assert "[bold]x[/]" in run("info", out).output
     r = run("info", tiny["dir"] / "[red]nope")
     assert r.exit_code == 2 and "[red]nope" in r.output
+
+
+def test_a_bare_paper_checkpoint_is_named_after_its_task_folder(tmp_path):
+    from tvq.cli_support import parse_named_paths
+
+    (tmp_path / "Cars").mkdir()
+    (tmp_path / "Cars" / "finetuned.pt").write_bytes(b"")
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    named = parse_named_paths([str(tmp_path / "Cars" / "finetuned.pt"), str(tmp_path / "other.safetensors"), f"x={tmp_path / 'Cars'}"])
+    assert named == {"Cars": tmp_path / "Cars" / "finetuned.pt", "other": tmp_path / "other.safetensors", "x": tmp_path / "Cars"}

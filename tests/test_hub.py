@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from tvq.cli import app
 from tvq.errors import CheckpointError
 from tvq.io.hub import parse_hub_id, resolve_model
 
@@ -68,3 +72,23 @@ def test_an_existing_local_path_wins_over_a_hub_id(offline_cache, tmp_path, monk
     local.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert resolve_model("acme/tiny") == local.relative_to(tmp_path)
+
+
+def test_commands_take_hub_ids_for_the_pretrained_and_fine_tuned_models(offline_cache, tmp_path):
+    """quantize, merge and the merged folder's files work from ids, as from local folders."""
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(8, 8, generator=g), "b": torch.zeros(8)}
+    cached_model(offline_cache, "acme/base", pre)
+    cached_model(offline_cache, "acme/ft", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()})
+    runner = CliRunner()
+    pack = tmp_path / "pack"
+    r = runner.invoke(app, ["quantize", "-p", "acme/base", "-f", "t=acme/ft", "-o", str(pack), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "merged"
+    merge = ["merge", "--method", "task_arithmetic", "--pack", str(pack), "-p", f"acme/base@{COMMIT}", "--out", str(out), "--no-progress"]
+    r = runner.invoke(app, merge)
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").is_file()  # a folder like the pretrained one: its files copied
+    assert json.loads((pack / "manifest.json").read_text())["pretrained"]["path"] == "acme/base"  # the id, not this cache's path
+    r = runner.invoke(app, ["quantize", "-p", "acme/missing", "-f", "t=acme/ft", "-o", str(tmp_path / "p2"), "--no-progress"])
+    assert r.exit_code != 0 and "acme/missing: neither a local path nor a hub model in the cache" in r.output

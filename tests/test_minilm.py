@@ -79,7 +79,8 @@ def test_tvq_and_fq_bit_exact_on_minilm(minilm_dir, minilm_tasks, spec):
     pack = tmp / f"pack-{target}{bits}"
     _quantize_paper_rule(minilm_dir, tmp, pack, "--config", cfg)
     info = json.loads(_cli("info", pack, "--json").output)
-    assert info["total_bytes"] <= info["theoretical_bytes"] * 1.01 + 64 * 1024
+    plain = info["theoretical_bytes"] + info["entropy"]["saved_bytes"]  # its tensors bit-packed: entropy coding only shrinks them
+    assert info["total_bytes"] <= plain * 1.01 + 64 * 1024
     exported = _export_all(pack, ["t0", "t1"], tmp, minilm_dir)
     for n in ["t0", "t1"]:
         ref = paper_tvq(pre, fts[n], bits) if target == "task_vector" else paper_fq(pre, fts[n], bits)

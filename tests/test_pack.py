@@ -153,7 +153,7 @@ def test_size_on_disk_within_one_percent_of_theoretical(tmp_path, bits):
     for t in range(2):
         save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}, tmp_path / f"f{t}.safetensors")
         fts[f"t{t}"] = tmp_path / f"f{t}.safetensors"
-    quantize(tmp_path / "pre.safetensors", fts, tmp_path / "p", QuantizeOptions(bits=bits), progress=False)
+    quantize(tmp_path / "pre.safetensors", fts, tmp_path / "p", QuantizeOptions(bits=bits, entropy="off"), progress=False)
     s = pack_summary(tmp_path / "p")
     codes = 2 * 6 * ((256 * 257 * bits + 7) // 8)
     kept = 2 * 6 * 256 * 4
@@ -161,6 +161,11 @@ def test_size_on_disk_within_one_percent_of_theoretical(tmp_path, bits):
     assert s["total_bytes"] <= s["theoretical_bytes"] * 1.01 + 64 * 1024
     # and the real compression against the FP32 checkpoints (biases stay fp32)
     assert s["total_fp32_bytes"] / s["theoretical_bytes"] > 32 / bits * 0.85
+    # entropy coding (the default) only ever makes the codes smaller; the sizes stay bytes on disk
+    quantize(tmp_path / "pre.safetensors", fts, tmp_path / "e", QuantizeOptions(bits=bits), progress=False)
+    e = pack_summary(tmp_path / "e")
+    assert e["entropy"]["plain_bytes"] == codes and e["entropy"]["stored_bytes"] == e["theoretical_bytes"] - kept <= codes
+    assert e["total_bytes"] == sum(f.stat().st_size for f in (tmp_path / "e").rglob("*") if f.is_file())
 
 
 def test_manifest_records_method_inputs_and_checksums(tiny):
@@ -172,7 +177,7 @@ def test_manifest_records_method_inputs_and_checksums(tiny):
         progress=False,
     )
     m = json.loads((tiny["dir"] / "p" / "manifest.json").read_text())
-    assert m["format"] == "tvq-pack" and m["version"] == 2
+    assert m["format"] == "tvq-pack" and m["version"] == (3 if any("entropy" in e for f in m["files"].values() for e in f["tensors"].values()) else 2)
     assert m["method"] == {
         "target": "task_vector",
         "residual": True,
@@ -248,7 +253,7 @@ def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
 
 
 def test_each_kind_has_only_its_own_fields():
-    assert set(QuantizedEntry.model_fields) == {"kind", "shape", "bits", "scheme", "params", "aux", "nbytes", "sha256"}
+    assert set(QuantizedEntry.model_fields) == {"kind", "shape", "bits", "scheme", "params", "aux", "nbytes", "sha256", "entropy"}
     assert set(RawEntry.model_fields) == {"kind", "shape", "dtype", "nbytes", "sha256"}
     assert set(ConstEntry.model_fields) == {"kind", "shape", "bits", "value"}
     const = ConstEntry(shape=[2, 3], bits=4, value=0.5)

@@ -44,13 +44,17 @@ def test_state_dict_wrapped_in_a_dict(tiny):
     assert sorted(open_checkpoint(tiny["dir"] / "ckpt.pt").keys()) == sorted(tiny["pre"])
 
 
-def test_pickled_module_needs_unsafe_flag(tiny):
+def test_pickled_module_reads_without_its_code_and_needs_the_flag_only_when_that_fails(tiny):
     model = torch.nn.Linear(3, 2)
     torch.save(model, tiny["dir"] / "module.pt")
-    with pytest.raises(CheckpointError, match="--unsafe-pickle"):
-        open_checkpoint(tiny["dir"] / "module.pt")
+    reader = open_checkpoint(tiny["dir"] / "module.pt")  # the restricted reader: no flag, no warning
+    assert reader.keys() == ["weight", "bias"] and torch.equal(reader.get("weight"), model.weight.detach())
+    model.weight = torch.nn.Parameter(torch.eye(2, 3).to_sparse())  # a tensor only code rebuilds
+    torch.save(model, tiny["dir"] / "sparse.pt")
+    with pytest.raises(CheckpointError, match=r"sparse\.pt: cannot be read without running its code \(tensor 'weight': .*sparse.*--unsafe-pickle"):
+        open_checkpoint(tiny["dir"] / "sparse.pt")
     with pytest.warns(UserWarning, match="full pickle"):
-        reader = open_checkpoint(tiny["dir"] / "module.pt", unsafe_pickle=True)
+        reader = open_checkpoint(tiny["dir"] / "sparse.pt", unsafe_pickle=True)
     assert sorted(reader.keys()) == ["bias", "weight"]
 
 
@@ -71,11 +75,13 @@ def test_half_precision_inputs_use_fp32_deltas(tiny, dtype):
 
 
 def test_cli_rejects_unsafe_pickle_by_default(tiny):
-    torch.save(torch.nn.Linear(3, 2), tiny["dir"] / "module.pt")
+    model = torch.nn.Linear(3, 2)
+    model.weight = torch.nn.Parameter(torch.eye(2, 3).to_sparse())
+    torch.save(model, tiny["dir"] / "module.pt")
     r = CliRunner().invoke(
         app, ["quantize", "-p", str(tiny["dir"] / "module.pt"), "-f", f"a={tiny['dir'] / 'module.pt'}", "-o", str(tiny["dir"] / "p")]
     )
-    assert r.exit_code == 2 and "weights_only" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "without running its code" in r.output and "--unsafe-pickle" in r.output and "Traceback" not in r.output
 
 
 def test_missing_shard_is_named(tiny):

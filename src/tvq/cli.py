@@ -34,8 +34,13 @@ handles_errors = error_handler("no output was written")
 @handles_errors
 def quantize_cmd(
     pretrained: Annotated[Path, typer.Option("--pretrained", "-p", help="Pretrained checkpoint (file or HF folder).")],
-    finetuned: Annotated[list[str], typer.Option("--finetuned", "-f", help="NAME=PATH of a fine-tuned checkpoint; repeat per task.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pack directory to create.")],
+    finetuned: Annotated[
+        Optional[list[str]], typer.Option("--finetuned", "-f", help="NAME=PATH of a fine-tuned checkpoint (file or folder); repeat per task.")
+    ] = None,
+    tasks_from: Annotated[
+        Optional[Path], typer.Option("--tasks-from", help="The paper's model folder (checkpoints/ViT-B-32): every <Task>/finetuned.pt in it.")
+    ] = None,
     target: Annotated[Optional[str], typer.Option(help="task_vector (TVQ/RTVQ) or finetuned (FQ).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Bits per task-vector (or offset) element, 1-8.")] = None,
     residual: Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="RTVQ: shared base + per-task offsets.")] = None,
@@ -47,6 +52,9 @@ def quantize_cmd(
     key_rule: Annotated[KeyRule, typer.Option(help="ndim: quantize float tensors of 2+ dims; paper: the official key rule.")] = KeyRule.NDIM,
     quantizer: Annotated[str, typer.Option(help="minmax (paper), mse, group, symmetric, ternary (2 bits) or sign (1 bit).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Elements per scale for --quantizer group.")] = 128,
+    entropy: Annotated[
+        str, typer.Option(help="auto: entropy-code each tensor's codes where that makes them smaller; off: plain bit packing (format 2).")
+    ] = "auto",
     budget_bits: Annotated[
         Optional[float], typer.Option(help="Allocate bits per tensor: average bits per parameter per task, base included.")
     ] = None,
@@ -65,6 +73,7 @@ def quantize_cmd(
     from tvq.encode.options import QuantizeOptions
     from tvq.encode.pipeline import quantize
     from tvq.execute import make_executor
+    from tvq.io.layouts import with_task_folders
     from tvq.runstats import RunMeter, output_bytes
 
     meter = RunMeter()
@@ -90,8 +99,9 @@ def quantize_cmd(
     opts.key_rule = key_rule
     opts.quantizer = quantizer
     opts.group_size = group_size
+    opts.entropy = entropy  # type: ignore[assignment]  # checked by QuantizeOptions.validated
     check_quantize_numbers(opts, budget_bits, budget_bytes)
-    named = parse_named_paths(finetuned)
+    named = with_task_folders(parse_named_paths(finetuned or []), tasks_from)
     run = functools.partial(
         quantize,
         average_out=average_out,
@@ -200,6 +210,14 @@ def info_cmd(
         for part, hist in summary["allocation"].items():
             spread = ", ".join(f"{b} bits: {h['tensors']} tensors / {h['params']:,} params" for b, h in hist.items())
             console.print(f"allocation ({part}): {spread}", highlight=False)
+    coding = summary["entropy"]
+    if coding["coded_tensors"]:
+        console.print(
+            f"entropy coding: {coding['coded_tensors']} of {coding['quantized_tensors']} quantized tensors; codes take "
+            f"{coding['stored_bytes']:,} bytes on disk instead of {coding['plain_bytes']:,} bit-packed "
+            f"(saved {coding['saved_bytes']:,}, {coding['saved_bytes'] / max(coding['plain_bytes'], 1):.1%})",
+            highlight=False,
+        )
     console.print(
         f"theoretical size {summary['theoretical_bytes']:,} bytes; on disk {summary['total_bytes']:,} "
         f"(+{summary['overhead_bytes']:,} headers/manifest)" + ("; checksums verified" if verify else ""),
@@ -212,18 +230,26 @@ def info_cmd(
 def export_cmd(
     pack: Annotated[Path, typer.Argument(help="Pack directory.")],
     task: Annotated[str, typer.Option(help="Task name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .safetensors file; with --model and a torch pretrained file, .pt writes its format.")
+    ],
     pretrained: Annotated[Optional[Path], typer.Option("--pretrained", "-p", help="Pretrained model (needed with --model and for FQ packs).")] = None,
     model: Annotated[bool, typer.Option("--model", help="Write θ_pre + τ̂ instead of the task vector.")] = False,
     dtype: Annotated[str, typer.Option(help="Model dtype with --model: same, float32, float16 or bfloat16.")] = "same",
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
+    out_kind: Annotated[
+        str, typer.Option(help="file (default), or folder with --model: weights plus the HF pretrained folder's config and tokenizer.")
+    ] = "file",
 ) -> None:
     """Write one task's dequantized fp32 task vector (or its model) as safetensors."""
     from tvq.export import export_task
 
-    export_task(pack, task, out, pretrained=pretrained, model=model, dtype=dtype, overwrite=overwrite, unsafe_pickle=unsafe_pickle, progress=progress)
+    if out_kind not in ("file", "folder"):
+        raise ConfigError(f"--out-kind {out_kind!r}: expected file or folder")
+    export_task(pack, task, out, pretrained=pretrained, model=model, dtype=dtype, overwrite=overwrite, unsafe_pickle=unsafe_pickle,
+                progress=progress, out_kind=out_kind)  # fmt: skip
     console.print(f"wrote {out}", highlight=False)
 
 

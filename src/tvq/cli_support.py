@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tvq.errors import ConfigError, TvqError
+from tvq.io.layouts import FINETUNED_FILE
 from tvq.io.signals import Terminated
 
 # Markup off: what tvq prints holds user text (paths, task and tensor names) that must show
@@ -84,12 +85,15 @@ def error_handler(interrupted: str, exit_codes: tuple[tuple[type[Exception], int
 
 
 def parse_named_paths(items: list[str], option: str = "--finetuned") -> dict[str, Path]:
-    """``NAME=PATH`` pairs (a bare PATH is named after its file or folder)."""
+    """``NAME=PATH`` pairs. A bare PATH is named after its file or folder, and the paper's
+    ``<Task>/finetuned.pt`` after its task folder."""
     out: dict[str, Path] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep:
-            path, name = item, Path(item).stem if Path(item).is_file() else Path(item).name
+            bare = Path(item)
+            official = bare.name == FINETUNED_FILE and bare.parent.name not in ("", ".", "..")
+            path, name = item, bare.parent.name if official else bare.stem if bare.is_file() else bare.name
         if not name or not path:
             raise ConfigError(f"{option} {item!r}: expected NAME=PATH")
         if name in out:

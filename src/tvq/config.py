@@ -120,7 +120,11 @@ def validation_problem(exc: ValidationError, shown: dict[str, str] | None = None
     """pydantic's first error as "invalid value for 'key': why (got VALUE)", one line; ``shown``
     maps field names to the names users type (aliases); ``nested`` names the whole path
     (``files.<name>.tensors.<key>.bits``) instead of the top-level key."""
-    first = exc.errors()[0]
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"].endswith("_type"):  # a union (``0.2`` or ``{task: 0.2}``): the branch the value took, not "wrong type"
+        same = [e for e in errors if e["loc"][:1] == first["loc"][:1] and not e["type"].endswith("_type")]
+        first = same[0] if same else first
     loc = [str(p)[:80] for p in first["loc"]]
     parts = loc if nested else loc[:1]
     key = ".".join([(shown or {}).get(parts[0], parts[0]), *parts[1:]]) if parts else "options"

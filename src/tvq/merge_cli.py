@@ -3,11 +3,14 @@
 Method options are not declared to typer: ``--density 0.2 --lambda 0.3`` reach the command as
 extra arguments, are parsed here (YAML scalars: numbers, ``1e-3`` included, booleans, lists,
 mappings) and then validated by the method's pydantic model, strictly (``true`` is no number,
-NaN/Inf no float), so an unknown option or a bad value is one line.
+NaN/Inf no float), so an unknown option or a bad value is one line; one that looks like a typo
+of a ``tvq merge`` flag (``--overwite``) is reported as that. ``--config`` takes tvq's merge
+config or mergekit's YAML, either with a ``quantize:`` step (``tvq.merge.recipe``).
 """
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,18 +51,28 @@ def parse_method_args(args: list[str]) -> dict[str, Any]:
     return opts
 
 
-def read_merge_config(path: Path) -> tuple[str | None, dict[str, Any]]:
-    """A YAML/JSON merge config: ``method`` plus its options (flat, or under ``options:``)."""
-    from tvq.config import read_config_file
+def check_method_flags(cls: Any, options: dict[str, Any], command_flags: list[str]) -> None:
+    """An extra flag the method does not know: a typo of a ``tvq merge`` flag (``--overwite``)
+    or of a method option (``--densty``) is named with the likely flag; others are left to the
+    method's own check (which lists its options)."""
+    accepted = set(cls.Options.names()) | set(cls.Options.model_fields)
+    options_flags = ["--" + n.replace("_", "-") for n in cls.Options.names()]
+    for key in options:
+        if key in accepted:
+            continue
+        flag = "--" + key.replace("_", "-")
+        scored = [(difflib.SequenceMatcher(None, flag, c).ratio(), c, c in options_flags) for c in [*command_flags, *options_flags]]
+        score, best, is_option = max(scored, default=(0.0, "", False))
+        if score < 0.75:
+            continue
+        if is_option:
+            raise ConfigError(f"merge method {cls.name!r}: unknown option {flag} (did you mean {best}?)")
+        raise ConfigError(f"unknown flag {flag} (did you mean {best}? `tvq merge --help` lists the flags and every method's options)")
 
-    data = dict(read_config_file(path))
-    method = data.pop("method", None)
-    nested = data.pop("options", None)
-    if nested is not None:
-        if not isinstance(nested, dict):
-            raise ConfigError(f"{path}: 'options' must be a mapping")
-        data = {**nested, **data}
-    return (str(method) if method is not None else None), {k.replace("-", "_"): v for k, v in data.items()}
+
+def command_flags(command: Any) -> list[str]:
+    """The long flags a click command declares (``--overwrite``, ``--no-overwrite``, ...)."""
+    return [o for p in command.params for o in (*p.opts, *getattr(p, "secondary_opts", ())) if o.startswith("--")]
 
 
 class MethodsEpilog(TyperCommand):
@@ -69,7 +82,18 @@ class MethodsEpilog(TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own (vendored) click types
         from tvq.merge.registry import describe_methods
 
-        self.epilog = "Methods and their options (defaults):\n\n" + "\n\n".join(describe_methods().splitlines())
+        methods = describe_methods(detailed=True).split("\n")
+        blocks: list[str] = []
+        for line in methods:  # a method's summary, then its options one per line
+            if line.startswith("  ") and blocks:
+                blocks[-1] += "\n" + line
+            else:
+                blocks.append(line)
+        self.epilog = (
+            "--config FILE: tvq's merge config or mergekit's YAML (merge_method, base_model, models, parameters, dtype), "
+            "optionally with a quantize: step first (docs/merging.md).\n\nMethods and their options (flag type (default): meaning):\n\n"
+            + "\n\n".join(blocks)
+        )
         super().format_help(ctx, formatter)
 
 
@@ -84,7 +108,9 @@ def register(app: typer.Typer, handles_errors) -> None:
     @handles_errors
     def merge_cmd(
         ctx: typer.Context,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output: HF folder (HF pretrained), .safetensors file, or EMR pack.")],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Output: a folder or a .safetensors file (see --out-kind), or an EMR pack.")
+        ],
         method: Annotated[
             str | None, typer.Option("--method", "-m", help="Merge method or alias (see below); method options follow as --name VALUE.")
         ] = None,
@@ -98,8 +124,16 @@ def register(app: typer.Typer, handles_errors) -> None:
         finetuned: Annotated[
             list[str] | None, typer.Option("--finetuned", "-f", help="NAME=PATH of an FP32 fine-tuned checkpoint; repeatable.")
         ] = None,
+        tasks_from: Annotated[
+            Path | None, typer.Option("--tasks-from", help="The paper's model folder (checkpoints/ViT-B-32): every <Task>/finetuned.pt in it.")
+        ] = None,
         config: Annotated[
-            Path | None, typer.Option("--config", help="YAML/JSON merge config: method + options (flags override).")
+            Path | None,
+            typer.Option(
+                "--config",
+                help="Merge config: tvq's (method, options, inputs) or mergekit's YAML (merge_method, models, ...), "
+                "optionally with a quantize: step; flags override.",
+            ),
         ] = None,
         load_config: Annotated[
             Path | None, typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")
@@ -115,7 +149,16 @@ def register(app: typer.Typer, handles_errors) -> None:
                 "Best: re-estimate them on data (Python API, docs/merging.md).",
             ),
         ] = None,
-        dtype: Annotated[str, typer.Option(help="Output dtype: same (pretrained's), float32, float16 or bfloat16.")] = "same",
+        dtype: Annotated[
+            str | None, typer.Option(help="Output dtype: same (pretrained's; default), float32, float16 or bfloat16.")
+        ] = None,
+        out_kind: Annotated[
+            str,
+            typer.Option(
+                help="folder (weights, shards + index, model card, recipe; config and tokenizer of an HF pretrained folder), "
+                "file (one .safetensors), or auto: a folder for an HF pretrained folder unless --out ends in .safetensors."
+            ),
+        ] = "auto",
         max_shard_size: Annotated[str, typer.Option(help="HF output: largest shard, e.g. 5GB or 500MB.")] = "5GB",
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
         unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
@@ -131,23 +174,51 @@ def register(app: typer.Typer, handles_errors) -> None:
         from tvq.cli_support import console, parse_named_paths, print_line
         from tvq.config import PaperLoadConfig, read_config_file, validate_config
         from tvq.execute import make_executor
+        from tvq.io.atomic import check_output
+        from tvq.io.layouts import with_task_folders
         from tvq.merge.engine import emr_task_model, merge
-        from tvq.merge.registry import method_class
+        from tvq.merge.recipe import MERGEKIT_FILE, read_recipe, run_quantize_step
+        from tvq.merge.registry import method_class, parse_options
         from tvq.merge.source import check_load_config, load_task_vectors
         from tvq.merge.statistics import NormStatsWarning
         from tvq.pack.reader import open_pack
         from tvq.runstats import RunMeter, output_bytes
 
         meter = RunMeter()
-        cfg_method, options = read_merge_config(config) if config is not None else (None, {})
-        options.update(parse_method_args(list(ctx.args)))
-        name = method or cfg_method
+        plan = read_recipe(config) if config is not None else None
+        cli_options = parse_method_args(list(ctx.args))
+        if plan is not None and plan.schema == "mergekit" and method is not None:
+            raise ConfigError(f"--method: {config} is a mergekit config, whose merge_method sets the method")
+        name = method or (plan.method if plan is not None else None)
         if name is None:
             raise ConfigError("no merge method: pass --method NAME (or 'method:' in --config)")
         cls = method_class(name)
+        check_method_flags(cls, cli_options, command_flags(ctx.command))
+        options = {**(plan.options if plan is not None else {}), **cli_options}
         packs = list(pack or [])
         fts = parse_named_paths(finetuned or [])
+        if tasks_from is not None:
+            fts = with_task_folders(fts, tasks_from)
+        tasks: list[str] | None = None
+        quantize_step = None
+        if plan is not None:
+            if (packs or fts) and plan.schema == "mergekit":
+                raise ConfigError(f"--pack/--finetuned: the models come from {config} (its models: entries)")
+            if not (packs or fts):
+                packs, fts, tasks = list(plan.packs), dict(plan.finetuned), plan.tasks
+            pretrained = pretrained or plan.pretrained
+            dtype = dtype or plan.dtype
+            norm_stats = norm_stats or plan.norm_stats
+            quantize_step = plan.quantize
+        dtype = dtype or "same"
+        if out_kind not in ("auto", "folder", "file"):
+            raise ConfigError(f"--out-kind {out_kind!r}: expected auto, folder or file")
         writes_pack = cls.per_task and task is None  # EMR's unified pack: written locally, no Ray to start
+        if quantize_step is not None:  # options and output checked before the quantize step's work
+            parse_options(cls, options)
+            check_output(out, overwrite, [Path(quantize_step.out)])
+            q = run_quantize_step(quantize_step, overwrite=overwrite, progress=progress, executor=make_executor(executor, address, threads))
+            console.print(f"wrote {quantize_step.out}: {q.manifest.method.label}, {len(q.manifest.tasks)} tasks", highlight=False)
 
         if unified is not None:
             if cls.name != "emr" or task is None:
@@ -160,7 +231,7 @@ def register(app: typer.Typer, handles_errors) -> None:
                 warnings.simplefilter("always", NormStatsWarning)
                 report = emr_task_model(
                     unified, pretrained, task, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                    norm_stats=norm_stats,
+                    norm_stats=norm_stats, out_kind=out_kind,  # type: ignore[arg-type]
                 )  # fmt: skip
         else:
             if load_config is not None:
@@ -172,13 +243,19 @@ def register(app: typer.Typer, handles_errors) -> None:
                 recorded = open_pack(packs[0]).manifest.pretrained.path[:300]
                 raise ConfigError(f"--pretrained is required (a pack's recorded path is never opened unasked; {packs[0]} was made from {recorded})")
             pre, vectors = load_task_vectors(pretrained, packs=packs, finetuned=fts, unsafe_pickle=unsafe_pickle)
+            if tasks is not None:
+                missing = [t for t in tasks if t not in vectors]
+                if missing:
+                    raise ConfigError(f"{config}: task {missing[0]!r} is in none of the inputs (their tasks: {', '.join(vectors)})")
+                vectors = vectors.select(tasks)
+            extra = {MERGEKIT_FILE: plan.text} if plan is not None and plan.schema == "mergekit" else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", NormStatsWarning)
                 report = merge(
                     cls.name, pre, vectors, out, options,
                     task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                     inputs=[pretrained, *packs, *fts.values()], executor=None if writes_pack else make_executor(executor, address, threads),
-                    unsafe_pickle=unsafe_pickle, norm_stats=norm_stats,
+                    unsafe_pickle=unsafe_pickle, norm_stats=norm_stats, out_kind=out_kind, extra_files=extra,  # type: ignore[arg-type]
                 )  # fmt: skip
         for w in caught:
             if issubclass(w.category, NormStatsWarning):

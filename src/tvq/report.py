@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from tvq.pack.manifest import MANIFEST_NAME
+from tvq.pack.manifest import MANIFEST_NAME, FileEntry, QuantizedEntry
 from tvq.pack.reader import open_pack
+from tvq.quant.packing import packed_nbytes
 from tvq.quant.selection import is_statistic
 
 
@@ -55,6 +57,7 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
     return {
         "path": str(path),
         "allocation": allocation,
+        "entropy": entropy_summary(m.files.values()),
         "method": {**m.method.model_dump(), "label": m.method.label},
         "tasks": tasks,
         "base_bytes": base_bytes,
@@ -69,3 +72,12 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
         "skipped": m.skipped,
         "statistics": [k for k in first if is_statistic(k)],  # running statistics, stored exactly
     }
+
+
+def entropy_summary(files: Iterable[FileEntry]) -> dict[str, int]:
+    """What entropy coding saved: the codes' bytes on disk against plain bit packing's."""
+    quantized = [e for f in files for e in f.tensors.values() if isinstance(e, QuantizedEntry)]
+    plain = sum(packed_nbytes(e.numel, e.bits) for e in quantized)
+    stored = sum(e.nbytes for e in quantized)
+    coded = sum(1 for e in quantized if e.entropy is not None)
+    return {"quantized_tensors": len(quantized), "coded_tensors": coded, "plain_bytes": plain, "stored_bytes": stored, "saved_bytes": plain - stored}

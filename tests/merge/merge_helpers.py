@@ -56,3 +56,25 @@ def make_ckpts(tmp_path: Path) -> dict:
         paths[name] = tmp_path / f"{name}.safetensors"
         save_file(sd, paths[name])
     return {"dir": tmp_path, "pre": pre, "fts": fts, "pre_path": tmp_path / "pre.safetensors", "ft_paths": paths}
+
+
+def tiny_bert_inputs(root: Path, seed: int, files: dict[str, str]) -> dict:
+    """A tiny random BERT folder built locally (no download) with extra ``files``, three
+    fine-tunes a, b, c as files, and a 4-bit pack of a and b."""
+    from safetensors.torch import load_file  # noqa: PLC0415 -- kept beside the transformers import
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, max_position_embeddings=12)
+    pre = root / "bert"
+    BertModel(config).save_pretrained(pre)
+    for name, text in files.items():
+        (pre / name).write_text(text)
+    state = load_file(pre / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    ft = {}
+    for name in ("a", "b", "c"):
+        ft[name] = root / f"{name}.safetensors"
+        save_file({k: (v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in state.items()}, ft[name])
+    pack = make_pack({"pre_path": pre, "ft_paths": {"a": ft["a"], "b": ft["b"]}}, root / "pack", bits=4)
+    return {"root": root, "pre": pre, "ft": ft, "pack": pack, "state": state}

@@ -210,7 +210,7 @@ def test_dare_ties_is_ties_of_the_dropped_vectors():
     ("method", "options", "message"),
     [
         ("nope", {}, "unknown merge method 'nope' (valid methods: adamerging"),
-        ("ties", {"densty": 0.2}, "unknown option 'densty' (valid options: density, lambda, scope, aggregate, tie_rule)"),
+        ("ties", {"densty": 0.2}, "unknown option 'densty' (valid options: density, lambda, scope, aggregate, tie_rule, weight)"),
         ("ties", {"density": 2}, "invalid value for 'density'"),
         ("ties", {"scope": "layer"}, "invalid value for 'scope'"),
         ("average", {"lambda": 1}, "unknown option 'lambda' (valid options: none)"),

@@ -36,6 +36,7 @@ from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.quant import affine
 from tvq.quant.affine import MappingType, QuantSpec, RangeEstimator, clipped_params
 from tvq.quant.chunks import mean_of
+from tvq.quant.entropy import estimated_bytes
 from tvq.quant.error_model import ValueStats, mse_clips
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
@@ -46,6 +47,7 @@ from tvq.vector import check_compatible
 # manifest entry (measured at ~450 on real packs). quantize_within_budget() measures the
 # real pack and tightens the plan if the guess was short.
 ENTRY_OVERHEAD = 512
+HISTOGRAM_SCHEMES = ("minmax", "mse")  # the grids tvq.quant.error_model prices from one pass
 FILE_OVERHEAD = 1024
 
 
@@ -55,6 +57,7 @@ class Option:
     base_bits: int | None
     nbytes: int
     error: float
+    scheme: str | None = None  # the quantizer of the task tensors (offsets); None: the pack's own
 
 
 def _aux_bytes(numel: int, options: QuantizeOptions) -> int:
@@ -79,29 +82,61 @@ def _bytes_at(constant: bool, numel: int, bits: int, options: QuantizeOptions) -
     return 0 if constant else packed_nbytes(numel, bits) + _aux_bytes(numel, options)
 
 
-def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions) -> torch.Tensor:
-    """The RTVQ base as the encoder would store it; for the MSE grid with the clip factor the
-    error model finds (the encoder searches a sample for it: the same factor but for near ties)."""
-    if options.quantizer != "mse":
-        return fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
+def _clips(scheme: str) -> list[float]:
+    return mse_clips(QuantSpec(2, estimator=RangeEstimator.MSE).grid) if scheme == "mse" else [1.0]
+
+
+def _priced(stats: ValueStats, bits: int, scheme: str, options: QuantizeOptions) -> tuple[float, int]:
+    """(squared error, bytes on disk) of one tensor at ``bits`` with ``scheme`` (min–max or MSE
+    clip), its codes priced as the encoder will store them: entropy-coded where that pays."""
+    numel = stats.numel
+    error, entropy_bits, p_max = stats.best(bits, _clips(scheme))
+    if stats.constant:
+        return error, 0
+    nbytes = estimated_bytes(entropy_bits, numel, bits, p_max) if options.entropy == "auto" else packed_nbytes(numel, bits)
+    return error, nbytes
+
+
+def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions) -> tuple[torch.Tensor, int]:
+    """The RTVQ base as the encoder would store it and its bytes (entry included); for the MSE
+    grid with the clip factor the error model finds (the encoder searches a sample for it:
+    the same factor but for near ties)."""
+    if options.quantizer not in HISTOGRAM_SCHEMES:
+        hat = fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
+        return hat, _code_bytes(beta, bits, options) + ENTRY_OVERHEAD
     flat = beta.reshape(-1)
     stats = ValueStats.of(flat)
+    nbytes = _priced(stats, bits, options.quantizer, options)[1] + ENTRY_OVERHEAD
     if stats.constant:
-        return beta.clone()
-    qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, mse_clips(QuantSpec(bits, estimator=RangeEstimator.MSE).grid)))
-    return affine.dequantize(affine.quantize(flat, qp), qp, tuple(beta.shape))
+        return beta.clone(), nbytes
+    if options.quantizer == "minmax":
+        return fake_quantize_with(beta, "minmax", bits), nbytes
+    qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse")))
+    return affine.dequantize(affine.quantize(flat, qp), qp, tuple(beta.shape)), nbytes
 
 
-def _width_errors(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: QuantizeOptions) -> list[float]:
-    """Σ over ``xs`` of each width's squared quantization error. The paper's min–max and the
-    MSE-clipped grids are estimated for every width and clip factor from one pass over each
-    tensor (``tvq.quant.error_model``); the other schemes quantize once per width."""
-    if options.quantizer in ("minmax", "mse"):
-        clips = mse_clips(QuantSpec(2, estimator=RangeEstimator.MSE).grid) if options.quantizer == "mse" else [1.0]
+def _schemes(options: QuantizeOptions) -> tuple[str, ...]:
+    """The task tensors' candidate quantizers: the pack's own, and the paper's min–max beside
+    an MSE-clipped grid (its codes are sparser, so often smaller once entropy-coded)."""
+    return ("mse", "minmax") if options.quantizer == "mse" else (options.quantizer,)
+
+
+def _grid_costs(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: QuantizeOptions) -> dict[tuple[str, int], tuple[float, int]]:
+    """(scheme, width) -> (Σ squared error, Σ bytes with entries) over the tensors ``xs``. The
+    paper's min–max and the MSE-clipped grids are estimated for every width and clip factor
+    from one pass over each tensor (``tvq.quant.error_model``), with the entropy of their codes;
+    the other schemes quantize once per width and are priced packed."""
+    if options.quantizer in HISTOGRAM_SCHEMES:
         stats = [ValueStats.of(x) for x in xs]
-        return [sum(st.error(b, clips) for st in stats) for b in bits_list]
+        out = {}
+        for scheme in _schemes(options):
+            for b in bits_list:
+                priced = [_priced(st, b, scheme, options) for st in stats]
+                out[scheme, b] = (sum(e for e, _ in priced), sum(n + ENTRY_OVERHEAD for _, n in priced))
+        return out
     opts = options.scheme_options()
-    return [sum(float((fake_quantize_with(x, options.quantizer, b, **opts) - x).pow(2).sum()) for x in xs) for b in bits_list]
+    return {(options.quantizer, b): (sum(float((fake_quantize_with(x, options.quantizer, b, **opts) - x).pow(2).sum()) for x in xs),
+                                     sum(_code_bytes(x, b, options) + ENTRY_OVERHEAD for x in xs)) for b in bits_list}  # fmt: skip
 
 
 def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
@@ -251,25 +286,19 @@ def analyse(
             opts_for_key: list[Option] = []
             if not options.residual:
                 xs = fts if options.target == "finetuned" else taus
-                constant = [_is_constant(x, options) for x in xs]
-                for b, err in zip(bits_list, _width_errors(xs, bits_list, options), strict=True):
-                    nbytes = sum(_bytes_at(c, x.numel(), b, options) + ENTRY_OVERHEAD for c, x in zip(constant, xs, strict=True))
-                    opts_for_key.append(Option(b, None, nbytes, weight * err))
+                for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options).items():
+                    opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
             else:
                 avg = mean_of(fts)
                 beta = avg - p32
-                base_hat = {bb: _base_estimate(beta, bb, options) for bb in base_list}
-                base_bytes = {bb: _code_bytes(beta, bb, options) + ENTRY_OVERHEAD for bb in base_list}
+                bases = {bb: _base_estimate(beta, bb, options) for bb in base_list}
                 if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
-                    for bb, beta_hat in base_hat.items():
+                    for bb, (beta_hat, base_bytes) in bases.items():
                         offsets = [t - beta_hat for t in taus]
-                        constant = [_is_constant(off, options) for off in offsets]
-                        for b, err in zip(bits_list, _width_errors(offsets, bits_list, options), strict=True):
-                            nbytes = base_bytes[bb] + sum(_bytes_at(c, off.numel(), b, options) + ENTRY_OVERHEAD
-                                                          for c, off in zip(constant, offsets, strict=True))  # fmt: skip
-                            opts_for_key.append(Option(b, bb, nbytes, weight * err))
+                        for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options).items():
+                            opts_for_key.append(Option(b, bb, base_bytes + nbytes, weight * err, scheme))
                 else:  # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
-                    e_base = {bb: beta_hat - beta for bb, beta_hat in base_hat.items()}
+                    e_base = {bb: beta_hat - beta for bb, (beta_hat, _) in bases.items()}
                     offsets = [t - avg for t in fts]
                     pair_error = {(bb, b): 0.0 for bb in base_list for b in bits_list}
                     for b in bits_list:
@@ -277,9 +306,10 @@ def analyse(
                             e_off = fake_quantize_with(off, options.quantizer, b, **opts) - off
                             for bb in base_list:
                                 pair_error[bb, b] += float((e_base[bb] + e_off).pow(2).sum())
-                    off_bytes = {b: sum(_code_bytes(off, b, options) + ENTRY_OVERHEAD for off in offsets) for b in bits_list}
-                    for bb in base_list:
-                        opts_for_key += [Option(b, bb, base_bytes[bb] + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
+                    costs = _grid_costs(offsets, bits_list, options)
+                    off_bytes = {b: costs[options.quantizer, b][1] for b in bits_list}
+                    for bb, (_, base_bytes) in bases.items():
+                        opts_for_key += [Option(b, bb, base_bytes + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
         except EncodeError as exc:
             raise _unencodable(key, pre, readers, exc, options.residual) from None
         table[key] = opts_for_key
@@ -365,8 +395,9 @@ def plan_from(analysis: Analysis, T: int, budget_bits: float | None, budget_byte
     selection = choose(table, total_budget - fixed - shortfall)
     bits = {k: o.bits for k, o in selection.items()}
     base_bits = {k: o.base_bits for k, o in selection.items() if o.base_bits is not None}
+    schemes = {k: o.scheme for k, o in selection.items() if o.scheme is not None}
     effective = budget_bits if budget_bits is not None else total_budget * 8 / max(n_params * T, 1)
-    return BitPlan(budget_bits=round(effective, 4), bits=bits, base_bits=base_bits, budget_bytes=total_budget)
+    return BitPlan(budget_bits=round(effective, 4), bits=bits, base_bits=base_bits, budget_bytes=total_budget, schemes=schemes)
 
 
 def quantize_within_budget(

@@ -26,7 +26,7 @@ from tvq.execute import Executor
 from tvq.io.atomic import atomic_dir, check_output
 from tvq.io.content_hash import algorithm_of
 from tvq.io.readers import TensorMeta, open_checkpoint
-from tvq.pack.manifest import MANIFEST_NAME, Manifest, RawEntry, announced_names
+from tvq.pack.manifest import MANIFEST_NAME, Manifest, QuantizedEntry, RawEntry, announced_names, written_version
 from tvq.pack.reader import Pack, open_pack
 from tvq.pack.writer import PackFileWriter, close_all
 from tvq.quant.schemes import get_scheme
@@ -53,8 +53,14 @@ def options_of(pack: Pack) -> QuantizeOptions:
         key_rule=KeyRule(m.key_rule),
         quantizer=m.quantizer,
         group_size=m.group_size or 128,
-        bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits),
+        bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits,
+                         schemes={k: e.scheme for k, e in first.items() if isinstance(e, QuantizedEntry) and e.scheme != m.quantizer}),
+        entropy="auto" if _entropy_coded(pack) else "off",  # a pack keeps its format version as it grows
     )
+
+
+def _entropy_coded(pack: Pack) -> bool:
+    return any(isinstance(e, QuantizedEntry) and e.entropy is not None for f in pack.manifest.files.values() for e in f.tensors.values())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -136,14 +142,16 @@ def add_tasks(
         if stats.digests[PRETRAINED].hexdigest() != m.pretrained.digest:
             raise CheckpointError(f"{where(pre.path)}: not the pretrained model this pack was made from (content hash differs)")
         reference: Literal["quantized_base"] | None = "quantized_base" if options.residual else None
+        files = {**m.files, **new_files}
         manifest = Manifest(
+            version=written_version(files),
             created_by=f"tvq {__version__}",
             method=m.method,
             pretrained=m.pretrained,
             tasks=[*m.tasks, *(stats.task_entry(n, task_files[n], finetuned[n], readers[n], reference) for n in readers)],
             base_file=m.base_file,
             skipped=m.skipped,
-            files={**m.files, **new_files},
+            files=files,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     written = sum(f.bytes for f in new_files.values()) + (out_path / MANIFEST_NAME).stat().st_size

@@ -20,8 +20,8 @@ from tvq.encode.rtvq import encode_rtvq
 from tvq.encode.tvq import encode_tvq
 from tvq.errors import EncodeError
 from tvq.quant.chunks import mean_of, sq_error
-from tvq.quant.selection import TensorRole
-from tvq.quant.stored import encode_raw
+from tvq.quant.selection import KeyRule, TensorRole
+from tvq.quant.stored import StoredTensor, encode_raw
 
 
 def encode_key(job: KeyJob) -> KeyResult:
@@ -46,6 +46,8 @@ def encode_key(job: KeyJob) -> KeyResult:
         inputs.check_task(name, codes.errors[name], exact_fp64=not job.streams)
     check_stored(codes.stored, codes.errors, inputs, {name: part(job, name) for name in codes.stored})
     for stored in codes.stored.values():
+        if job.options.entropy == "auto":
+            stored.entropy_coded()  # where it pays; after the checks, which read the plain codes
         stored.hashed()  # on the worker: the driver, which writes them in order, only writes
     result.stored, result.errors = codes.stored, codes.errors
     return result
@@ -55,7 +57,10 @@ def encode(job: KeyJob, inputs: KeyInputs, average: torch.Tensor | None) -> KeyC
     """The method's encoder for this tensor."""
     options = job.options
     if job.role.exact:  # kept tensors and running statistics
-        return encode_kept(inputs, keep_finetuned=options.target == "finetuned")
+        # The paper's rule keeps e.g. CLIP's token embedding raw; unchanged by every task, it is
+        # a constant 0, as the default rule stores it (not 101 MB per task of zeros).
+        zero_constant = job.role == TensorRole.KEEP and options.key_rule == KeyRule.PAPER and options.target == "task_vector"
+        return encode_kept(inputs, keep_finetuned=options.target == "finetuned", zero_constant=zero_constant)
     q = options.quantizer_for(job.key)
     if options.target == "finetuned":
         return encode_fq(inputs, q)
@@ -65,13 +70,15 @@ def encode(job: KeyJob, inputs: KeyInputs, average: torch.Tensor | None) -> KeyC
     return encode_tvq(inputs, q, job.streams)
 
 
-def encode_kept(inputs: KeyInputs, keep_finetuned: bool) -> KeyCodes:
-    """Tensors kept exactly: τ_t (θ_t itself for FQ) as stored, so τ̂_t = τ_t."""
+def encode_kept(inputs: KeyInputs, keep_finetuned: bool, zero_constant: bool = False) -> KeyCodes:
+    """Tensors kept exactly: τ_t (θ_t itself for FQ) as stored, so τ̂_t = τ_t. With
+    ``zero_constant``, a tensor whose τ_t is 0 in every task is stored as the constant 0."""
     pre32 = inputs.pre.float()
     out = KeyCodes()
+    zero = zero_constant and all(bool((t == pre32).all()) for t in inputs.thetas)  # τ_t = 0 exactly (inputs are finite)
     for name, t in zip(inputs.fts, inputs.thetas, strict=True):
         tau = t - pre32  # bf16 - fp32 promotes exactly: t.float() - pre32, one pass
-        out.stored[name] = encode_raw(t if keep_finetuned else tau)
+        out.stored[name] = StoredTensor("const", list(tau.shape), value=0.0) if zero else encode_raw(t if keep_finetuned else tau)
         out.errors[name] = sq_error(tau)
     return out
 

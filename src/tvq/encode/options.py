@@ -24,6 +24,7 @@ class BitPlan:
     bits: dict[str, int]
     base_bits: dict[str, int] = field(default_factory=dict)
     budget_bytes: int | None = None
+    schemes: dict[str, str] = field(default_factory=dict)  # a task tensor's quantizer, where not the pack's own
 
     def get(self, key: str, base: bool = False) -> int | None:
         return (self.base_bits if base else self.bits).get(key)
@@ -43,6 +44,9 @@ class QuantizeOptions:
     group_size: int = 128  # for quantizer="group"
     # per-tensor bit widths chosen by tvq.encode.budget (None: ``bits``/``base_bits`` everywhere)
     bit_plan: BitPlan | None = None
+    # "auto": entropy-code each tensor's codes where that makes them smaller (tvq.quant.entropy);
+    # "off": plain bit packing only (the pack then reads in tvq before format version 3)
+    entropy: Literal["auto", "off"] = "auto"
 
     def bits_for(self, key: str, base: bool = False) -> int:
         if self.bit_plan is not None:
@@ -54,12 +58,18 @@ class QuantizeOptions:
             raise ConfigError("base_bits is unset: validate the options first")
         return bits
 
-    def scheme_options(self) -> dict[str, int]:
-        return {"group_size": self.group_size} if self.quantizer == "group" else {}
+    def scheme_options(self, scheme: str | None = None) -> dict[str, int]:
+        return {"group_size": self.group_size} if (scheme or self.quantizer) == "group" else {}
+
+    def scheme_for(self, key: str, base: bool = False) -> str:
+        """The quantizer of ``key``'s task tensors (a bit plan may choose one per tensor), or of its RTVQ base."""
+        planned = self.bit_plan.schemes.get(key) if self.bit_plan is not None and not base else None
+        return planned or self.quantizer
 
     def quantizer_for(self, key: str, base: bool = False) -> Quantizer:
         """The scheme, at this tensor's bit width, that encodes ``key`` (or its RTVQ base)."""
-        return quantizer(self.quantizer, self.bits_for(key, base), self.scheme_options())
+        scheme = self.scheme_for(key, base)
+        return quantizer(scheme, self.bits_for(key, base), self.scheme_options(scheme))
 
     @property
     def streams(self) -> bool:
@@ -69,6 +79,8 @@ class QuantizeOptions:
     def validated(self) -> QuantizeOptions:
         """These options checked, as a copy with the RTVQ base width filled in (default b + 1)."""
         check_bits(self.bits, "bits")
+        if self.entropy not in ("auto", "off"):
+            raise ConfigError(f"entropy={self.entropy!r} is unknown: choose auto or off")
         out = replace(self)
         if self.target not in ("task_vector", "finetuned"):
             raise ConfigError(f"target={self.target!r} is unknown: choose task_vector or finetuned")

@@ -26,9 +26,10 @@ from tvq.errors import CheckpointError, ConfigError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import atomic_dir, atomic_file, check_distinct_outputs, check_output
 from tvq.io.content_hash import DEFAULT_ALGORITHM, algorithm_of, labelled, new_hasher
+from tvq.io.hub import hub_reference
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
-from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, TaskEntry, announced_names
+from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, TaskEntry, announced_names, written_version
 from tvq.pack.writer import PackFileWriter, close_all
 from tvq.quant.chunks import mean_of
 from tvq.quant.schemes import get_scheme
@@ -70,8 +71,11 @@ def reader_of(source: Source, unsafe_pickle: bool) -> CheckpointReader:
     return open_checkpoint(source, unsafe_pickle) if isinstance(source, (str, Path)) else source
 
 
-def input_ref(path: str | Path, digest: InputDigest, reader: CheckpointReader) -> InputRef:
-    return InputRef(path=str(Path(path).resolve()), digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
+def input_ref(path: str | Path, digest: InputDigest, reader: CheckpointReader, given: object = None) -> InputRef:
+    """How the pack names an input: the hub id it was given as (portable: another machine
+    resolves it too), else its absolute path; the digest identifies it either way."""
+    name = str(given) if isinstance(given, (str, Path)) and hub_reference(given) else str(Path(path).resolve())
+    return InputRef(path=name, digest=digest.hexdigest(), fp32_bytes=reader.float_bytes())
 
 
 def check_task_names(finetuned: Mapping[str, object]) -> None:
@@ -121,12 +125,12 @@ class StreamStats:
                 self.ref_sq_quantized[name] += ref
 
     def task_entry(self, name: str, file: str, path: str | Path, reader: CheckpointReader,
-                   reference: Literal["avg", "quantized_base"] | None = None) -> TaskEntry:  # fmt: skip
+                   reference: Literal["avg", "quantized_base"] | None = None, given: object = None) -> TaskEntry:  # fmt: skip
         err, ref, ref_q = self.err_sq[name], self.ref_sq[name], self.ref_sq_quantized[name]
         return TaskEntry(
             name=name,
             file=file,
-            source=input_ref(path, self.digests[name], reader),
+            source=input_ref(path, self.digests[name], reader, given),
             rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0,
             rel_error_quantized=(err / ref_q) ** 0.5 if ref_q > 0 else 0.0,  # exact tensors add no error
             reference=reference,
@@ -230,10 +234,12 @@ def quantize(
             avg_writer.close()
 
         manifest = Manifest(
+            version=written_version(file_entries),
             created_by=f"tvq {__version__}",
             method=options.method(),
-            pretrained=input_ref(pre.path, stats.digests[PRETRAINED], pre),
-            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], reference_of(options)) for name in names],
+            pretrained=input_ref(pre.path, stats.digests[PRETRAINED], pre, given=pretrained),
+            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], reference_of(options), given=finetuned[name])
+                   for name in names],
             base_file="base.safetensors" if options.residual else None,
             skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
             files=file_entries,

@@ -10,6 +10,7 @@ go through the same readers and the same folder confinement as any local folder.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def parse_hub_id(reference: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
+@functools.lru_cache(maxsize=256)
+def _snapshot(repo: str, revision: str | None) -> Path:
+    """One resolution per process: a merge opens the pretrained model more than once."""
+    import huggingface_hub  # deferred: hub ids are rare, the import costs
+
+    return Path(huggingface_hub.snapshot_download(repo, revision=revision, ignore_patterns=IGNORED))
+
+
+def hub_reference(reference: str | Path) -> bool:
+    """Whether ``reference`` names a hub model (the hub's shape, and no such local path)."""
+    return not Path(reference).exists() and parse_hub_id(str(reference)) is not None
+
+
 def resolve_model(reference: str | Path) -> Path:
     """The local path of a model reference: the path itself when it exists, else the cached
     snapshot of a hub id (downloaded when the hub is reachable and the cache lacks it)."""
@@ -40,12 +54,10 @@ def resolve_model(reference: str | Path) -> Path:
     if parsed is None:
         return path  # not a hub id: the reader says the file is missing
     repo, revision = parsed
+    import huggingface_hub.errors  # deferred (a core dependency): hub ids are rare, the import costs
+
     try:
-        import huggingface_hub  # deferred: hub ids are rare, the import costs
-    except ImportError:
-        raise CheckpointError(f"{reference}: not a local path; to use it as a hub id install huggingface_hub") from None
-    try:
-        return Path(huggingface_hub.snapshot_download(repo, revision=revision, ignore_patterns=IGNORED))
+        return _snapshot(repo, revision)
     except huggingface_hub.errors.LocalEntryNotFoundError:
         raise CheckpointError(
             f"{reference}: neither a local path nor a hub model in the cache (offline, or the hub is unreachable)"

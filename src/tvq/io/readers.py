@@ -3,7 +3,10 @@
 Supported inputs: a ``.safetensors`` file, a Hugging Face folder (single or sharded
 safetensors, or ``pytorch_model.bin`` [sharded]), and torch ``.pt``/``.bin`` state dicts.
 Torch files are opened with ``weights_only=True`` (and ``mmap=True`` for the zip format, so
-tensors stay on disk until used); a full pickle is only allowed with ``unsafe_pickle=True``.
+tensors stay on disk until used); what that refuses (a whole pickled module, the paper's
+``zeroshot.pt`` / ``<Task>/finetuned.pt``) is read by the restricted reader, which runs none of
+the file's code (:mod:`tvq.io.torch_pickle_reader`); a full pickle is only allowed with
+``unsafe_pickle=True``, for files that even that cannot read.
 Model folders come from downloads: every file is checked to be a regular file before it is
 opened, headers and indexes are bounded, and shard names stay inside their folder.
 """
@@ -11,137 +14,40 @@ opened, headers and indexes are bounded, and shard names stay inside their folde
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import pickle
 import re
-import stat
 import struct
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from tvq.errors import CheckpointError, where
+from tvq.io.checkpoint_base import ANSI as _ANSI
+from tvq.io.checkpoint_base import MAX_TENSOR_NAME as MAX_TENSOR_NAME
+from tvq.io.checkpoint_base import CheckpointReader as CheckpointReader
+from tvq.io.checkpoint_base import ReaderBase as _ReaderBase
+from tvq.io.checkpoint_base import TensorMeta as TensorMeta
+from tvq.io.checkpoint_base import check_tensor_name as _check_tensor_name
+from tvq.io.checkpoint_base import one_line as _one_line
+from tvq.io.checkpoint_base import refuse_pseudo_file as _refuse_pseudo_file
+from tvq.io.checkpoint_base import regular_file as _regular_file
+from tvq.io.checkpoint_base import wrapped_model
 from tvq.io.dtypes import SAFETENSORS_DTYPES
+from tvq.io.hub import resolve_model
+from tvq.io.layouts import official_file
 from tvq.io.paths import confined, name_problem
+from tvq.io.torch_archive import is_torch_zip
+from tvq.io.torch_pickle_reader import TorchPickleReader
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the header length word
 MAX_INDEX_BYTES = 64 << 20  # a shard index of a 1T-parameter model is a few MB
-MAX_TENSOR_NAME = 1024
-_PSEUDO_ROOTS = (("/", "proc"), ("/", "sys"))
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # Where training scripts nest a state dict: torch.save({"model": sd, "epoch": 3, ...}).
-_WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
-
-
-def _refuse_pseudo_file(path: Path) -> None:
-    """Refuse a path in /proc or /sys, or leading there: kernel files that look regular but
-    may block a read or never end."""
-    plain = Path(os.path.abspath(path))
-    for candidate in (plain, Path(os.path.realpath(path))):
-        if candidate.parts[:2] in _PSEUDO_ROOTS:
-            via = "" if candidate == plain else f" ({candidate})"
-            raise CheckpointError(f"{where(path)}: a kernel pseudo-file{via}, not a checkpoint")
-
-
-def _regular_file(path: Path) -> int:
-    """The size of ``path``, refused unless it is a plain file: a FIFO, a device or a kernel
-    pseudo-file could block a read forever or never end, so it is never opened."""
-    _refuse_pseudo_file(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{where(path)}: file not found") from None
-    except OSError as exc:
-        raise CheckpointError(f"{where(path)}: cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kinds = (
-            (stat.S_ISDIR, "a folder"),
-            (stat.S_ISFIFO, "a FIFO"),
-            (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"),
-            (stat.S_ISSOCK, "a socket"),
-        )
-        kind = next((name for test, name in kinds if test(st.st_mode)), "not a plain file")
-        raise CheckpointError(f"{where(path)}: not a regular file ({kind})")
-    return st.st_size
-
-
-def _check_tensor_name(file: Path, key: str) -> None:
-    """Tensor names end up in messages and output files: bounded, and on one line."""
-    if len(key) > MAX_TENSOR_NAME:
-        raise CheckpointError(f"{where(file)}: tensor name of {len(key)} characters (at most {MAX_TENSOR_NAME}): {key[:60]!r}...")
-    if _CONTROL.search(key):
-        raise CheckpointError(f"{where(file)}: tensor name {key[:80]!r} contains a control character")
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of one stored tensor, known without reading its data."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored data."""
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
-
-
-class CheckpointReader(Protocol):
-    """What every reader offers: key listing, metadata, and one-tensor reads."""
-
-    path: Path
-
-    def keys(self) -> list[str]: ...
-
-    def meta(self, key: str) -> TensorMeta: ...
-
-    def get(self, key: str) -> torch.Tensor: ...
-
-    def float_bytes(self) -> int:
-        """Size of the floating-point tensors as FP32."""
-        ...
-
-
-class _ReaderBase:
-    path: Path
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._metas
-
-    def keys(self) -> list[str]:
-        return list(self._metas)
-
-    def meta(self, key: str) -> TensorMeta:
-        try:
-            return self._metas[key]
-        except KeyError:
-            raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._metas)
-
-    def float_bytes(self, bytes_per_element: int = 4) -> int:
-        """Size of the floating-point tensors at a given precision (FP32 by default)."""
-        return sum(m.numel * bytes_per_element for m in self._metas.values() if m.is_float)
-
-    _metas: dict[str, TensorMeta]
 
 
 MAP_MIN_BYTES = 1 << 20  # tensors this big are mapped, smaller ones read
@@ -210,11 +116,6 @@ class SafetensorsFile:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    """A library's message fit for one line of ours: no ANSI codes, no line breaks, bounded."""
-    return " ".join(_ANSI.sub("", text).split())[:limit]
 
 
 def _read_header(path: Path, size: int) -> tuple[dict[str, object], int]:
@@ -305,18 +206,60 @@ class StateDictReader(MemoryReader):
     """Torch pickles (``.pt``/``.bin``), optionally sharded via a ``.bin.index.json``: loaded
     (memory-mapped where torch can) into a state dict, then read like one."""
 
-    def __init__(self, path: Path, files: list[Path], unsafe_pickle: bool = False) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            tensors.update(_torch_load(file, unsafe_pickle))
+    def __init__(self, path: Path, files: list[Path], unsafe_pickle: bool = False, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if tensors is None:
+            tensors = {}
+            for file in files:
+                try:
+                    tensors.update(_torch_load(file, unsafe_pickle=False))
+                except NeedsCode:
+                    inert = _without_code(file, unsafe_pickle)
+                    if inert is None:
+                        tensors.update(_torch_load(file, unsafe_pickle=True))
+                    else:  # a shard of a sharded folder: read whole, as weights_only would
+                        tensors.update({k: inert.get(k) for k in inert})
         super().__init__(tensors, path)
+
+
+class NeedsCode(CheckpointError):
+    """weights_only refused the file for a class it does not know: the restricted reader
+    (:mod:`tvq.io.torch_pickle_reader`) is tried next, a full pickle only with --unsafe-pickle."""
+
+
+def _without_code(file: Path, unsafe_pickle: bool) -> TorchPickleReader | None:
+    """The file read inertly (no code runs); None when that fails and ``unsafe_pickle`` allows
+    a full pickle; otherwise the reason, in one line, with the advice."""
+    try:
+        return TorchPickleReader(file)
+    except CheckpointError as exc:
+        if "not even with --unsafe-pickle" in str(exc):
+            raise
+        if unsafe_pickle:
+            return None
+        reason = str(exc).removeprefix(f"{file}: ")
+        raise CheckpointError(
+            f"{where(file)}: cannot be read without running its code ({reason}); if you trust this file, pass --unsafe-pickle"
+        ) from None
+
+
+def _open_torch_file(file: Path, unsafe_pickle: bool) -> StateDictReader | TorchPickleReader:
+    """One torch file: a state dict through weights_only (memory-mapped), a pickled module
+    (or anything weights_only refuses) through the restricted reader, lazily, without its
+    classes; a full pickle only when that fails too and ``unsafe_pickle`` allows it."""
+    try:
+        tensors = _torch_load(file, unsafe_pickle=False)
+    except NeedsCode:
+        inert = _without_code(file, unsafe_pickle)
+        if inert is not None:
+            return inert
+        tensors = _torch_load(file, unsafe_pickle=True)
+    return StateDictReader(file, [file], tensors=tensors)
 
 
 def _is_zip(file: Path) -> bool:
     """Whether a torch file is in the zip format (torch >= 1.6), which torch can map; the
     legacy format (``_use_new_zipfile_serialization=False``) must be read."""
-    with open(file, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
+    return is_torch_zip(file)
 
 
 def _torch_load(file: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -336,7 +279,7 @@ def _torch_load(file: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
         if not (unsafe_pickle and isinstance(exc, pickle.UnpicklingError)):
             wanted = re.search(r"GLOBAL (\S+) was not an allowed global", text)
             if wanted:
-                raise CheckpointError(
+                raise NeedsCode(
                     f"{where(file)}: cannot be loaded with weights_only=True: it refers to {wanted[1]}, "
                     "which is not an allowed global; if you trust this file, pass --unsafe-pickle"
                 ) from None
@@ -373,16 +316,7 @@ def _state_dict_of(obj: object, file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{where(file)}: holds a {type(obj).__name__}, not a state dict")
     tensors = _tensors_of(obj)
     if not tensors:
-        nested = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), torch.nn.Module) or (isinstance(obj.get(k), Mapping) and _tensors_of(obj[k]))]
-        if len(nested) > 1:
-            raise CheckpointError(f"{where(file)}: holds state dicts under both {nested[0]!r} and {nested[1]!r}; save the one you mean on its own")
-        if not nested:
-            keys = ", ".join(repr(str(k)[:40]) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
-            raise CheckpointError(
-                f"{where(file)}: holds no tensors, at its top level or under {', '.join(map(repr, _WRAPPER_KEYS))} "
-                f"(its keys: {keys or 'none'})"
-            )
-        inner = obj[nested[0]]
+        inner = wrapped_model(obj, file, lambda v: isinstance(v, torch.nn.Module) or (isinstance(v, Mapping) and bool(_tensors_of(v))))
         tensors = _tensors_of(inner.state_dict() if isinstance(inner, torch.nn.Module) else inner)
     for key in tensors:
         _check_tensor_name(file, key)
@@ -435,9 +369,10 @@ def _index_shards(index_file: Path) -> dict[str, Path]:
     return shards
 
 
-def open_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> SafetensorsReader | StateDictReader:
-    """Open any supported checkpoint lazily; safetensors is preferred when a folder has both."""
-    p = Path(path)
+def open_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> SafetensorsReader | StateDictReader | TorchPickleReader:
+    """Open any supported checkpoint lazily; safetensors is preferred when a folder has both.
+    ``path`` may be a hub id ``org/name[@revision]`` (``tvq.io.hub``; a local path wins)."""
+    p = resolve_model(path)
     _refuse_pseudo_file(p)
     if not p.exists():
         raise CheckpointError(f"{where(p)}: file not found")
@@ -451,15 +386,15 @@ def open_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> Safetensor
     if p.name.endswith(".bin.index.json"):
         return StateDictReader(p, sorted(set(_index_shards(p).values())), unsafe_pickle)
     if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        return StateDictReader(p, [p], unsafe_pickle)
+        return _open_torch_file(p, unsafe_pickle)
     # Unknown suffix: sniff the safetensors header, otherwise try torch.
     try:
         return SafetensorsReader(p)
     except CheckpointError:
-        return StateDictReader(p, [p], unsafe_pickle)
+        return _open_torch_file(p, unsafe_pickle)
 
 
-def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictReader:
+def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictReader | TorchPickleReader:
     """A Hugging Face style folder. Entries are tested with ``exists`` rather than ``is_file``
     so a FIFO or folder where a checkpoint should be is reported, not silently skipped."""
     if (p / "model.safetensors.index.json").exists():
@@ -481,7 +416,10 @@ def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictR
     for name in ("pytorch_model.bin", "model.pt", "model.bin"):
         if (p / name).exists():
             return StateDictReader(p, [p / name], unsafe_pickle)
-    raise CheckpointError(f"{where(p)}: folder holds no model.safetensors, shard index or pytorch_model.bin")
+    official = official_file(p)  # the paper's layout: <Task>/finetuned.pt, <model>/zeroshot.pt
+    if official is not None:
+        return _open_torch_file(official, unsafe_pickle)
+    raise CheckpointError(f"{where(p)}: folder holds no model.safetensors, shard index, pytorch_model.bin, finetuned.pt or zeroshot.pt")
 
 
 def float_keys(reader: CheckpointReader) -> list[str]:

@@ -22,25 +22,34 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm import tqdm
 
 from tvq.errors import ConfigError, PackError, TvqError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
 from tvq.io.dtypes import output_dtype
+from tvq.io.hub import resolve_model
 from tvq.io.model_files import is_weight_file
 from tvq.io.readers import CheckpointReader, as_reader
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.io.torch_pickle_writer import pickle_template, write_like
+from tvq.merge.card import card_files, task_records, write_files
 from tvq.merge.methods.emr import open_emr
+from tvq.merge.plan import MergePlan
+from tvq.merge.recipe import MERGEKIT_FILE, RECIPE_FILE
 from tvq.merge.registry import KeptDensity, MergeMethod, MethodOptions, build_method
-from tvq.merge.source import MergeInputs, Statistics, TaskSource
+from tvq.merge.source import MergeInputs, Statistics, TaskInputs, TaskSource
 from tvq.merge.statistics import NormStats, NormStatsChoice, NormStatsWarning, resolve_choice
+from tvq.pack.reader import Pack
 from tvq.vector import TaskVector
 
 SINGLE_FILE = "model.safetensors"
+SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's: model-00001-of-00003.safetensors
+OutKind = Literal["auto", "folder", "file"]
 INDEX_FILE = "model.safetensors.index.json"
 Deltas = Callable[[str], torch.Tensor]  # key -> fp32 merged task vector (owned by the caller)
 
@@ -85,7 +94,7 @@ def hf_folder(pretrained: str | Path | CheckpointReader | Mapping) -> Path | Non
     """The Hugging Face folder (one with config.json) the pretrained model was read from, if any."""
     if isinstance(pretrained, Mapping) and not hasattr(pretrained, "meta"):
         return None
-    p = Path(pretrained) if isinstance(pretrained, (str, Path)) else Path(getattr(pretrained, "path", ""))
+    p = resolve_model(pretrained) if isinstance(pretrained, (str, Path)) else Path(getattr(pretrained, "path", ""))
     if p.is_file() and p.name in ("model.safetensors", "pytorch_model.bin"):
         p = p.parent
     return p if p.is_dir() and (p / "config.json").is_file() else None
@@ -272,12 +281,18 @@ def merge(
     unsafe_pickle: bool = False,
     norm_stats: str | None = None,
     statistics: Statistics = None,
+    out_kind: OutKind = "auto",
+    card: bool = True,
+    extra_files: Mapping[str, str] | None = None,
 ) -> MergeReport:
     """Merge ``task_vectors`` into ``pretrained`` with ``method`` and write the result to ``out``.
 
-    A Hugging Face pretrained folder gives a Hugging Face folder (sharded above
-    ``max_shard_size``, config and tokenizer files copied) unless ``out`` ends in
-    ``.safetensors``; otherwise one safetensors file. Per-task methods (EMR) write their
+    ``out_kind="auto"``: a Hugging Face pretrained folder gives a Hugging Face folder (sharded
+    above ``max_shard_size``, config and tokenizer files copied) unless ``out`` ends in
+    ``.safetensors``; otherwise one safetensors file. ``"folder"`` / ``"file"`` say it outright
+    (a folder from a pretrained file has the weights, card and recipe, no config). A folder
+    carries a model card (``README.md``) and ``tvq_recipe.yml`` that reproduces it (``card``),
+    plus ``extra_files`` (name -> text, e.g. the mergekit config it came from). Per-task methods (EMR) write their
     unified pack, or with ``task=NAME`` that task's model. ``inputs`` are paths that must not
     be overwritten (the pretrained path is always protected). ``executor`` runs the per-tensor
     merges (same bytes out); a remote one needs inputs opened by ``load_task_vectors`` from
@@ -301,7 +316,9 @@ def merge(
     if folder is not None:
         protected.append(folder)
     writes_pack = m.per_task and task is None
-    check_output(out, overwrite, protected, kind="file" if writes_pack else output_kind(out, folder))
+    if writes_pack and out_kind == "folder":
+        raise ConfigError(f"{m.name} without --task writes its unified pack, one file: --out-kind folder does not apply")
+    check_output(out, overwrite, protected, kind="file" if writes_pack else output_kind(out, folder, out_kind))
     dtype_ = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if writes_pack:
@@ -317,12 +334,44 @@ def merge(
     m.prepare(source, progress)
     prepared = source.bytes_read
     label = f"{m.name}" + (f" [{task}]" if task else "")
+    files = dict(extra_files or {})
+    if card and output_kind(out, folder, out_kind) == "dir":
+        plan = merge_plan(m, pretrained, task_vectors, dtype, norm_stats)
+        files = {**card_files(plan, task_records(_origins(task_vectors)), loadable=folder is not None,
+                              mergekit_text=files.pop(MERGEKIT_FILE, None)), **files}  # fmt: skip
     report = write_model(pre, method_work(m, source, executor, unsafe_pickle), set(source.keys), out, label, source.tasks,
-                         dtype=dtype_, hf_from=hf_folder(pretrained), max_shard_size=shard_bytes, progress=progress,
-                         executor=executor, overwrite=overwrite, statistics=stats)  # fmt: skip
+                         dtype=dtype_, hf_from=folder, max_shard_size=shard_bytes, progress=progress,
+                         executor=executor, overwrite=overwrite, statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
     report.bytes_read = prepared + pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     report.kept = m.kept_density(source)
     return report
+
+
+def _origins(vectors: Mapping[str, TaskVector]) -> dict[str, tuple[str, str] | None]:
+    inputs = TaskInputs.of(vectors)
+    out: dict[str, tuple[str, str] | None] = {}
+    for name in inputs:
+        origin = inputs.input(name).origin
+        out[name] = (origin.kind, origin.path) if origin is not None else None
+    return out
+
+
+def merge_plan(
+    method: MergeMethod,
+    pretrained: str | Path | CheckpointReader | Mapping[str, torch.Tensor],
+    vectors: Mapping[str, TaskVector],
+    dtype: str | torch.dtype | None,
+    norm_stats: str | None,
+) -> MergePlan:
+    """This merge as tvq's config (``tvq_recipe.yml``): every option, the inputs, the tasks in order."""
+    origins = _origins(vectors)
+    packs = list(dict.fromkeys(Path(o[1]) for o in origins.values() if o is not None and o[0] == "pack"))
+    finetuned = {name: Path(o[1]) for name, o in origins.items() if o is not None and o[0] == "finetuned"}
+    pre_path = hf_folder(pretrained) or (pretrained if isinstance(pretrained, (str, Path)) else getattr(pretrained, "path", None))
+    dtype_name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
+    options = method.options.model_dump(by_alias=True, mode="json")
+    return MergePlan(Path(RECIPE_FILE), "tvq", method.name, options, Path(pre_path) if pre_path else None, packs, finetuned,
+                     list(origins), dtype=dtype_name, norm_stats=norm_stats)  # fmt: skip
 
 
 def emr_task_model(
@@ -336,6 +385,7 @@ def emr_task_model(
     overwrite: bool = False,
     progress: bool = False,
     norm_stats: str | None = None,
+    out_kind: OutKind = "auto",
 ) -> MergeReport:
     """Write one task's model θ_pre + λ_t (m_t ⊙ τ_uni) from a unified EMR pack, with the
     task's own running statistics (stored exactly in the pack) unless ``norm_stats`` says otherwise."""
@@ -351,7 +401,7 @@ def emr_task_model(
             raise PackError(f"{where(unified, f'unified.{key}')}: shape {stored} differs from the pretrained model's {expected}")
     out = Path(out)
     protected = [Path(unified)] + ([Path(pretrained)] if isinstance(pretrained, (str, Path)) else [])
-    check_output(out, overwrite, protected, kind=output_kind(out, hf_folder(pretrained)))
+    check_output(out, overwrite, protected, kind=output_kind(out, hf_folder(pretrained), out_kind))
     if source.float_statistics and not pack.stat_keys:
         warnings.warn(
             f"{unified}: this unified pack predates per-task statistics: its running statistics were merged "
@@ -363,9 +413,33 @@ def emr_task_model(
     report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
                          max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite,
-                         statistics=stats)  # fmt: skip
+                         statistics=stats, out_kind=out_kind)  # fmt: skip
     report.bytes_read = pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     return report
+
+
+def write_task_folder(
+    pack: Pack,
+    task: str,
+    out: str | Path,
+    pretrained: str | Path | None,
+    dtype: torch.dtype | None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    inputs: Sequence[Path] = (),
+    max_shard_size: int | str = "5GB",
+) -> MergeReport:
+    """One pack task's model θ_pre + τ̂ as a folder (``tvq export --model --out-kind folder``):
+    the same tensors as the exported file, written like a merge (shards, index, and the pretrained
+    HF folder's config and tokenizer files, so ``from_pretrained`` loads it)."""
+    out = Path(out)
+    folder = hf_folder(pretrained) if pretrained is not None else None
+    check_output(out, overwrite, [*inputs, *([folder] if folder is not None else [])], kind="dir")
+    pre = pack.pretrained
+    return write_model(pre, lambda key: pack.task_tensor(task, key).clone(), set(pack.keys), out, f"export {task}", [task],
+                       dtype=dtype, hf_from=folder, max_shard_size=parse_size(max_shard_size), progress=progress,
+                       overwrite=overwrite, out_kind="folder")  # fmt: skip
 
 
 def write_model(
@@ -383,8 +457,11 @@ def write_model(
     executor: Executor | None = None,
     overwrite: bool = True,
     statistics: NormStats | None = None,
+    out_kind: OutKind = "auto",
+    files: Mapping[str, str] | None = None,
 ) -> MergeReport:
-    """Write θ_pre + δ atomically: a Hugging Face folder when ``hf_from`` is given (and ``out`` is not a .safetensors path).
+    """Write θ_pre + δ atomically: a folder or one safetensors file (``output_kind``); a folder
+    gets ``hf_from``'s config and tokenizer files, then ``files`` (name -> text: card, recipe).
 
     ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``;
     ``statistics`` gives the running statistics (never merged; see ``tvq.merge.statistics``).
@@ -397,29 +474,41 @@ def write_model(
         meta["tvq_norm_stats"] = statistics.choice.label
         float_keys = float_keys | set(statistics.float_keys)  # cast to ``dtype`` as well (shard sizes)
     report = MergeReport(out, label, tasks, norm_stats=statistics.choice.label if statistics is not None else None)
-    if output_kind(out, hf_from) == "file":
+    template = pickle_template(pretrained, out) if out_kind != "folder" else None
+    if template is not None:  # a .pt like the pretrained torch file: its program kept, its storages rewritten
+        with atomic_file(out, overwrite=overwrite) as tmp:
+            report.bytes_written = write_like(template, stream, tmp, dtype)
+        report.files = [out]
+        return report
+    if output_kind(out, hf_from, out_kind) == "file":
         with atomic_file(out, overwrite=overwrite) as tmp:
             report.bytes_written = _write_shards(stream, [(tmp, pretrained.keys())], meta)
         report.files = [out]
         return report
     keys = pretrained.keys()
     sizes = {k: pretrained.meta(k).numel * _itemsize(dtype if k in float_keys else None, pretrained.meta(k).dtype) for k in keys}
-    groups = _plan_shards(keys, sizes, max_shard_size)
-    names = [SINGLE_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    shards = _plan_shards(keys, sizes, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        report.bytes_written = _write_shards(stream, [(tmp / n, g) for n, g in zip(names, groups, strict=True)], meta)
-        if len(groups) > 1:
-            weight_map = {k: n for n, g in zip(names, groups, strict=True) for k in g}
+        report.bytes_written = _write_shards(stream, [(tmp / n, g) for n, g in shards.items()], meta)
+        if len(shards) > 1:
+            weight_map = {k: n for n, g in shards.items() for k in g}
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        assert hf_from is not None  # output_kind is "dir" only with a folder to copy from
-        _copy_hf_files(Path(hf_from), tmp, dtype)
+        if hf_from is not None:
+            _copy_hf_files(Path(hf_from), tmp, dtype)
+        write_files(tmp, files or {})
     report.files = sorted(out.iterdir())
     return report
 
 
-def output_kind(out: Path, hf_from: str | Path | None) -> Kind:
-    """What ``write_model`` writes at ``out``: a Hugging Face folder, or one safetensors file."""
+def output_kind(out: Path, hf_from: str | Path | None, out_kind: OutKind = "auto") -> Kind:
+    """What ``write_model`` writes at ``out``: a folder, or one safetensors file. ``auto``: a
+    Hugging Face folder when the pretrained model is one (``hf_from``) and ``out`` does not end
+    in ``.safetensors``, else a file."""
+    if out_kind not in ("auto", "folder", "file"):
+        raise ConfigError(f"--out-kind {out_kind!r}: expected auto, folder or file")
+    if out_kind != "auto":
+        return "dir" if out_kind == "folder" else "file"
     return "file" if hf_from is None or Path(out).suffix == ".safetensors" else "dir"
 
 
@@ -427,31 +516,41 @@ def _itemsize(dtype: torch.dtype | None, stored: torch.dtype) -> int:
     return (dtype or stored).itemsize
 
 
-def _plan_shards(keys: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy, in key order (like transformers): a new shard when the next tensor would not fit."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for key in keys:
-        if groups[-1] and used + sizes[key] > limit:
-            groups.append([])
-            used = 0
-        groups[-1].append(key)
-        used += sizes[key]
-    return groups
+def _plan_shards(keys: list[str], sizes: dict[str, int], limit: int) -> dict[str, list[str]]:
+    """File name -> its tensors, by ``huggingface_hub``'s rule (as ``save_pretrained``): greedy
+    in key order, a tensor larger than ``limit`` in a shard of its own; planned from the sizes
+    alone (the tensors are merged later, one at a time). One shard is ``model.safetensors``."""
+    if not keys:
+        return {SINGLE_FILE: []}
+    split = split_state_dict_into_shards_factory(
+        {k: sizes[k] for k in keys}, get_storage_size=int, filename_pattern=SHARD_PATTERN, max_shard_size=limit
+    )
+    return {name: list(names) for name, names in split.filename_to_tensors.items()}
 
 
 def _write_shards(stream: Iterator[tuple[str, torch.Tensor]], shards: list[tuple[Path, list[str]]], meta: dict[str, str]) -> int:
-    """Consume the stream in order, shard after shard; returns the bytes written."""
+    """Consume the stream in key order, each tensor into its shard (all shards open at once: a
+    shard need not hold a contiguous run of keys); returns the bytes written."""
     total = 0
     with ExitStack() as stack:
+        writers: dict[str, StreamingSafetensorsWriter] = {}
+        remaining: dict[Path, int] = {}
+        by_path: dict[Path, StreamingSafetensorsWriter] = {}
         for path, names in shards:
             writer = StreamingSafetensorsWriter(path, list(names), meta)
             stack.callback(writer.abort)
-            for expected in names:
-                key, tensor = next(stream)
-                assert key == expected, (key, expected)
-                writer.add(key, tensor)
-            total += writer.close()
+            by_path[path], remaining[path] = writer, len(names)
+            writers.update(dict.fromkeys(names, writer))
+        owner = {k: path for path, names in shards for k in names}
+        for key, tensor in stream:
+            writers[key].add(key, tensor)
+            path = owner[key]
+            remaining[path] -= 1
+            if remaining[path] == 0:
+                total += by_path[path].close()
+        for path, left in remaining.items():
+            if left:  # the stream ended early: a bug, not an input problem
+                raise RuntimeError(f"{path.name}: {left} tensors never arrived")
     return total
 
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, get_args
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -269,8 +270,48 @@ def build_method(name: str, options: Mapping[str, Any] | MethodOptions | None, t
     return cls(opts, tasks, task)
 
 
-def describe_methods() -> str:
-    """One line per method with its options and defaults (for ``tvq merge --help``)."""
+def option_type(annotation: Any) -> str:
+    """An option's type as help shows it: FLOAT, INT, BOOL, PATH, a|b|c, {TASK: FLOAT}, ..."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return option_type(args[0])
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        return "|".join(option_type(a) for a in args if a is not type(None))
+    if origin is dict:
+        return "{" + ("TASK" if args and args[0] is str else "KEY") + ": " + (option_type(args[1]) if len(args) > 1 else "VALUE") + "}"
+    if origin is list:
+        return "[" + (option_type(args[0]) if args else "VALUE") + ", ...]"
+    names = {float: "FLOAT", int: "INT", bool: "BOOL", str: "TEXT", Path: "PATH"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)).upper())
+
+
+def _bounds(f: Any) -> str:
+    """`` in [0, 1]`` from a field's ge/le/gt/lt constraints."""
+    low = next((("[", m.ge) for m in f.metadata if getattr(m, "ge", None) is not None), None)
+    low = low or next((("(", m.gt) for m in f.metadata if getattr(m, "gt", None) is not None), None)
+    high = next(((m.le, "]") for m in f.metadata if getattr(m, "le", None) is not None), None)
+    high = high or next(((m.lt, ")") for m in f.metadata if getattr(m, "lt", None) is not None), None)
+    if low is None and high is None:
+        return ""
+    lo = f"{low[0]}{low[1]:g}" if low else "(-inf"
+    hi = f"{high[0]:g}{high[1]}" if high else "inf)"
+    return f" in {lo}, {hi}"
+
+
+def describe_option(name: str, f: Any) -> str:
+    """``--density FLOAT in [0, 1] (default 0.2): fraction of each task vector kept``"""
+    flag = name.replace("_", "-")
+    kind = option_type(f.annotation)
+    shown = f"--{flag}/--no-{flag}" if kind == "BOOL" else f"--{flag} {kind}{_bounds(f)}"
+    default = "required" if f.is_required() else ("default auto" if f.default is None else f"default {f.default}")
+    return f"{shown} ({default}): {f.description or ''}".rstrip(": ")
+
+
+def describe_methods(detailed: bool = False) -> str:
+    """One line per method with its options and defaults (for ``tvq merge --help``); with
+    ``detailed``, then one indented line per option: flag, type, range, default, meaning."""
     lines = []
     for name, cls in available_methods().items():
         opts = []
@@ -280,4 +321,6 @@ def describe_methods() -> str:
         alias = f" ({', '.join(cls.aliases)})" if cls.aliases else ""
         note = f" [{cls.note}]" if cls.note else ""
         lines.append(f"{name}{alias}: {', '.join(opts) or 'no options'}{note}")
+        if detailed:
+            lines.extend(f"  {describe_option(f.alias or n, f)}" for n, f in cls.Options.model_fields.items())
     return "\n".join(lines)

@@ -24,8 +24,9 @@ from pydantic import (
 from tvq.errors import PackError
 
 FORMAT_NAME: Final = "tvq-pack"
-FORMAT_VERSION = 2  # 2: tasks[].rel_error_quantized (issue 14); 1 still reads
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: entropy-coded codes (issue 15); 2: tasks[].rel_error_quantized (issue 14); 1, 2 still read
+READABLE_VERSIONS = (1, 2, 3)
+PLAIN_VERSION = 2  # what a pack without entropy-coded tensors is written as: readable by tvq before version 3
 MANIFEST_NAME = "manifest.json"
 
 
@@ -49,6 +50,16 @@ class _Strict(BaseModel):
     the deeper checks a stranger's manifest needs live in tvq.pack.validate."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class EntropyEntry(_Strict):
+    """How a ``q`` tensor's codes are entropy-coded (tvq.quant.entropy): the codes laid out
+    byte-aligned, cut into blocks of ``block`` bytes, each one zstd frame of ``blocks[i]`` bytes
+    (their sum is the entry's ``nbytes``, the bytes on disk)."""
+
+    coder: Literal["zstd"]
+    block: int
+    blocks: list[int]
 
 
 class AuxEntry(_Strict):
@@ -99,7 +110,10 @@ class _Entry(_Strict):
     def _version1_layout(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         own = handler(self)
         unused = self.UNUSED
-        return {key: own[key] if key in own else _copy(unused[key]) for key in ENTRY_KEYS if key in own or key in unused}
+        out = {key: own[key] if key in own else _copy(unused[key]) for key in ENTRY_KEYS if key in own or key in unused}
+        if own.get("entropy") is not None:  # version 3, entropy-coded codes only: other entries keep version 1's keys
+            out["entropy"] = own["entropy"]
+        return out
 
 
 def _copy(value: Any) -> Any:
@@ -119,8 +133,9 @@ class QuantizedEntry(_Entry):
     scheme: str
     params: dict[str, float] = {}
     aux: dict[str, AuxEntry] = {}
-    nbytes: int  # of the packed codes, aux arrays excluded
-    sha256: str
+    nbytes: int  # of the codes as stored (packed, or entropy-coded), aux arrays excluded
+    sha256: str  # of those bytes on disk
+    entropy: EntropyEntry | None = None  # set when the codes are entropy-coded (version 3)
 
     @property
     def stored_bytes(self) -> int:
@@ -170,6 +185,13 @@ class ConstEntry(_Entry):
 
 TensorEntry: TypeAlias = Annotated[QuantizedEntry | RawEntry | ConstEntry, Field(discriminator="kind")]
 """One stored tensor, by its ``kind``: packed codes, stored as is, or a constant."""
+
+
+def written_version(files: dict[str, FileEntry]) -> int:
+    """The format version a pack of these files is written as: 3 when a tensor is entropy-coded,
+    otherwise 2, so a pack made with entropy coding off reads in tvq before version 3."""
+    coded = any(isinstance(e, QuantizedEntry) and e.entropy is not None for f in files.values() for e in f.tensors.values())
+    return FORMAT_VERSION if coded else PLAIN_VERSION
 
 
 class FileEntry(_Strict):

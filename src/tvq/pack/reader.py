@@ -37,6 +37,7 @@ from tvq.pack.manifest import (
 )
 from tvq.pack.validate import validate_manifest
 from tvq.quant.coded import CodedTensor
+from tvq.quant.entropy import StreamError, aligned_nbytes, codes_from_aligned, decode
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, get_scheme
 from tvq.vector import TaskVector
@@ -169,8 +170,17 @@ class Pack:
         return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
 
     def _codes(self, rel: str, key: str, entry: QuantizedEntry) -> torch.Tensor:
+        """The codes of one tensor, flat uint8: unpacked, after decoding them when entropy-coded
+        (the sha256 covers the bytes on disk; the decoder checks the stream, see tvq.quant.entropy)."""
         data = self._read_verified(rel, key, entry.sha256, torch.uint8, [entry.nbytes])
-        return unpack_codes(data, entry.bits, entry.numel)
+        coding = entry.entropy
+        if coding is None:
+            return unpack_codes(data, entry.bits, entry.numel)
+        try:
+            aligned = decode(data, coding.blocks, coding.block, aligned_nbytes(entry.numel, entry.bits))
+            return codes_from_aligned(aligned, entry.bits, entry.numel)
+        except StreamError as exc:
+            raise PackError(f"{where(self.path / rel, key)}: malformed entropy-coded stream: {exc}") from None
 
     def _aux(self, rel: str, key: str, entry: QuantizedEntry) -> dict[str, torch.Tensor]:
         """The per-group arrays of a group-wise entry, checked to decode to finite values."""

@@ -21,6 +21,7 @@ from tvq.io.dtypes import TORCH_DTYPES
 from tvq.io.paths import PACK_FILE_NAME, name_problem
 from tvq.pack.manifest import (
     ConstEntry,
+    EntropyEntry,
     FileEntry,
     Manifest,
     QuantizedEntry,
@@ -28,6 +29,7 @@ from tvq.pack.manifest import (
     TensorEntry,
 )
 from tvq.quant.bits import MAX_BITS, MIN_BITS
+from tvq.quant.entropy import MAX_BLOCK, MIN_BLOCK, aligned_nbytes
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import FLOAT32_MAX, SCHEMES, decode_problem
 
@@ -49,8 +51,9 @@ def max_tensor_elements() -> int:
 
 
 class _Checker:
-    def __init__(self, file: Path) -> None:
+    def __init__(self, file: Path, version: int) -> None:
         self.file = file
+        self.version = version
         self.cap = max_tensor_elements()
         self.names_seen: set[str] = set()
 
@@ -112,7 +115,9 @@ class _Checker:
             problem = decode_problem(scheme.name, e.bits, e.params, {})
             if problem:
                 raise self.fail(what, problem)
-        if e.nbytes != packed_nbytes(e.numel, e.bits):
+        if e.entropy is not None:
+            self._entropy(e, e.entropy, what)
+        elif e.nbytes != packed_nbytes(e.numel, e.bits):
             raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} codes of {e.bits} bits (expected {packed_nbytes(e.numel, e.bits)})")
         if set(e.aux) != set(scheme.aux_names):
             raise self.fail(what, f"{e.scheme} stores aux arrays {list(scheme.aux_names)}, got {sorted(e.aux)}")
@@ -120,6 +125,26 @@ class _Checker:
             expected = e.aux_numel * 4
             if aux.nbytes != expected or not _HEX64.match(aux.sha256):
                 raise self.fail(f"{what}::{name}", f"nbytes {aux.nbytes} (expected {expected} float32 bytes) and a 64-hex sha256")
+
+    def _entropy(self, e: QuantizedEntry, coding: EntropyEntry, what: str) -> None:
+        """Entropy-coded codes (tvq.quant.entropy): the blocks tile the stored bytes and the
+        decoded stream, and the stored bytes are fewer than plain packing's (a tensor is coded
+        only where that pays), so what a read allocates is bounded by the shape."""
+        what = f"{what}: entropy"
+        if self.version < 3:
+            raise self.fail(what, f"entropy-coded codes need pack format version 3, the manifest says {self.version}")
+        plain = packed_nbytes(e.numel, e.bits)
+        if not 0 < e.nbytes < plain:
+            raise self.fail(what, f"nbytes {e.nbytes}: coded codes take 1 to {plain - 1} bytes (fewer than the {plain} of plain packing)")
+        block = coding.block
+        if not MIN_BLOCK <= block <= MAX_BLOCK or block & (block - 1):
+            raise self.fail(what, f"block {block} must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
+        expected = -(-aligned_nbytes(e.numel, e.bits) // block)
+        if len(coding.blocks) != expected:
+            decoded = aligned_nbytes(e.numel, e.bits)
+            raise self.fail(what, f"{len(coding.blocks)} blocks for {decoded} decoded bytes in blocks of {block} (expected {expected})")
+        if any(size < 1 for size in coding.blocks) or sum(coding.blocks) != e.nbytes:
+            raise self.fail(what, f"block sizes must be positive and sum to nbytes {e.nbytes}, got {sum(coding.blocks)}")
 
     def file_entry(self, rel: str, entry: FileEntry) -> None:
         self.file_name(rel, f"files.{rel[:80]!r}")
@@ -137,7 +162,7 @@ class _Checker:
 
 def validate_manifest(manifest: Manifest, file: Path) -> None:
     """Raise one PackError naming ``file``, the field and the problem, or return."""
-    c = _Checker(file)
+    c = _Checker(file, manifest.version)
     m = manifest.method
     if not MIN_BITS <= m.bits <= MAX_BITS:
         raise c.fail("method.bits", f"{m.bits} out of range {MIN_BITS}-{MAX_BITS}")

@@ -19,6 +19,7 @@ from tvq.io.safetensors_writer import (
 from tvq.pack.manifest import (
     AuxEntry,
     ConstEntry,
+    EntropyEntry,
     FileEntry,
     QuantizedEntry,
     RawEntry,
@@ -28,12 +29,14 @@ from tvq.pack.manifest import (
 from tvq.pack.manifest import (
     announced_names as announced_names,  # re-exported: its home is tvq.pack.manifest
 )
+from tvq.quant.entropy import CODER, Coded
 
 
 class Stored(Protocol):
     """One encoded tensor, as an encoder hands it over (tvq.encode.StoredTensor): ``q`` (packed
-    codes in ``data``, ``bits``, ``scheme``, ``params``, ``aux`` arrays), ``raw`` (the tensor in
-    ``data``) or ``const`` (``value``); ``sha256`` of ``data`` when already computed."""
+    codes in ``data``, or entropy-coded ones with their record in ``entropy``, ``bits``,
+    ``scheme``, ``params``, ``aux`` arrays), ``raw`` (the tensor in ``data``) or ``const``
+    (``value``); ``sha256`` of ``data`` when already computed."""
 
     @property
     def kind(self) -> str: ...
@@ -53,6 +56,8 @@ class Stored(Protocol):
     def value(self) -> float | None: ...
     @property
     def sha256(self) -> str | None: ...
+    @property
+    def entropy(self) -> Coded | None: ...
 
 
 class PackFileWriter:
@@ -86,7 +91,10 @@ class PackFileWriter:
         for name, arr in stored.aux.items():
             self._writer.add(aux_key(key, name), arr)
             aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=sha256_tensor(arr))
-        return QuantizedEntry(shape=stored.shape, bits=stored.bits, scheme=stored.scheme, params=stored.params, aux=aux, nbytes=nbytes, sha256=digest)
+        coded = stored.entropy
+        entropy = EntropyEntry(coder=CODER, block=coded.block, blocks=list(coded.blocks)) if coded is not None else None
+        return QuantizedEntry(shape=stored.shape, bits=stored.bits, scheme=stored.scheme, params=stored.params, aux=aux, nbytes=nbytes,
+                              sha256=digest, entropy=entropy)  # fmt: skip
 
     def close(self) -> FileEntry:
         size = self._writer.close()

@@ -38,6 +38,7 @@ class ValueStats:
 
     lo: float
     hi: float
+    numel: int  # values in the tensor
     width: float  # of a bin
     count: torch.Tensor  # [bins + 1] float64 prefix sums: values in bins < i
     total: torch.Tensor  # prefix sums of Σx (from the bins' centres)
@@ -62,7 +63,7 @@ class ValueStats:
         def prefix(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t.new_zeros(1), t.cumsum(0)])
 
-        return cls(lo, hi, width, prefix(count), prefix(total), prefix(squares))
+        return cls(lo, hi, flat.numel(), width, prefix(count), prefix(total), prefix(squares))
 
     @property
     def constant(self) -> bool:
@@ -71,8 +72,13 @@ class ValueStats:
     def affine_errors(self, bits: int, clips: Sequence[float] = (1.0,)) -> list[float]:
         """Estimated Σ(x̂ − x)² of the asymmetric grid on [c·min, c·max] for each clip factor c
         (infinity where the clipped range is empty, as the MSE search skips it)."""
+        return [g[0] for g in self.grids(bits, clips)]
+
+    def grids(self, bits: int, clips: Sequence[float] = (1.0,)) -> list[tuple[float, float, float]]:
+        """Per clip factor: (estimated squared error, order-0 entropy of all the codes in bits,
+        share of the most frequent code)."""
         if self.constant:
-            return [0.0 for _ in clips]
+            return [(0.0, 0.0, 1.0) for _ in clips]
         qmax = 2**bits - 1
         bins = self.count.numel() - 1
         factor = torch.tensor(list(clips), dtype=torch.float64)
@@ -94,13 +100,27 @@ class ValueStats:
             at = prefix[edge]
             return at[:, 1:] - at[:, :-1]
 
-        err = (per_code(self.count) * rec * rec - 2 * rec * per_code(self.total) + per_code(self.squares)).sum(dim=1).clamp_min(0)
-        return [float("inf") if e else float(v) for v, e in zip(err.tolist(), empty.tolist(), strict=True)]
+        n = per_code(self.count)
+        err = (n * rec * rec - 2 * rec * per_code(self.total) + per_code(self.squares)).sum(dim=1).clamp_min(0)
+        total = n.sum(dim=1, keepdim=True).clamp_min(1e-300)
+        entropy = -(n * torch.log2(torch.where(n > 0, n / total, torch.ones_like(n)))).sum(dim=1)
+        p_max = (n.max(dim=1).values / total[:, 0]).clamp(0, 1)
+        return [(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p))
+                for v, h, p, e in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True)]  # fmt: skip
 
     def best_clip(self, bits: int, clips: Sequence[float]) -> float:
         """The clip factor of least estimated error (the first of equals, as the MSE search)."""
-        errors = self.affine_errors(bits, clips)
-        return clips[errors.index(min(errors))]
+        return clips[self._best(bits, clips)[0]]
+
+    def best(self, bits: int, clips: Sequence[float] = (1.0,)) -> tuple[float, float, float]:
+        """(error, code entropy in bits, most frequent code's share) of the least-error clip
+        factor: what the encoder keeps."""
+        return self._best(bits, clips)[1]
+
+    def _best(self, bits: int, clips: Sequence[float]) -> tuple[int, tuple[float, float, float]]:
+        grids = self.grids(bits, clips)
+        i = min(range(len(grids)), key=lambda j: grids[j][0])
+        return i, grids[i]
 
     def error(self, bits: int, clips: Sequence[float] = (1.0,)) -> float:
         """The least estimated error over ``clips`` (one clip factor: min–max)."""

@@ -14,6 +14,7 @@ import torch
 
 from tvq.io.safetensors_writer import sha256_tensor
 from tvq.quant.chunks import Converted
+from tvq.quant.entropy import Coded, aligned_nbytes, decode, encode, packed_from_aligned, pays, to_aligned
 from tvq.quant.fused import QuantResult, encode_chunks
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, decoded_bound, get_scheme
@@ -25,13 +26,14 @@ class StoredTensor:
 
     kind: Literal["q", "raw", "const"]
     shape: list[int]
-    data: torch.Tensor | None = None  # packed codes (q) or the tensor itself (raw)
+    data: torch.Tensor | None = None  # packed codes (q; entropy-coded when ``entropy`` is set) or the tensor itself (raw)
     bits: int | None = None
     scheme: str | None = None
     params: dict[str, float] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     value: float | None = None  # const
     sha256: str | None = None  # of ``data``, when hashed already (by the worker that made it)
+    entropy: Coded | None = None  # set when ``data`` holds the entropy-coded codes (tvq.quant.entropy)
 
     def decode_problem(self) -> str | None:
         """Why this could decode to NaN/Inf, or None: a const's value, a q tensor's scheme
@@ -58,7 +60,29 @@ class StoredTensor:
         if self.kind == "raw":
             return self.data.reshape(-1).float()
         bits = int(self.bits or 0)
-        return get_scheme(str(self.scheme)).decode(unpack_codes(self.data, bits, n), bits, self.params, self.aux)
+        return get_scheme(str(self.scheme)).decode(unpack_codes(self.packed(), bits, n), bits, self.params, self.aux)
+
+    def packed(self) -> torch.Tensor:
+        """A q tensor's bit-packed codes (decoded first when entropy-coded)."""
+        if self.data is None:
+            raise ValueError("no stored codes")
+        if self.entropy is None:
+            return self.data
+        n, bits = math.prod(self.shape), int(self.bits or 0)
+        aligned = decode(self.data, self.entropy.blocks, self.entropy.block, aligned_nbytes(n, bits))
+        return packed_from_aligned(aligned, bits, n)
+
+    def entropy_coded(self) -> StoredTensor:
+        """Entropy-code a q tensor's codes, in place, where that makes the pack smaller, the
+        manifest's record of it included (run on the worker that made them, before hashing:
+        the writer then only writes)."""
+        if self.kind != "q" or self.data is None or self.entropy is not None or not self.data.numel():
+            return self
+        n, bits = math.prod(self.shape), int(self.bits or 0)
+        stream, coded = encode(to_aligned(self.data, bits, n))
+        if pays(stream.numel(), len(coded.blocks), self.data.numel()):
+            self.data, self.entropy, self.sha256 = stream, coded, None
+        return self
 
     def hashed(self) -> StoredTensor:
         """Hash ``data`` now, on this thread: the writer (one driver thread) then only writes."""

@@ -7,7 +7,8 @@ with TIES's own trimming as in MergeLM). The random mask is seeded per (seed, ta
 name), so the result does not depend on the order tensors are processed in, and a pre-pass
 (global TIES) sees exactly the same dropped vectors as the main pass. DARE "alone" on one
 task is ``base=task_arithmetic, lambda=1``. mergekit's ``dare_*`` differ: they rescale by the
-L1 norm instead of 1/(1−p) and use torch's global RNG.
+L1 norm instead of 1/(1−p) (``rescale_mode=l1``) and use torch's global RNG; mergekit's
+``dare_ties`` has no TIES trim (``density=1``) and sums by default (``aggregate=sum``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,21 @@ from tvq.merge.ops import TieRule, dare_, keep_count, tensor_seed
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 
-_TIES_ONLY = ("density", "scope", "tie_rule")
+_TIES_ONLY = ("density", "scope", "tie_rule", "aggregate")
 
 
 class DareOptions(MethodOptions):
     drop_rate: float = Field(0.9, ge=0, le=1, description="probability p of dropping each entry")
-    rescale: bool = Field(True, description="divide survivors by 1 - p")
+    rescale: bool = Field(True, description="rescale the survivors (see rescale_mode)")
+    rescale_mode: Literal["probability", "l1"] = Field(
+        "probability", description="divide survivors by 1 - p (paper) or restore each tensor's L1 norm (mergekit)"
+    )
     seed: int = Field(0, description="base seed; each (task, tensor) derives its own")
     base: Literal["task_arithmetic", "average", "ties"] = Field("task_arithmetic", description="merge applied after DARE")
     lam: float = Field(0.3, alias="lambda", description="scale for task_arithmetic / ties (average uses 1/T)")
     density: float = Field(0.2, ge=0, le=1, description="ties base only: fraction kept by TIES's trim")
     scope: Literal["global", "tensor"] = Field("global", description="ties base only: top-k scope")
+    aggregate: Literal["mean", "sum"] = Field("mean", description="ties base only: disjoint mean (paper) or sum (mergekit's normalize: false)")
     tie_rule: TieRule = tie_rule_field()
 
     @model_validator(mode="after")
@@ -55,7 +60,15 @@ class Dare(MergeMethod):
 
     def _drop(self, task: str, key: str, tau: torch.Tensor) -> torch.Tensor:
         o = self.options
-        return dare_(tau, o.drop_rate, o.rescale, tensor_seed(o.seed, task, key))
+        seed = tensor_seed(o.seed, task, key)
+        if not (o.rescale and o.rescale_mode == "l1"):
+            return dare_(tau, o.drop_rate, o.rescale, seed)
+        before = tau.abs().sum(dtype=torch.float64)
+        dare_(tau, o.drop_rate, False, seed)
+        after = tau.abs().sum(dtype=torch.float64)
+        if before < 1e-7 or after < 1e-7:  # mergekit's rescaled_masked_tensor leaves tiny tensors unscaled
+            return tau
+        return tau.mul_(float(before / after))
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options
@@ -80,7 +93,7 @@ class Dare(MergeMethod):
             return taus.sum(dim=0).mul_(o.lam)
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("DARE+TIES with scope=global needs prepare() before merge_tensor()")
-        return ties_tensor(taus, o.density, self.stats, "mean", self.tasks, key, o.tie_rule, self).mul_(o.lam)
+        return ties_tensor(taus, o.density, self.stats, o.aggregate, self.tasks, key, o.tie_rule, self).mul_(o.lam)
 
 
 class DareTiesOptions(DareOptions):

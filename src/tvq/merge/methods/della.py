@@ -45,8 +45,8 @@ from tvq.errors import ConfigError
 from tvq.merge.ops import tensor_seed
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.spectral import one_torch_thread
+from tvq.merge.weights import PerTask, elect_and_fuse, linear_fuse, per_task
 
-PerTask = float | dict[str, float]
 _RANK_CHUNK = 1 << 22  # entries ranked at once: bounds the int64 scratch of the searches
 
 
@@ -133,48 +133,6 @@ def magprune_(tau: torch.Tensor, density: float, epsilon: float, seed: int, resc
     if before < 1e-7 or after < 1e-7:  # mergekit's rescaled_masked_tensor leaves tiny tensors unscaled
         return tau
     return tau.mul_(float(before / after))
-
-
-def elect_and_fuse(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """mergekit's sum consensus on ``[T, *shape]``: elect sign(Σ_t w_t δ_t) (≥ 0 elects +),
-    sum the weighted deltas of that sign, divided by the summed weights of those tasks."""
-    total = torch.zeros(deltas.shape[1:])
-    buf = torch.empty_like(total)
-    for w, delta in zip(weights.tolist(), deltas, strict=True):
-        total += torch.mul(delta, w, out=buf)
-    positive = total >= 0
-    total.zero_()
-    divisor = torch.zeros(deltas.shape[1:])
-    agree = torch.empty(deltas.shape[1:], dtype=torch.bool)
-    for w, delta in zip(weights.tolist(), deltas, strict=True):
-        torch.mul(delta, w, out=buf)
-        torch.where(positive, buf > 0, buf < 0, out=agree)
-        total += buf.masked_fill_(~agree, 0.0)
-        divisor += agree * w
-    if not normalize:
-        return total
-    return total.div_(divisor.masked_fill_(divisor == 0, 1.0))
-
-
-def linear_fuse(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Σ_t w_t δ_t, divided by Σ_t w_t with ``normalize`` (unless that is ~0, as mergekit)."""
-    total = torch.zeros(deltas.shape[1:])
-    buf = torch.empty_like(total)
-    for w, delta in zip(weights.tolist(), deltas, strict=True):
-        total += torch.mul(delta, w, out=buf)
-    divisor = float(weights.sum())
-    if not normalize or abs(divisor) < 1e-8:
-        return total
-    return total.div_(divisor)
-
-
-def per_task(value: PerTask, tasks: list[str], name: str, method: str) -> list[float]:
-    """One value per task, in task order; a mapping must name every task exactly."""
-    if not isinstance(value, dict):
-        return [float(value)] * len(tasks)
-    if set(value) != set(tasks):
-        raise ConfigError(f"{method}: {name} must name every task exactly ({', '.join(tasks)})")
-    return [float(value[t]) for t in tasks]
 
 
 @merge_method("della", aliases=("della_ties", "della_merging"))

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from tvq.errors import ConfigError
 from tvq.merge.coded import (
     combination_values,
     joint_index,
@@ -44,6 +45,7 @@ from tvq.merge.ops import (
     global_select,
     hash_order_cut,
     keep_count,
+    row_cut,
     row_trim,
     tie_hashes,
     tie_seed,
@@ -52,15 +54,23 @@ from tvq.merge.ops import (
 )
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
+from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, per_task
 from tvq.quant.coded import CodedTensor
 
 
 class TiesOptions(MethodOptions):
-    density: float = Field(0.2, ge=0, le=1, description="fraction of each task vector kept (top-k by magnitude)")
+    density: PerTaskFraction = Field(
+        0.2, description="fraction of each task vector kept, top-k by magnitude (one value in [0, 1], or per task with scope=tensor)"
+    )
     lam: float = Field(0.3, alias="lambda", description="scale of the merged vector")
     scope: Literal["global", "tensor"] = Field("global", description="top-k over the whole model (paper) or per tensor (mergekit)")
     aggregate: Literal["mean", "sum"] = Field("mean", description="disjoint mean (paper) or disjoint sum")
     tie_rule: TieRule = tie_rule_field()
+    weight: PerTask = Field(
+        1.0,
+        description="weight of each task vector (one value or per task, mergekit's): the sign of Σ w τ is elected "
+        "(a zero sum elects +), then Σ w τ (sum) or Σ w τ / Σ w (mean) over the agreeing tasks",
+    )
 
 
 class TiesStats:
@@ -216,30 +226,68 @@ def ties_tensor(
     return ties_merge(taus, trim.merge_mask, None, aggregate)
 
 
+def task_trim(taus: torch.Tensor, densities: Sequence[float], seeds: Sequence[int], rule: str) -> Trim:
+    """``row_trim`` with a density per task (per tensor): task t keeps ``keep_count(densities[t], n)``."""
+    flat = taus.reshape(taus.shape[0], -1)
+    n = flat.shape[1]
+    cuts = [row_cut(row, keep_count(d, n), seed, rule) for row, d, seed in zip(flat, densities, seeds, strict=True)]
+    return Trim(torch.stack([c[0] for c in cuts]), [c[1] for c in cuts], [c[2] for c in cuts], list(seeds), [c[3] for c in cuts])
+
+
 @merge_method("ties", aliases=("ties_merging",))
 class Ties(MergeMethod):
+    """TIES; with per-task weights (or densities) as mergekit's ``ties``: trim each task at its
+    density, weight, elect the sign of the weighted sum and fuse (``tvq.merge.weights.elect_and_fuse``).
+    Unit weights and one density are the paper's path, bit for bit."""
+
     Options = TiesOptions
     options: TiesOptions
     stats: TiesStats | None = None
 
+    def __init__(self, options: TiesOptions, tasks: list[str], task: str | None = None) -> None:
+        super().__init__(options, tasks, task)
+        o = self.options
+        self.densities = per_task(o.density, self.tasks, "density", self.name)
+        self.weights = torch.tensor(per_task(o.weight, self.tasks, "weight", self.name))
+        self.density = self.densities[0] if len(set(self.densities)) == 1 else None  # one density for every task
+        self.weighted = not bool((self.weights == 1).all())
+        if self.density is None and o.scope == "global":
+            raise ConfigError("ties: a density per task needs scope=tensor (the global top-k takes one density)")
+
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options
         if o.scope == "global":
-            self.stats = TiesStats.compute(source, o.density, progress, o.tie_rule)
+            assert self.density is not None
+            self.stats = TiesStats.compute(source, self.density, progress, o.tie_rule)
             record_stats(self, self.stats, source)
 
     def topk_density(self) -> float | None:
-        return self.options.density
+        return self.density if self.density is not None else sum(self.densities) / len(self.densities)
 
     def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
         o = self.options
-        return keep_count(o.density, _numel(shape)) if o.scope == "tensor" and o.tie_rule == "exact" else None
+        if self.density is None or o.scope != "tensor" or o.tie_rule != "exact":
+            return None
+        return keep_count(self.density, _numel(shape))
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_tensor()")
-        return ties_tensor(taus, o.density, self.stats, o.aggregate, self.tasks, key, o.tie_rule, self).mul_(o.lam)
+        if self.density is not None and not self.weighted:
+            return ties_tensor(taus, self.density, self.stats, o.aggregate, self.tasks, key, o.tie_rule, self).mul_(o.lam)
+        if self.stats is not None:
+            trim = self.stats.trim(key)
+        else:
+            trim = task_trim(taus, self.densities, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
+            self.record_kept(key, trim.kept, taus[0].numel())
+        if not self.weighted:
+            return ties_merge(taus, trim.merge_mask, None, o.aggregate).mul_(o.lam)
+        flat = taus.reshape(taus.shape[0], -1)
+        for start in range(0, flat.shape[1], _TIES_CHUNK):
+            part = flat[:, start : start + _TIES_CHUNK]
+            part.masked_fill_(~trim.merge_mask(part, start), 0.0)
+        return elect_and_fuse(taus, self.weights, o.aggregate == "mean").mul_(o.lam)
 
     def merge_coded(self, key: str, coded: list[CodedTensor]) -> torch.Tensor | None:
         """TIES once per combination of codes: the per-tensor thresholds (k-th largest |τ̂_t|)
@@ -248,8 +296,8 @@ class Ties(MergeMethod):
         rule, which of the entries tied at a cut-off are kept depends on their index: a task
         whose tied entries do not all fit gets a copy of each tied code for the dropped ones
         (same value, never kept), chosen by the dense path's hash order."""
-        if not worth_coding(coded):
-            return None
+        if not worth_coding(coded) or self.density is None or self.weighted:
+            return None  # per-task weights or densities: the dense path
         o = self.options
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_coded()")
@@ -260,7 +308,7 @@ class Ties(MergeMethod):
         else:
             joint = joint_index(coded)
             per_combination = torch.bincount(joint, minlength=combination_count(coded))
-            trim = coded_trim(coded, marginal_counts(per_combination, coded), o.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
+            trim = coded_trim(coded, marginal_counts(per_combination, coded), self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
             self.record_kept(key, trim.kept, n)
         split = [split_ties(c, trim, t) for t, c in enumerate(coded)]
         if any(new is not old for (new, _), old in zip(split, coded, strict=True)):
