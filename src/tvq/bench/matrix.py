@@ -48,6 +48,7 @@ class Precision:
     budget_bits: float | None = None
     paper: bool = True  # in the paper's tables (False: tvq's improvements)
     fisher: bool = False  # allocate with the diagonal Fisher as sensitivity (else the weights alone)
+    budget_like: str | None = None  # allocate within the measured size of this precision's pack
 
     @property
     def family(self) -> str:
@@ -104,6 +105,11 @@ PRECISIONS: dict[str, Precision] = {
         _p("budget-1.2", "budget 1.2 b (RTVQ+EC, mse)", False, 1.2, **_RTVQ_EC_MSE),
         _p("budget-0.8", "budget 0.8 b (RTVQ+EC, mse)", False, 0.8, **_RTVQ_EC_MSE),
         _p("budget-1.2-fisher", "budget 1.2 b, Fisher (RTVQ+EC, mse)", False, 1.2, True, **_RTVQ_EC_MSE),
+        # a budget as large as a fixed scheme's pack: allocation may pick that very scheme (issue 15)
+        Precision("budget-as-tvq2", "budget = TVQ INT2's size (mse or min-max per tensor)", {"bits": 2, "quantizer": "mse"}, paper=False,
+                  budget_like="tvq2"),
+        Precision("budget-as-tvq3", "budget = TVQ INT3's size (mse or min-max per tensor)", {"bits": 3, "quantizer": "mse"}, paper=False,
+                  budget_like="tvq3"),
         _p("budget-0.8-fisher", "budget 0.8 b, Fisher (RTVQ+EC, mse)", False, 0.8, True, **_RTVQ_EC_MSE),
     ]
 }
@@ -214,10 +220,11 @@ class Matrix:
         if not (path / "manifest.json").is_file():
             finetuned = {t: self.run.finetuned_path(t) for t in self.run.tasks}
             options = QuantizeOptions(**(spec.options or {}))
-            if spec.budget_bits is not None:
+            if spec.budget_bits is not None or spec.budget_like is not None:
                 sensitivity = self.fisher() if spec.fisher else None
+                budget_bytes = pack_summary(self.pack(spec.budget_like))["total_bytes"] if spec.budget_like is not None else None
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,
-                                       sensitivity=sensitivity, progress=False, overwrite=True)  # fmt: skip
+                                       budget_bytes=budget_bytes, sensitivity=sensitivity, progress=False, overwrite=True)  # fmt: skip
             else:
                 quantize(self.run.pretrained_path, finetuned, path, options, progress=False, overwrite=True)
         if precision not in self.results["precisions"]:
