@@ -449,3 +449,17 @@ def test_cli_options_and_errors(inputs, tmp_path):
     result = runner.invoke(app, ["merge", "--method", "model_stock", "--pack", str(inputs["packs"]["tvq"]), "-p", str(inputs["pre_path"]),
                                  "--out", str(tmp_path / "y"), "--lambda", "0.5", "--no-progress"])  # fmt: skip
     assert result.exit_code == 2 and "unknown option 'lambda'" in result.output
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
+def test_conv_kernels_are_averaged_as_the_references_or_decomposed_when_asked(method):
+    """A CNN's weights are 4-D: by default they are averaged (as the references do, so a CNN
+    merges as weight averaging); kernels=flatten decomposes each as its (out, in·k·k) matrix."""
+    kernels = {f"t{i}": {"conv.weight": seeded((6, 4, 3, 3), i)} for i in range(3)}
+    flat = {t: {"conv.weight": v["conv.weight"].reshape(6, 36)} for t, v in kernels.items()}
+    vectors, flat_vectors = vectors_of(**kernels), vectors_of(**flat)
+    averaged = merged(method, vectors)["conv.weight"]
+    close(averaged, np.mean([v["conv.weight"].numpy() for v in kernels.values()], axis=0))
+    decomposed = merged(method, vectors, kernels="flatten")["conv.weight"]
+    assert torch.equal(decomposed, merged(method, flat_vectors)["conv.weight"].reshape(6, 4, 3, 3))
+    assert not torch.allclose(decomposed, averaged)

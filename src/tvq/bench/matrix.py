@@ -129,6 +129,11 @@ class MethodSpec:
     tune: str | None = "lambda"
     per_task: bool = False
     grid: tuple[float, ...] = LAMBDA_GRID  # the values ``tune`` is tried at
+    method: str | None = None  # the registry's method, when ``name`` is a variant of it
+
+    @property
+    def registry_name(self) -> str:
+        return self.method or self.name
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -148,6 +153,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("tsv_merge", "TSV-Merge", {"lambda": 1.0}, grid=SVD_LAMBDA_GRID),
         MethodSpec("iso_c", "Iso-C", {"lambda": 1.0}, grid=SVD_LAMBDA_GRID),
         MethodSpec("iso_cts", "Iso-CTS", {"lambda": 1.0, "common_space_fraction": 0.8}, grid=SVD_LAMBDA_GRID),
+        # the SVD methods on conv kernels as (out, in·k·k) matrices (their references average them)
+        MethodSpec("tsv_merge-kernels", "TSV-Merge, kernels decomposed", {"lambda": 1.0, "kernels": "flatten"}, grid=SVD_LAMBDA_GRID,
+                   method="tsv_merge"),
+        MethodSpec("iso_c-kernels", "Iso-C, kernels decomposed", {"lambda": 1.0, "kernels": "flatten"}, grid=SVD_LAMBDA_GRID, method="iso_c"),
+        MethodSpec("iso_cts-kernels", "Iso-CTS, kernels decomposed", {"lambda": 1.0, "common_space_fraction": 0.8, "kernels": "flatten"},
+                   grid=SVD_LAMBDA_GRID, method="iso_cts"),
         MethodSpec("model_stock", "Model Stock", tune=None),
         MethodSpec("della", "DELLA", {"density": 0.7, "epsilon": 0.07, "lambda": 1.1}, grid=DELLA_LAMBDA_GRID),
         MethodSpec("della_linear", "DELLA (linear)", {"density": 0.7, "epsilon": 0.07, "lambda": 0.3}),
@@ -304,7 +315,7 @@ class Matrix:
         return self._cached(key, compute)
 
     def _merge_state(self, spec: MethodSpec, tvs: dict[str, TaskVector], options: dict, task: str | None = None) -> dict[str, torch.Tensor]:
-        return merge_state_dict(spec.name, self.run.pretrained_path, tvs, options, task=task)
+        return merge_state_dict(spec.registry_name, self.run.pretrained_path, tvs, options, task=task)
 
     def _evaluate_merge(self, spec: MethodSpec, tvs: dict[str, TaskVector], options: dict, split: str) -> dict[str, float]:
         if spec.name == "adamerging":

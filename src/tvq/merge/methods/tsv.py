@@ -24,7 +24,7 @@ U and V and their polar factors) while one matrix is merged. The SVDs run single
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -40,6 +40,11 @@ class SpectralOptions(MethodOptions):
 
     lam: float = Field(1.0, alias="lambda", description="scale α of the merged task vector")
     exclude_keys: list[str] = Field(DEFAULT_EXCLUDE, description="glob patterns of 2-D tensors averaged instead of decomposed")
+    kernels: Literal["average", "flatten"] = Field(
+        "average",
+        description="conv kernels and other >2-D weights: average them (the references: a CNN then merges as weight averaging) "
+        "or decompose each as an (out, in·k·k) matrix",
+    )
 
 
 def tsv_matrix(taus: torch.Tensor) -> torch.Tensor:
@@ -78,8 +83,15 @@ class SpectralMethod(MergeMethod):
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
+        shape = taus.shape[1:]
+        kernel = o.kernels == "flatten" and len(shape) > 2 and is_matrix(key, (shape[0], shape[1:].numel()), o.exclude_keys)
         with one_torch_thread():
-            merged = self.merge_matrix(taus) if is_matrix(key, taus.shape[1:], o.exclude_keys) else self.merge_other(taus)
+            if kernel:  # an (out, in, k, k) kernel as the (out, in·k·k) matrix it applies
+                merged = self.merge_matrix(taus.reshape(taus.shape[0], shape[0], -1)).reshape(shape)
+            elif is_matrix(key, shape, o.exclude_keys):
+                merged = self.merge_matrix(taus)
+            else:
+                merged = self.merge_other(taus)
         return merged.mul_(o.lam)
 
 
