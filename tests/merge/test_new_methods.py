@@ -21,6 +21,7 @@ from tvq.errors import ConfigError
 from tvq.execute import LocalExecutor
 from tvq.merge import load_task_vectors, merge, merge_state_dict
 from tvq.merge.methods.della import keep_probability, magprune_
+from tvq.merge.methods.tsv import SpectralKernelsWarning
 from tvq.merge.ops import tensor_seed
 from tvq.pack.reader import open_pack
 from tvq.vector import TaskVector
@@ -458,7 +459,8 @@ def test_conv_kernels_are_averaged_as_the_references_or_decomposed_when_asked(me
     kernels = {f"t{i}": {"conv.weight": seeded((6, 4, 3, 3), i)} for i in range(3)}
     flat = {t: {"conv.weight": v["conv.weight"].reshape(6, 36)} for t, v in kernels.items()}
     vectors, flat_vectors = vectors_of(**kernels), vectors_of(**flat)
-    averaged = merged(method, vectors)["conv.weight"]
+    with pytest.warns(SpectralKernelsWarning, match="1 conv kernels or other >2-D weights"):
+        averaged = merged(method, vectors)["conv.weight"]
     close(averaged, np.mean([v["conv.weight"].numpy() for v in kernels.values()], axis=0))
     decomposed = merged(method, vectors, kernels="flatten")["conv.weight"]
     assert torch.equal(decomposed, merged(method, flat_vectors)["conv.weight"].reshape(6, 4, 3, 3))
