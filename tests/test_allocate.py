@@ -180,3 +180,14 @@ def test_allocation_may_mix_quantizers_and_the_pack_reads_and_grows(uneven):
     assert plan is not None and {k: s for k, s in plan.schemes.items()} == {
         k: e.scheme for k, e in pack.manifest.files[pack.manifest.tasks[0].file].tensors.items() if e.kind == "q" and e.scheme != "mse"
     }
+
+
+def test_a_budget_as_small_as_an_entropy_coded_pack_is_not_refused(uneven):
+    """Entropy-coded codes can take less than a bit each: the packed-size floor must not refuse a
+    budget that a fixed scheme's coded pack meets, and the allocation then meets it too."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    fixed = quantize(pre, fts, tmp / "tvq2", QuantizeOptions(bits=2), progress=False)
+    report = quantize_within_budget(pre, fts, tmp / "alloc", QuantizeOptions(bits=2, quantizer="mse"), budget_bytes=fixed.bytes_written,
+                                    progress=False)  # fmt: skip
+    assert report.bytes_written <= fixed.bytes_written

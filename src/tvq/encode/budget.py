@@ -425,7 +425,9 @@ def quantize_within_budget(
     for reader in readers.values():
         check_compatible(pre, reader)
     unchanged = unchanged_keys(pre, readers, options)
-    check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)  # one read
+    # the changed tensors' codes bound the size from below only when they are stored packed: entropy-coded
+    # codes of a skewed tensor can take far less than a bit each (the analysis then prices them)
+    check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained, codes=options.entropy == "off")
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0
     for attempt in range(4):
