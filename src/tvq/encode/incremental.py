@@ -26,11 +26,13 @@ from tvq.execute import Executor
 from tvq.io.atomic import atomic_dir, check_output
 from tvq.io.content_hash import algorithm_of
 from tvq.io.readers import TensorMeta, open_checkpoint
+from tvq.pack.card import write_pack_card
 from tvq.pack.manifest import MANIFEST_NAME, Manifest, QuantizedEntry, RawEntry, announced_names, written_version
 from tvq.pack.reader import Pack, open_pack
+from tvq.pack.validate import kept_keys
 from tvq.pack.writer import PackFileWriter, close_all
 from tvq.quant.schemes import get_scheme
-from tvq.quant.selection import KeyRule, TensorRole
+from tvq.quant.selection import KeyRule, TensorRole, tensor_role
 from tvq.vector import check_compatible
 from tvq.version import __version__
 
@@ -107,11 +109,14 @@ def add_tasks(
     first = m.files[m.tasks[0].file].tensors
     keys = sorted(pre.keys())
     roles = {}
+    kept = kept_keys(m)  # raw in some task, or a kept tensor's zero (the paper rule's constant 0) in all
     for k in keys:
         if k not in first:
             roles[k] = TensorRole.SKIP
+        elif k in kept:  # stays kept: raw where the new task changes it, the constant 0 where it does not
+            roles[k] = TensorRole.STATISTIC if tensor_role(k, pre.meta(k), options.key_rule) == TensorRole.STATISTIC else TensorRole.KEEP
         else:
-            roles[k] = TensorRole.KEEP if first[k].kind == "raw" else TensorRole.QUANTIZE
+            roles[k] = TensorRole.QUANTIZE
     float_keys = [k for k in keys if roles[k] != TensorRole.SKIP]
     quant_keys = {k for k in float_keys if roles[k] == TensorRole.QUANTIZE}
     base_keys = set(m.files[m.base_file].tensors) if m.base_file else set()
@@ -154,6 +159,7 @@ def add_tasks(
             files=files,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        write_pack_card(tmp, manifest)  # the old card is not carried over: it is not pack data
     written = sum(f.bytes for f in new_files.values()) + (out_path / MANIFEST_NAME).stat().st_size
     return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
 

@@ -29,6 +29,7 @@ from tvq.io.content_hash import DEFAULT_ALGORITHM, algorithm_of, labelled, new_h
 from tvq.io.hub import hub_reference
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+from tvq.pack.card import write_pack_card
 from tvq.pack.manifest import MANIFEST_NAME, InputRef, Manifest, TaskEntry, announced_names, written_version
 from tvq.pack.writer import PackFileWriter, close_all
 from tvq.quant.chunks import mean_of
@@ -245,6 +246,7 @@ def quantize(
             files=file_entries,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        write_pack_card(tmp, manifest)
     written = sum(f.bytes for f in manifest.files.values()) + (out / MANIFEST_NAME).stat().st_size
     return QuantizeReport(manifest=manifest, bytes_read=stats.bytes_read, bytes_written=written)
 

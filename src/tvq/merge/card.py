@@ -5,6 +5,7 @@ merge config that reproduces the folder, see ``tvq.merge.recipe``)."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from tvq.pack.manifest import Method
 from tvq.pack.reader import open_pack
 
 TVQ_URL = "https://github.com/AIM-SKKU/TVQ"
+UNIFIED_RECIPE_FILE = "tvq_recipe.sh"  # a task's model from a unified EMR pack: the command that writes it
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,18 @@ def task_records(origins: Mapping[str, tuple[str, str] | None]) -> list[TaskReco
     return records
 
 
-def card_files(plan: MergePlan, tasks: list[TaskRecord], *, loadable: bool, mergekit_text: str | None = None) -> dict[str, str]:
-    """``README.md`` and ``tvq_recipe.yml`` (and the mergekit config it came from) for a merged folder."""
+def card_files(
+    plan: MergePlan,
+    tasks: list[TaskRecord],
+    *,
+    loadable: bool,
+    mergekit_text: str | None = None,
+    unified: tuple[Path, str] | None = None,
+) -> dict[str, str]:
+    """``README.md`` and ``tvq_recipe.yml`` (and the mergekit config it came from) for a merged folder.
+    ``unified=(pack, task)``: one task's model from a unified EMR pack (``emr_task_files``)."""
+    if unified is not None:
+        return emr_task_files(plan, unified[0], unified[1], loadable=loadable)
     base = str(plan.pretrained) if plan.pretrained is not None else None
     options = dict(plan.options)
     data = ModelCardData(
@@ -115,6 +127,45 @@ writes the same weights, byte for byte.
     if mergekit_text is not None:
         files[MERGEKIT_FILE] = mergekit_text
     return files
+
+
+def emr_task_files(plan: MergePlan, unified: Path, task: str, *, loadable: bool) -> dict[str, str]:
+    """The card of one task's model written from a unified EMR pack (``tvq merge --method emr
+    --unified PACK --task NAME``): the merge it comes from is the pack's, so what reproduces the
+    folder is that command (tvq's recipe schema names packs of task vectors, not unified packs),
+    given in the card and as ``tvq_recipe.sh``."""
+    base = str(plan.pretrained) if plan.pretrained is not None else None
+    extra = {"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {}
+    data = ModelCardData(
+        base_model=base,
+        library_name="transformers" if loadable else None,
+        tags=["merge", "tvq", "task-vectors", "emr"],
+        merge_method="emr",
+        tvq={"method": "emr", "unified": str(unified), "task": task, "tasks": list(plan.tasks or []), "dtype": plan.dtype or "same", **extra},
+    )
+    command = " ".join(
+        ["tvq merge --method emr", f"--unified {shlex.quote(str(unified))}", f"--task {shlex.quote(task)}",
+         f"--pretrained {shlex.quote(base or 'BASE')}", f"--dtype {plan.dtype or 'same'}"]
+        + ([f"--norm-stats {shlex.quote(plan.norm_stats)}"] if plan.norm_stats is not None else []) + ["--out OUT"]
+    )  # fmt: skip
+    body = f"""# Merged model: task `{task}` of an EMR merge
+
+Written with [tvq]({TVQ_URL}) from the unified EMR pack `{unified}` (tasks: {", ".join(plan.tasks or [])}):
+θ_pre + λ_{task} (m_{task} ⊙ τ_uni) on top of `{base}`, with the task's own running statistics unless
+`norm_stats` says otherwise.
+
+## Reproduce
+
+`{UNIFIED_RECIPE_FILE}` beside this card holds the command; with the same inputs,
+
+```
+{command}
+```
+
+writes the same weights, byte for byte.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return {"README.md": str(card), UNIFIED_RECIPE_FILE: command + "\n"}
 
 
 def _inline(value: Any) -> str:

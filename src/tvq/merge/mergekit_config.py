@@ -16,15 +16,15 @@ Method by method (mergekit -> tvq):
 task_arithmetic, linear   task_arithmetic (per-task ``weight``, ``normalize``, ``lambda``)
 ties                      ties, scope=tensor, per-task weight and density, aggregate=mean (normalize) or sum
 dare_ties / dare_linear   dare_ties (no TIES trim: density=1, scope=tensor) / dare, base=task_arithmetic;
-                          drop_rate = 1 − density, rescale_mode=l1
-breadcrumbs(_ties)        breadcrumbs(_ties), scope=tensor
+                          per-task drop_rate = 1 − density and weight, rescale_mode=l1
+breadcrumbs(_ties)        breadcrumbs(_ties), scope=tensor, per-task weight, density, gamma
 della / della_linear      della / della_linear (per-task weight, density, epsilon), rescale_mode=l1
 model_stock               model_stock (filter_wise)
 ========================  ==================================================================
 
-Uniform per-model ``weight`` on methods without per-task weights folds into λ exactly as
-mergekit's arithmetic does (a weighted mean of equally weighted deltas is their mean; an
-unnormalized one is w × their sum).
+A uniform per-model ``weight`` on DARE and Breadcrumbs folds into λ exactly as mergekit's
+arithmetic does (a weighted mean of equally weighted deltas is their mean; an unnormalized one
+is w × their sum), which keeps their unweighted paths; differing weights go per task.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class Recipe:
             shown = ", ".join(f"{t}={v:g}" for t, v in values.items())
             raise ConfigError(
                 f"{where(self.path)}: models[].parameters.{name}: tvq's {tvq_method} takes one {name} for every model "
-                f"(given {shown}); per-model values: ties, della, della_linear (weight, density), task_arithmetic, linear (weight)"
+                f"(given {shown}); per-model values: ties, dare_*, breadcrumbs*, della* (weight, density, gamma, epsilon), "
+                "task_arithmetic, linear (weight)"
             )
         return distinct[0]
 
@@ -125,10 +126,6 @@ class Recipe:
 
     def refuse(self, name: str, why: str) -> None:
         raise ConfigError(f"{where(self.path)}: parameters.{name}: {why}")
-
-
-def _density(r: Recipe, method: str) -> float:
-    return min(r.one("density", method), 1.0)  # mergekit: density >= 1 keeps the tensor whole
 
 
 def _no_rescale(r: Recipe, method: str) -> None:
@@ -163,11 +160,32 @@ def _ties(r: Recipe) -> tuple[str, dict[str, Any]]:
     return "ties", {**opts, "weight": r.per_task_or_one("weight")}
 
 
+def _per_task_weights(r: Recipe, tvq_method: str, consensus: bool) -> tuple[float, float | dict[str, float]]:
+    """λ and the ``weight`` option: a uniform weight folds into λ (``weight_scale``, the paths
+    without weights); differing weights go per task, pre-divided by Σ w for a normalized linear
+    method (mergekit's Σ w δ / Σ w; a consensus method's ``aggregate`` divides by the agreeing weights)."""
+    weights = r.values("weight")
+    if len(set(weights.values())) == 1:
+        return r.globals["lambda"] * r.weight_scale(tvq_method, consensus), 1.0
+    total = sum(weights.values())
+    if r.globals["normalize"] and not consensus and abs(total) >= 1e-8:
+        weights = {t: w / total for t, w in weights.items()}
+    return r.globals["lambda"], weights
+
+
+def _drop_rates(r: Recipe) -> float | dict[str, float]:
+    """DARE's drop rate per task: 1 − density (mergekit: density >= 1 keeps the tensor whole)."""
+    rates = {t: 1.0 - min(d, 1.0) for t, d in r.values("density").items()}
+    return next(iter(rates.values())) if len(set(rates.values())) == 1 else rates
+
+
 def _dare(consensus: bool) -> Callable[[Recipe], tuple[str, dict[str, Any]]]:
     def translate(r: Recipe) -> tuple[str, dict[str, Any]]:
         name = "dare_ties" if consensus else "dare"
-        lam = r.globals["lambda"] * r.weight_scale(name, consensus)
-        opts: dict[str, Any] = {"drop_rate": 1.0 - _density(r, name), "rescale": r.globals["rescale"], "rescale_mode": "l1", "lambda": lam}
+        lam, weight = _per_task_weights(r, name, consensus)
+        opts: dict[str, Any] = {"drop_rate": _drop_rates(r), "rescale": r.globals["rescale"], "rescale_mode": "l1", "lambda": lam}
+        if weight != 1.0:
+            opts["weight"] = weight
         if consensus:
             opts.update(density=1.0, scope="tensor", aggregate="mean" if r.globals["normalize"] else "sum")
         else:
@@ -181,20 +199,29 @@ def _breadcrumbs(consensus: bool) -> Callable[[Recipe], tuple[str, dict[str, Any
     def translate(r: Recipe) -> tuple[str, dict[str, Any]]:
         name = "breadcrumbs_ties" if consensus else "breadcrumbs"
         _no_rescale(r, name)
-        density = _density(r, name)
-        gamma = 0.0 if density >= 1 else r.one("gamma", name)  # mergekit keeps a tensor whole at density >= 1
-        if density + gamma > 1:
-            raise ConfigError(
-                f"{where(r.path)}: models[].parameters.gamma: density + gamma = {density + gamma:g} > 1 "
-                "(mergekit then removes fewer outliers; tvq needs density + gamma <= 1)"
-            )
-        opts: dict[str, Any] = {"scope": "tensor", "density": density, "gamma": gamma}
-        opts["lambda"] = r.globals["lambda"] * r.weight_scale(name, consensus)
+        densities: dict[str, float] = {}
+        gammas: dict[str, float] = {}
+        for task, params in r.per_task.items():
+            densities[task] = min(params["density"], 1.0)
+            gammas[task] = 0.0 if densities[task] >= 1 else params["gamma"]  # mergekit keeps a tensor whole at density >= 1
+            if densities[task] + gammas[task] > 1:
+                raise ConfigError(
+                    f"{where(r.path)}: models[].parameters.gamma: density + gamma = {densities[task] + gammas[task]:g} > 1 "
+                    f"for {task} (mergekit then removes fewer outliers; tvq needs density + gamma <= 1)"
+                )
+        lam, weight = _per_task_weights(r, name, consensus)
+        opts: dict[str, Any] = {"scope": "tensor", "density": _one_or_all(densities), "gamma": _one_or_all(gammas), "lambda": lam}
+        if weight != 1.0:
+            opts["weight"] = weight
         if consensus:
             opts["aggregate"] = "mean" if r.globals["normalize"] else "sum"
         return name, opts
 
     return translate
+
+
+def _one_or_all(values: dict[str, float]) -> float | dict[str, float]:
+    return next(iter(values.values())) if len(set(values.values())) == 1 else values
 
 
 def _della(name: str) -> Callable[[Recipe], tuple[str, dict[str, Any]]]:

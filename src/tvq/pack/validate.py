@@ -223,9 +223,35 @@ def validate_manifest(manifest: Manifest, file: Path) -> None:
     _check_tensor_sets(c, manifest)
 
 
+def kept_zero(entry: TensorEntry, manifest: Manifest) -> bool:
+    """A kept tensor's zero task vector as the paper's key rule stores it (``tvq.encode.key``):
+    the constant 0, without a width, in a task-vector pack with ``key_rule: paper``."""
+    m = manifest.method
+    return (
+        isinstance(entry, ConstEntry)
+        and entry.bits is None
+        and entry.value == 0.0
+        and m.key_rule == "paper"
+        and m.target == "task_vector"
+    )
+
+
+def kept_keys(manifest: Manifest) -> set[str]:
+    """The tensors a pack keeps exactly: stored ``raw`` in some task, or the constant 0 of a
+    kept tensor (``kept_zero``) in every task."""
+    files = [manifest.files[t.file].tensors for t in manifest.tasks]
+    return {
+        key
+        for key in files[0]
+        if any(f[key].kind == "raw" for f in files) or all(kept_zero(f[key], manifest) for f in files)
+    }
+
+
 def _check_tensor_sets(c: _Checker, manifest: Manifest) -> None:
     """Every task file holds the same tensors with the same shapes; the base only
-    quantized ones of those; FQ stores no constants of a task vector."""
+    quantized ones of those; FQ stores no constants of a task vector. A tensor is kept
+    (``raw``) in every task or in none, except that a kept tensor may be the constant 0 in
+    the tasks whose task vector is zero (``kept_zero``)."""
     first_rel = manifest.tasks[0].file
     first = manifest.files[first_rel].tensors
     if not first:
@@ -239,8 +265,14 @@ def _check_tensor_sets(c: _Checker, manifest: Manifest) -> None:
         for key, e in tensors.items():
             if e.shape != shapes[key]:
                 raise c.fail(f"{task.file}: tensor {key!r}", f"shape {e.shape} differs from {shapes[key]} in {first_rel}")
-            if (e.kind == "raw") != (first[key].kind == "raw"):
-                raise c.fail(f"{task.file}: tensor {key!r}", f"stored {e.kind} here and {first[key].kind} in {first_rel}")
+    for key in shapes:
+        entries = [(task.file, manifest.files[task.file].tensors[key]) for task in manifest.tasks]
+        raw = next((rel for rel, e in entries if e.kind == "raw"), None)
+        if raw is None:
+            continue
+        for rel, e in entries:
+            if e.kind != "raw" and not kept_zero(e, manifest):
+                raise c.fail(f"{rel}: tensor {key!r}", f"stored {e.kind} here and raw in {raw} (only a kept tensor's zero may differ)")
     if manifest.base_file is None:
         return
     for key, e in manifest.files[manifest.base_file].tensors.items():

@@ -12,6 +12,11 @@ ranks int(gamma·n)+1 … int(gamma·n)+int(density·n) exactly: the reference's
 ``torch.topk``, which picks among tied entries in an unspecified order), deterministically.
 ``keep_ties`` is tvq's earlier rule, ``>=`` at both cut-offs (every entry tied with the
 outlier cut-off is removed, every entry tied with the keep cut-off kept).
+
+``density``, ``gamma`` and ``weight`` take one value or one per task (mergekit's per-model
+``parameters``): each task is masked with its own cuts, and weights give Σ_t w_t τ̃_t (mergekit's
+generalized task arithmetic without ``normalize``) before λ. One density and gamma and unit
+weights are the path above, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from pydantic import Field
 
 from tvq.merge.ops import TieRule, kth_largest, rows_topk, tie_seed
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
+from tvq.merge.weights import PerTask, PerTaskFraction, linear_fuse, per_task
 
 
 class BreadcrumbsOptions(MethodOptions):
-    density: float = Field(0.1, ge=0, le=1, description="fraction kept after removing the outliers")
-    gamma: float = Field(0.01, ge=0, le=1, description="fraction of largest magnitudes removed")
+    density: PerTaskFraction = Field(0.1, description="fraction kept after removing the outliers (one value in [0, 1], or per task)")
+    gamma: PerTaskFraction = Field(0.01, description="fraction of largest magnitudes removed (one value in [0, 1], or per task)")
     lam: float = Field(0.3, alias="lambda", description="scale of the summed masked vectors")
     scope: Literal["row", "tensor"] = Field("row", description="cut per row (reference code) or per tensor (mergekit)")
     tie_rule: TieRule = tie_rule_field()
+    weight: PerTask = Field(1.0, description="weight of each task's masked vector (one value or per task, mergekit's): λ Σ w τ̃")
 
 
 def _rows(tau: torch.Tensor, scope: str) -> torch.Tensor:
@@ -74,26 +81,42 @@ class Breadcrumbs(MergeMethod):
     Options = BreadcrumbsOptions
     options: BreadcrumbsOptions
 
+    def __init__(self, options: BreadcrumbsOptions, tasks: list[str], task: str | None = None) -> None:
+        super().__init__(options, tasks, task)
+        o = self.options
+        self.densities = per_task(o.density, self.tasks, "density", self.name)
+        self.gammas = per_task(o.gamma, self.tasks, "gamma", self.name)
+        self.weights = torch.tensor(per_task(o.weight, self.tasks, "weight", self.name))
+        self.weighted = not bool((self.weights == 1).all())
+        self.uniform = len(set(self.densities)) == 1 and len(set(self.gammas)) == 1  # one pair of cuts for every task
+
     def topk_density(self) -> float | None:
-        return self.options.density
+        return sum(self.densities) / len(self.densities)
 
     def trims(self, key: str, shape: tuple[int, ...]) -> bool:
         return len(shape) > 0 and math.prod(shape) > 0
 
     def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
         o = self.options
-        if o.tie_rule != "exact":
+        if o.tie_rule != "exact" or not self.uniform:
             return None
+        density, gamma = self.densities[0], self.gammas[0]
         rows, n = (math.prod(shape[:-1]), shape[-1]) if o.scope == "row" else (1, math.prod(shape))
-        return rows * (min(int(o.gamma * n) + int(o.density * n), n) - int(o.gamma * n))
+        return rows * (min(int(gamma * n) + int(density * n), n) - int(gamma * n))
 
-    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+    def mask_tasks(self, key: str, taus: torch.Tensor) -> None:
+        """Each task's Breadcrumbs mask, with its own density and gamma, applied in place (and counted)."""
         o = self.options
         kept = []
-        for task, row in zip(self.tasks, taus, strict=True):
-            keep = breadcrumbs_keep(row, o.density, o.gamma, o.scope, o.tie_rule, tie_seed(task, key))
+        for task, row, density, gamma in zip(self.tasks, taus, self.densities, self.gammas, strict=True):
+            keep = breadcrumbs_keep(row, density, gamma, o.scope, o.tie_rule, tie_seed(task, key))
             row.masked_fill_(~keep, 0.0)
             kept.append(int(keep.sum()))
         if self.trims(key, tuple(taus.shape[1:])):
             self.record_kept(key, kept, taus[0].numel())
-        return taus.sum(dim=0).mul_(o.lam)
+
+    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        self.mask_tasks(key, taus)
+        if self.weighted:
+            return linear_fuse(taus, self.weights, False).mul_(self.options.lam)
+        return taus.sum(dim=0).mul_(self.options.lam)

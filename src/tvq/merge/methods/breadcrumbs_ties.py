@@ -14,6 +14,10 @@ mergekit's and the default here), the election and disjoint merge ``tvq.merge.op
 (an exact-zero sum takes the tensor's majority sign where mergekit elects +, which only matters
 where the masked values cancel exactly). λ defaults to 0.3 like tvq's ``breadcrumbs``
 (mergekit: weights and λ 1); ``density`` 0.1 and ``gamma`` 0.01 as ``breadcrumbs``.
+Per-task ``density``, ``gamma`` and ``weight`` (mergekit's per-model parameters): each task is
+masked with its own cuts; with weights, the sign of Σ_t w_t τ̃_t is elected (a zero sum elects +,
+as mergekit) and the agreeing w_t τ̃_t are summed (``sum``) or divided by their weights (``mean``),
+``tvq.merge.weights.elect_and_fuse``. Unit weights keep the path above, bit for bit.
 Per tensor; memory is the ``[T, *shape]`` stack plus the TIES chunk buffers.
 """
 
@@ -24,9 +28,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from tvq.merge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsOptions, breadcrumbs_keep
-from tvq.merge.ops import tie_seed, ties_merge
+from tvq.merge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsOptions
+from tvq.merge.ops import ties_merge
 from tvq.merge.registry import merge_method
+from tvq.merge.weights import elect_and_fuse
 
 
 class BreadcrumbsTiesOptions(BreadcrumbsOptions):
@@ -48,11 +53,7 @@ class BreadcrumbsTies(Breadcrumbs):
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
-        kept = []
-        for task, row in zip(self.tasks, taus, strict=True):  # Breadcrumbs' own masks (and tie rule)
-            keep = breadcrumbs_keep(row, o.density, o.gamma, o.scope, o.tie_rule, tie_seed(task, key))
-            row.masked_fill_(~keep, 0.0)
-            kept.append(int(keep.sum()))
-        if self.trims(key, tuple(taus.shape[1:])):
-            self.record_kept(key, kept, taus[0].numel())
+        self.mask_tasks(key, taus)  # Breadcrumbs' own masks (and tie rule)
+        if self.weighted:
+            return elect_and_fuse(taus, self.weights, o.aggregate == "mean").mul_(o.lam)
         return ties_merge(taus, _keep_all, None, o.aggregate).mul_(o.lam)
