@@ -104,6 +104,28 @@ class SafetensorsFile:
                 done += got
         return out
 
+    def read_bytes(self, key: str, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes ``[offset, offset + nbytes)`` of one tensor's data, flat uint8, in a fresh buffer
+        (a block of a large tensor: the rest is never read)."""
+        start, total = self._offsets[key]
+        if offset < 0 or nbytes < 0 or offset + nbytes > total:
+            raise CheckpointError(f"{where(self.path, key)}: bytes [{offset}, {offset + nbytes}) outside its {total} bytes")
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(out.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], start + offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{where(self.path, key)}: file ends inside the tensor")
+            done += got
+        return out
+
+    def get_elements(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor, in its stored dtype."""
+        dtype = self.metas[key].dtype
+        size = dtype.itemsize
+        return self.read_bytes(key, start * size, (end - start) * size).view(dtype)
+
     def _mapped(self, key: str, start: int, nbytes: int) -> torch.Tensor:
         """The tensor's bytes as a private map (writes never reach the file)."""
         if os.fstat(self._fd).st_size < start + nbytes:  # a map past the end would SIGBUS on access
@@ -186,6 +208,13 @@ class SafetensorsReader(_ReaderBase):
         except Exception as exc:
             raise CheckpointError(f"{where(file, key)}: cannot read tensor ({exc})") from None
 
+    def get_elements(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor (stored dtype): only those bytes are read."""
+        file = self._file_of.get(key)
+        if file is None:
+            raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint")
+        return self._handles[file].get_elements(key, start, end)
+
 
 class MemoryReader(_ReaderBase):
     """A state dict in memory behind the reader interface (tests, notebooks)."""
@@ -200,6 +229,15 @@ class MemoryReader(_ReaderBase):
             return self._tensors[key]
         except KeyError:
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint") from None
+
+    def get_elements(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor (a view: it is in memory already)."""
+        return self.get(key).reshape(-1)[start:end]
+
+
+def element_reader(reader: CheckpointReader) -> SafetensorsReader | MemoryReader | None:
+    """``reader`` when it reads a block of a tensor's elements (``get_elements``), else None."""
+    return reader if isinstance(reader, (SafetensorsReader, MemoryReader)) else None
 
 
 class StateDictReader(MemoryReader):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -64,6 +66,25 @@ class StreamingSafetensorsWriter:
         }
         self._fh.write(data)
         self._offset += nbytes
+
+    def add_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int], chunks: Iterable[torch.Tensor]) -> None:
+        """Append one tensor given as consecutive flat pieces of ``dtype`` (a large tensor merged
+        a block at a time: never whole in memory); they must add up to ``shape``."""
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if name not in self._allowed:
+            raise ValueError(f"tensor {name!r} was not announced to the writer")
+        start = self._offset
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"tensor {name!r}: a piece of {chunk.dtype}, expected {dtype}")
+            data = tensor_bytes(chunk)
+            self._fh.write(data)
+            self._offset += data.nbytes
+        expected = math.prod(shape) * (1 if dtype == torch.bool else dtype.itemsize)
+        if self._offset - start != expected:
+            raise ValueError(f"tensor {name!r}: pieces of {self._offset - start} bytes, expected {expected}")
+        self._entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [start, self._offset]}
 
     def close(self) -> int:
         """Write the header into its reserved room; returns the file size in bytes."""

@@ -2,7 +2,10 @@
 
 Per tensor: stack the T task vectors (fp32), let the method merge them, add θ_pre in place,
 cast to the output dtype, append to the output. Peak memory ≈ (T + 2) × the largest tensor
-plus the method's temporaries and the output buffer, whatever the model size.
+plus the method's temporaries and the output buffer, whatever the model size. Methods that
+merge by blocks (elementwise ones: task arithmetic, average) stream every tensor larger than
+a block a block of elements at a time into a safetensors output (tvq.merge.blocks): their
+working set is (T + 3) blocks, whatever the largest tensor, with the same bytes out.
 
 That per-tensor work is a ``MergeJob`` run by any ``tvq.execute`` executor (local threads,
 Ray); the driver writes the results in key order, so the output is byte-identical whichever
@@ -28,7 +31,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm import tqdm
 
-from tvq.errors import ConfigError, PackError, TvqError, where
+from tvq.errors import ConfigError, PackError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
 from tvq.io.dtypes import output_dtype
@@ -37,6 +40,7 @@ from tvq.io.model_files import is_weight_file
 from tvq.io.readers import CheckpointReader, as_reader
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.io.torch_pickle_writer import pickle_template, write_like
+from tvq.merge.blocks import BlockMerge, Chunked, may_code, merged_value
 from tvq.merge.card import card_files, task_records, write_files
 from tvq.merge.methods.emr import open_emr
 from tvq.merge.plan import MergePlan
@@ -106,6 +110,7 @@ class LocalWork:
 
     pretrained: CheckpointReader
     deltas: Deltas
+    blocks: BlockMerge | None = None  # large tensors merged by blocks on the driver (safetensors outputs)
 
     def open(self) -> tuple[CheckpointReader, Deltas]:
         return self.pretrained, self.deltas
@@ -145,15 +150,7 @@ class MergeJob:
 def merge_key(job: MergeJob) -> torch.Tensor:
     """θ_pre + δ for one tensor: fp32 arithmetic, then the cast (the same bytes on any executor)."""
     pretrained, deltas = job.work.open()
-    base = pretrained.get(job.key)
-    exact = base.dtype in (torch.bfloat16, torch.float16, torch.float32)  # converts to fp32 exactly inside add_
-    merged = deltas(job.key).add_(base if exact else base.float()).to(job.dtype or base.dtype)
-    if not bool(torch.isfinite(merged.sum(dtype=torch.float32))) and not bool(torch.isfinite(merged).all()):
-        raise TvqError(
-            f"merged tensor '{job.key}' is not finite in {str(merged.dtype).removeprefix('torch.')} "
-            "(NaN or Inf): check the scaling coefficients and the output dtype"
-        )  # nothing tvq writes decodes to NaN/Inf; the sum is the cheap test, the exact one runs on failure
-    return merged
+    return merged_value(job.key, deltas(job.key), pretrained.get(job.key), job.dtype)
 
 
 def iter_model(
@@ -166,18 +163,24 @@ def iter_model(
     executor: Executor | None = None,
     tasks: int = 1,
     statistics: NormStats | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merged float tensors (from the executor, in key order), running statistics as chosen
-    (``statistics``, on the driver: they are tiny), other tensors copied as they are."""
+) -> Iterator[tuple[str, torch.Tensor | Chunked]]:
+    """Merged float tensors (from the executor, in key order; those ``work.blocks`` streams, by
+    blocks on the driver), running statistics as chosen (``statistics``, on the driver: they
+    are tiny), other tensors copied as they are."""
     keys = pretrained.keys()
     chosen = set(statistics.keys) if statistics is not None else set()
     merged_keys = float_keys - chosen
-    jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in merged_keys)
+    blocks = work.blocks if isinstance(work, LocalWork) else None
+    streamed = blocks.plan(merged_keys) if blocks is not None else set()
+    jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in merged_keys - streamed)
     merged = (executor or LocalExecutor()).map(merge_key, jobs)
     for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress):
         if key in chosen:
             assert statistics is not None
             yield key, statistics.value(key, dtype)
+        elif key in streamed:
+            assert blocks is not None
+            yield key, blocks.stream(key, dtype)
         else:
             yield key, (next(merged) if key in merged_keys else pretrained.get(key))
 
@@ -187,7 +190,7 @@ def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
     same bytes, see tvq.merge.coded), else from the dense fp32 stack."""
 
     def deltas(key: str) -> torch.Tensor:
-        coded = source.coded(key) if _may_code(method) else None
+        coded = source.coded(key) if may_code(method) else None
         merged = method.merge_coded(key, coded) if coded is not None else None
         if merged is not None:
             source.count_read(key)
@@ -197,15 +200,11 @@ def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
     return deltas
 
 
-def _may_code(method: MergeMethod) -> bool:
-    return method.elementwise or type(method).merge_coded is not MergeMethod.merge_coded
-
-
 def method_work(method: MergeMethod, source: TaskSource, executor: Executor | None, unsafe_pickle: bool = False) -> LocalWork | RemoteWork:
     """Jobs for ``executor``: live objects in process, paths and the pickled method when remote."""
     if getattr(executor, "remote", False):
         return RemoteWork(MergeInputs.of(source, unsafe_pickle), pickle.dumps(method))
-    return LocalWork(source.pretrained, method_deltas(method, source))
+    return LocalWork(source.pretrained, method_deltas(method, source), BlockMerge(method, source))
 
 
 def pass_bytes(source: TaskSource) -> int:
@@ -260,8 +259,9 @@ def merge_state_dict(
         raise ConfigError(f"{m.name} merges into one model per task: pass task=NAME")
     stats = output_statistics(source, norm_stats, task)
     m.prepare(source)
-    return dict(iter_model(pre, LocalWork(pre, method_deltas(m, source)), set(source.keys), parse_dtype(dtype), m.name, False,
-                           tasks=len(source.tasks), statistics=stats))  # fmt: skip
+    merged = iter_model(pre, LocalWork(pre, method_deltas(m, source)), set(source.keys), parse_dtype(dtype), m.name, False,
+                        tasks=len(source.tasks), statistics=stats)  # fmt: skip
+    return dict(_whole(merged))
 
 
 def merge(
@@ -410,10 +410,13 @@ def emr_task_model(
             stacklevel=2,
         )
     stats = output_statistics(source, norm_stats, task, vectors={t: pack.task_vector(t) for t in pack.tasks}, warn=False)
+    plan = MergePlan(Path(RECIPE_FILE), "tvq", "emr", pretrained=Path(pretrained) if isinstance(pretrained, (str, Path)) else Path(pre.path),
+                     tasks=list(pack.tasks), dtype=None if dtype is None else str(dtype).removeprefix("torch."), norm_stats=norm_stats)  # fmt: skip
+    files = card_files(plan, [], loadable=hf_folder(pretrained) is not None, unified=(Path(unified), task))  # README.md + tvq_recipe.sh
     report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
                          max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite,
-                         statistics=stats, out_kind=out_kind)  # fmt: skip
+                         statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
     report.bytes_read = pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     return report
 
@@ -468,16 +471,18 @@ def write_model(
     ``overwrite=False`` refuses an ``out`` that another run created while this one worked."""
     if callable(work):
         work = LocalWork(pretrained, work)
+    template = pickle_template(pretrained, out) if out_kind != "folder" else None
+    if template is not None and isinstance(work, LocalWork):
+        work = LocalWork(work.pretrained, work.deltas)  # a torch file's storages are written whole: no blocks
     stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics)
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     if statistics is not None:
         meta["tvq_norm_stats"] = statistics.choice.label
         float_keys = float_keys | set(statistics.float_keys)  # cast to ``dtype`` as well (shard sizes)
     report = MergeReport(out, label, tasks, norm_stats=statistics.choice.label if statistics is not None else None)
-    template = pickle_template(pretrained, out) if out_kind != "folder" else None
     if template is not None:  # a .pt like the pretrained torch file: its program kept, its storages rewritten
         with atomic_file(out, overwrite=overwrite) as tmp:
-            report.bytes_written = write_like(template, stream, tmp, dtype)
+            report.bytes_written = write_like(template, _whole(stream), tmp, dtype)
         report.files = [out]
         return report
     if output_kind(out, hf_from, out_kind) == "file":
@@ -499,6 +504,14 @@ def write_model(
         write_files(tmp, files or {})
     report.files = sorted(out.iterdir())
     return report
+
+
+def _whole(stream: Iterator[tuple[str, torch.Tensor | Chunked]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A stream without blocks (its work had none), typed as such."""
+    for key, tensor in stream:
+        if isinstance(tensor, Chunked):
+            raise RuntimeError(f"'{key}' came by blocks to a writer of whole tensors")
+        yield key, tensor
 
 
 def output_kind(out: Path, hf_from: str | Path | None, out_kind: OutKind = "auto") -> Kind:
@@ -528,7 +541,7 @@ def _plan_shards(keys: list[str], sizes: dict[str, int], limit: int) -> dict[str
     return {name: list(names) for name, names in split.filename_to_tensors.items()}
 
 
-def _write_shards(stream: Iterator[tuple[str, torch.Tensor]], shards: list[tuple[Path, list[str]]], meta: dict[str, str]) -> int:
+def _write_shards(stream: Iterator[tuple[str, torch.Tensor | Chunked]], shards: list[tuple[Path, list[str]]], meta: dict[str, str]) -> int:
     """Consume the stream in key order, each tensor into its shard (all shards open at once: a
     shard need not hold a contiguous run of keys); returns the bytes written."""
     total = 0
@@ -543,7 +556,10 @@ def _write_shards(stream: Iterator[tuple[str, torch.Tensor]], shards: list[tuple
             writers.update(dict.fromkeys(names, writer))
         owner = {k: path for path, names in shards for k in names}
         for key, tensor in stream:
-            writers[key].add(key, tensor)
+            if isinstance(tensor, Chunked):
+                writers[key].add_chunks(key, tensor.dtype, tensor.shape, tensor.chunks)
+            else:
+                writers[key].add(key, tensor)
             path = owner[key]
             remaining[path] -= 1
             if remaining[path] == 0:

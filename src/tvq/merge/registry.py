@@ -178,6 +178,14 @@ class MergeMethod(ABC):
         lut = self.merge_tensor(key, combination_values(coded))
         return lookup(lut, joint_index(coded))
 
+    def merges_by_blocks(self, key: str) -> bool:
+        """Whether ``merge_tensor`` (and ``merge_coded``) may run on ``key`` a block of elements at
+        a time (flat ``[T, n]`` blocks, in order) with the same bytes as on the whole tensor, so
+        the engine streams large tensors (tvq.merge.blocks): elementwise methods do; a method
+        whose per-tensor statistics come from ``prepare`` may say so too. The rest merge each
+        tensor whole, (T + 3) fp32 copies of it."""
+        return self.elementwise
+
     def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
         """Per-task methods only: write the compact all-tasks artifact instead of one model."""
         raise NotImplementedError
@@ -309,6 +317,13 @@ def describe_option(name: str, f: Any) -> str:
     return f"{shown} ({default}): {f.description or ''}".rstrip(": ")
 
 
+def memory_note(cls: type[MergeMethod]) -> str:
+    """How a method holds a tensor while merging it (shown in ``tvq merge --help``)."""
+    if cls.elementwise or cls.merges_by_blocks is not MergeMethod.merges_by_blocks:
+        return "streams large tensors by blocks into safetensors outputs: memory independent of the tensor's size"
+    return "merges each tensor whole: about (T + 3) fp32 copies of the largest"
+
+
 def describe_methods(detailed: bool = False) -> str:
     """One line per method with its options and defaults (for ``tvq merge --help``); with
     ``detailed``, then one indented line per option: flag, type, range, default, meaning."""
@@ -319,7 +334,7 @@ def describe_methods(detailed: bool = False) -> str:
             default = "required" if f.is_required() else ("auto" if f.default is None else f.default)
             opts.append(f"{f.alias or field_name}={default}")
         alias = f" ({', '.join(cls.aliases)})" if cls.aliases else ""
-        note = f" [{cls.note}]" if cls.note else ""
+        note = f" [{'; '.join(n for n in (cls.note, memory_note(cls)) if n)}]"
         lines.append(f"{name}{alias}: {', '.join(opts) or 'no options'}{note}")
         if detailed:
             lines.extend(f"  {describe_option(f.alias or n, f)}" for n, f in cls.Options.model_fields.items())

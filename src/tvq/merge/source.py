@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
 import torch
 
@@ -24,8 +24,11 @@ from tvq.config import PaperLoadConfig
 from tvq.errors import CheckpointError, ConfigError, where
 from tvq.io.readers import (
     CheckpointReader,
+    MemoryReader,
+    SafetensorsReader,
     TensorMeta,
     as_reader,
+    element_reader,
     float_keys,
     open_checkpoint,
 )
@@ -36,6 +39,15 @@ from tvq.quant.coded import CodedTensor
 from tvq.vector import TaskVector
 
 Transform = Callable[[str, str, torch.Tensor], torch.Tensor]  # (task, key, tau) -> tau'
+
+
+class BlockReader(Protocol):
+    """τ of one tensor of one task a block of flat elements at a time, blocks read in order
+    (``Pack.task_blocks``, ``CheckpointBlocks``): a value table and codes, or fp32 values."""
+
+    def read(self, start: int, end: int) -> CodedTensor | torch.Tensor: ...
+
+
 NO_TASKS = "no task vectors to merge (give --pack or --finetuned NAME=PATH)"
 
 
@@ -57,6 +69,7 @@ class TaskInput:
     read_bytes: Callable[[str], int] | None = None  # key -> input bytes τ of that key reads; None: fp32 τ
     codes: Callable[[str], CodedTensor | None] | None = None  # key -> τ̂ as table + codes (packs)
     buffers: Callable[[str], torch.Tensor | None] | None = None  # key -> the task's own non-float tensor (checkpoints)
+    blocks: Callable[[str], BlockReader | None] | None = None  # key -> τ by element blocks, or None (read it whole)
 
     def nbytes(self, key: str, numel: int) -> int:
         """Input bytes that reading τ of ``key`` (``numel`` elements) costs."""
@@ -206,6 +219,21 @@ class TaskSource:
             out.append(c)
         return out
 
+    def blocks(self, key: str) -> list[BlockReader] | None:
+        """Every task's τ of ``key`` by element blocks (fresh readers, read in order), or None
+        unless all tasks can (packs of elementwise schemes, safetensors checkpoints) and untransformed.
+        Not metered: see ``count_read``."""
+        if self._transform is not None or any(task.blocks is None for task in self.inputs):
+            return None
+        out = []
+        for task in self.inputs:
+            assert task.blocks is not None
+            reader = task.blocks(key)
+            if reader is None:
+                return None
+            out.append(reader)
+        return out
+
     def count_read(self, key: str) -> None:
         """Count ``key``'s input bytes as read (``stack`` does this itself; ``coded`` leaves it
         to the caller, who may still fall back to ``stack``)."""
@@ -253,7 +281,8 @@ def pack_inputs(pack: Pack, pre: CheckpointReader) -> list[TaskInput]:
     """Every task of an opened pack, reopenable from its path, with its codes."""
     origin = Origin("pack", str(pack.path))
     return [
-        TaskInput(name, pack.task_vector(name), origin, partial(_pack_nbytes, pack, name, pre), partial(pack.coded, name))
+        TaskInput(name, pack.task_vector(name), origin, partial(_pack_nbytes, pack, name, pre), partial(pack.coded, name),
+                  blocks=partial(pack.task_blocks, name))  # fmt: skip
         for name in pack.tasks
     ]
 
@@ -262,11 +291,32 @@ def _own_tensor(reader: CheckpointReader, key: str) -> torch.Tensor | None:
     return reader.get(key) if key in set(reader.keys()) else None
 
 
+@dataclass(frozen=True)
+class CheckpointBlocks:
+    """τ = θ_ft − θ_pre of one tensor by element blocks, as ``TaskVector.from_checkpoints``
+    forms it (both in fp32, then the difference): only the block's bytes are read."""
+
+    finetuned: SafetensorsReader | MemoryReader
+    pretrained: SafetensorsReader | MemoryReader
+    key: str
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        return self.finetuned.get_elements(self.key, start, end).float() - self.pretrained.get_elements(self.key, start, end).float()
+
+
+def _checkpoint_blocks(ft: CheckpointReader, pre: CheckpointReader, key: str) -> CheckpointBlocks | None:
+    ft_elements, pre_elements = element_reader(ft), element_reader(pre)
+    if ft_elements is None or pre_elements is None:
+        return None
+    return CheckpointBlocks(ft_elements, pre_elements, key)
+
+
 def checkpoint_input(name: str, pre: CheckpointReader, path: str | Path, unsafe_pickle: bool = False) -> TaskInput:
     """τ = θ_ft − θ_pre of a fine-tuned checkpoint, reopenable from its path."""
     ft = open_checkpoint(path, unsafe_pickle)
     tv = TaskVector.from_checkpoints(pre, ft, name=name)
-    return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre), buffers=partial(_own_tensor, ft))
+    return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre), buffers=partial(_own_tensor, ft),
+                     blocks=partial(_checkpoint_blocks, ft, pre))  # fmt: skip
 
 
 def load_task_vectors(

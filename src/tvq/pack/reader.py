@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -22,8 +22,9 @@ from tvq.config import validation_problem
 from tvq.errors import PackError, where
 from tvq.io.dtypes import TORCH_DTYPES, dtype_name
 from tvq.io.paths import confined
-from tvq.io.readers import CheckpointReader, SafetensorsFile, open_checkpoint
+from tvq.io.readers import CheckpointReader, SafetensorsFile, element_reader, open_checkpoint
 from tvq.io.safetensors_writer import sha256_file, sha256_tensor
+from tvq.pack.blocks import StoredBlocks, TaskBlocks, blockable
 from tvq.pack.manifest import (
     FORMAT_NAME,
     MANIFEST_NAME,
@@ -296,6 +297,28 @@ class Pack:
         codes = self._codes(rel, key, entry)
         every_code = torch.arange(2**entry.bits, dtype=torch.int32).to(torch.uint8)
         return CodedTensor(scheme.decode(every_code, entry.bits, entry.params, {}).reshape(-1).float(), codes)
+
+    def task_blocks(self, task: str, key: str) -> TaskBlocks | None:
+        """τ̂ of one tensor of one task a block of elements at a time (tvq.pack.blocks), or None
+        where it does not decode by blocks: group-wise schemes, an RTVQ tensor stored raw, an
+        FQ pack over a pretrained model that cannot be read by blocks."""
+        rel = self.manifest.task(task).file
+        entry = self._tensor_entry(rel, key)
+        base_file = self.manifest.base_file
+        base_entry = self._tensor_entry(base_file, key) if base_file and key in self.manifest.files[base_file].tensors else None
+        finetuned = self.manifest.method.target == "finetuned"
+        pre = element_reader(self.pretrained) if finetuned else None
+        if not blockable(entry) or (finetuned and pre is None):
+            return None
+        if base_entry is not None and (not blockable(base_entry) or entry.kind == "raw" or base_entry.kind == "raw"):
+            return None
+        stored = StoredBlocks(self._handle(rel) if entry.kind != "const" else None, key, entry, where(self.path / rel, key))
+        base = None
+        if base_entry is not None and base_file is not None:
+            handle = self._handle(base_file) if base_entry.kind != "const" else None
+            base = StoredBlocks(handle, key, base_entry, where(self.path / base_file, key))
+        elements = partial(pre.get_elements, key) if pre is not None else None
+        return TaskBlocks(stored, base, elements, where(self.path / rel, key))
 
     def base_tensor(self, key: str) -> torch.Tensor:
         if not self.manifest.base_file:

@@ -1,0 +1,132 @@
+"""Peak memory and time of a merge with one large tensor: whole-tensor path vs block streaming.
+
+Makes a synthetic model locally (one ``rows × cols`` bf16 matrix, like a vocabulary embedding,
+plus a small bias), ``--tasks`` bf16 fine-tunes of it and a TVQ 4-bit pack of them, then merges
+each input (pack, checkpoints) with each method twice in the same run, each merge in a fresh
+child process: the old path (every tensor merged whole: ``BLOCK_ELEMENTS`` above the tensor)
+and the new one (``tvq.merge.blocks``). Peak memory is the child's peak resident set
+(``VmHWM``, file-backed pages of mapped inputs included) less that of a child that only
+imports tvq and opens the inputs; the output files' sha256 must match::
+
+    python benchmarks/merge_memory.py                         # 67 M parameters (8192 × 8192) × 8 tasks
+    python benchmarks/merge_memory.py --rows 32768 --cols 8192 --tasks 8 --inputs pack
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import tvq.merge.blocks as blocks_module
+from tvq import QuantizeOptions, quantize
+from tvq.io.safetensors_writer import sha256_file
+from tvq.merge import load_task_vectors, merge
+
+WHOLE = 1 << 62
+
+
+def make_inputs(root: Path, rows: int, cols: int, tasks: int) -> tuple[Path, dict[str, Path], Path]:
+    """θ_pre and ``tasks`` fine-tunes (bf16 safetensors) and a TVQ4 pack of them, made once."""
+    pre_path, pack = root / "pre.safetensors", root / "tvq4"
+    fts = {f"t{i}": root / f"t{i}.safetensors" for i in range(tasks)}
+    if pack.is_dir() and all(p.is_file() for p in fts.values()):
+        return pre_path, fts, pack
+    g = torch.Generator().manual_seed(0)
+    pre = {"embed.weight": torch.randn(rows, cols, generator=g).bfloat16(), "bias": torch.zeros(cols, dtype=torch.bfloat16)}
+    save_file(pre, pre_path)
+    for i, path in enumerate(fts.values()):
+        g.manual_seed(100 + i)
+        save_file({k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in pre.items()}, path)
+    del pre
+    quantize(pre_path, fts, pack, QuantizeOptions(bits=4), progress=False)
+    return pre_path, fts, pack
+
+
+def child(args: argparse.Namespace) -> None:
+    """One merge (or none, ``--method none``: the baseline) in this process; prints JSON."""
+    blocks_module.BLOCK_ELEMENTS = args.block
+    spec = json.loads(args.spec)
+    reader, vectors = load_task_vectors(spec["pre"], packs=spec.get("packs", []), finetuned=spec.get("finetuned"))
+    start = time.perf_counter()
+    if args.method != "none":
+        merge(args.method, reader, vectors, args.out, {}, overwrite=True)
+    seconds = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"rss_kib": peak_rss_kib(), "seconds": seconds, "cpu": cpu.ru_utime + cpu.ru_stime}))
+
+
+def peak_rss_kib() -> int:
+    """This process's resident-set high-water mark (``VmHWM``: unlike ``ru_maxrss``, not
+    inherited from the parent's across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_child(spec: dict, method: str, block: int, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--spec", json.dumps(spec), "--method", method, "--block", str(block), "--out", str(out)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=8192)
+    p.add_argument("--cols", type=int, default=8192)
+    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--methods", default="task_arithmetic,average")
+    p.add_argument("--inputs", default="pack,checkpoints", help="pack, checkpoints or both")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each merge (the fastest is shown)")
+    p.add_argument("--workdir", type=Path, default=None, help="where the inputs are made (kept; default: a temporary folder)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--block", type=int, default=blocks_module.BLOCK_ELEMENTS, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        made = time.perf_counter()
+        pre, fts, pack = make_inputs(root, args.rows, args.cols, args.tasks)
+        params = args.rows * args.cols
+        print(f"{params / 1e6:.0f} M-parameter tensor × {args.tasks} tasks; inputs ready in {time.perf_counter() - made:.0f} s")
+        specs: dict[str, dict] = {"pack": {"pre": str(pre), "packs": [str(pack)]},
+                 "checkpoints": {"pre": str(pre), "finetuned": {k: str(v) for k, v in fts.items()}}}  # fmt: skip
+        header = f"{'input':<12} {'method':<16} {'old MiB':>9} {'new MiB':>9} {'mem ratio':>9} {'old s':>7} {'new s':>7} {'t ratio':>7}  same"
+        print(header)
+        print("-" * len(header))
+        for name in args.inputs.split(","):
+            spec = specs[name]
+            base = run_child(spec, "none", WHOLE, root / "none.safetensors")["rss_kib"] / 1024
+            for method in args.methods.split(","):
+                out_old, out_new = root / "old.safetensors", root / "new.safetensors"
+                old, new = {"rss_kib": 0, "seconds": float("inf")}, {"rss_kib": 0, "seconds": float("inf")}
+                for _ in range(args.repeat):  # alternated; the fastest run of each, the largest peak
+                    for best, block, out in ((old, WHOLE, out_old), (new, blocks_module.BLOCK_ELEMENTS, out_new)):
+                        got = run_child(spec, method, block, out)
+                        best.update(rss_kib=max(best["rss_kib"], got["rss_kib"]), seconds=min(best["seconds"], got["seconds"]))
+                same = sha256_file(out_old) == sha256_file(out_new)
+                old_mib, new_mib = old["rss_kib"] / 1024 - base, new["rss_kib"] / 1024 - base
+                print(f"{name:<12} {method:<16} {old_mib:>9.0f} {new_mib:>9.0f} {new_mib / max(old_mib, 1.0):>9.3f} "
+                      f"{old['seconds']:>7.1f} {new['seconds']:>7.1f} {new['seconds'] / old['seconds']:>7.2f}  {same}")  # fmt: skip
+                out_old.unlink()
+                out_new.unlink()
+            print(f"{'':<12} (baseline: {base:.0f} MiB for importing tvq and opening the inputs, subtracted)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Merging a large tensor a block of elements at a time: a working set independent of T and
+of the largest tensor.
+
+A method that merges by blocks (``MergeMethod.merges_by_blocks``: an elementwise method, whose
+merged element depends only on that element's T values) gets ``[T, n]`` flat blocks of
+``block`` elements in order; each task's block is read alone (packs decode only the codes, or
+the zstd frames, covering it: ``Pack.task_blocks``; safetensors checkpoints read only its
+bytes: ``CheckpointBlocks``), merged (from codes where the method and the inputs allow, as a
+whole tensor would be), added to θ_pre's block, cast, and handed to the writer as one piece
+of the output tensor (``Chunked``). The same fp32 operations run on every element as on the
+whole tensor, so the output bytes are the same; the working set is about (T + 3) blocks of
+fp32 whatever the tensor's size. Tensors no larger than a block, methods that need the whole
+tensor, and inputs that cannot be read by blocks (in-memory task vectors, torch files,
+group-wise schemes, transformed sources) take the whole-tensor path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tvq.errors import TvqError
+from tvq.io.readers import MemoryReader, SafetensorsReader, element_reader
+from tvq.merge.registry import MergeMethod
+from tvq.merge.source import BlockReader, TaskSource
+from tvq.pack.blocks import ALIGN, values
+from tvq.quant.coded import CodedTensor
+
+BLOCK_ELEMENTS = 1 << 22  # elements per block: 16 MiB per task in fp32
+_EXACT = (torch.bfloat16, torch.float16, torch.float32)  # convert to fp32 exactly inside add_
+
+
+@dataclass
+class Chunked:
+    """One output tensor as consecutive flat pieces, in order (the writer appends them)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: Iterator[torch.Tensor]
+
+
+def may_code(method: MergeMethod) -> bool:
+    """Whether ``method`` merges from codes (``merge_coded``) when the inputs are coded."""
+    return method.elementwise or type(method).merge_coded is not MergeMethod.merge_coded
+
+
+def merged_value(key: str, delta: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """θ_pre + δ in fp32 (``delta`` is consumed), cast to ``dtype`` (None: θ_pre's), checked finite."""
+    merged = delta.add_(base if base.dtype in _EXACT else base.float()).to(dtype or base.dtype)
+    if not bool(torch.isfinite(merged.sum(dtype=torch.float32))) and not bool(torch.isfinite(merged).all()):
+        raise TvqError(
+            f"merged tensor '{key}' is not finite in {str(merged.dtype).removeprefix('torch.')} "
+            "(NaN or Inf): check the scaling coefficients and the output dtype"
+        )  # nothing tvq writes decodes to NaN/Inf; the sum is the cheap test, the exact one runs on failure
+    return merged
+
+
+@dataclass
+class BlockMerge:
+    """The tensors of one merge that stream by blocks, and their merged pieces."""
+
+    method: MergeMethod
+    source: TaskSource
+    block: int | None = None  # elements per block (None: ``BLOCK_ELEMENTS``); rounded up to ``ALIGN``
+
+    @property
+    def elements(self) -> int:
+        block = self.block or BLOCK_ELEMENTS
+        return block + (-block) % ALIGN
+
+    def plan(self, keys: Iterable[str]) -> set[str]:
+        """The keys that stream by blocks: larger than a block, with every input readable by blocks."""
+        pre = element_reader(self.source.pretrained)
+        if pre is None:
+            return set()
+        return {k for k in keys if self._streams(k)}
+
+    def _streams(self, key: str) -> bool:
+        return self.source.numel(key) > self.elements and self.method.merges_by_blocks(key) and self.source.blocks(key) is not None
+
+    def stream(self, key: str, dtype: torch.dtype | None) -> Chunked:
+        """``key``'s merged tensor θ_pre + δ, cast to ``dtype`` (None: θ_pre's), by blocks."""
+        pre = element_reader(self.source.pretrained)
+        readers = self.source.blocks(key)
+        if pre is None or readers is None:
+            raise RuntimeError(f"'{key}' cannot be merged by blocks")  # plan() said it could: a bug
+        self.source.count_read(key)
+        meta = pre.meta(key)
+        return Chunked(tuple(meta.shape), dtype or meta.dtype, self._chunks(key, readers, pre, dtype))
+
+    def _chunks(
+        self, key: str, readers: list[BlockReader], pre: SafetensorsReader | MemoryReader, dtype: torch.dtype | None
+    ) -> Iterator[torch.Tensor]:
+        n, step = self.source.numel(key), self.elements
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            yield merged_value(key, self._merge(key, readers, start, end), pre.get_elements(key, start, end), dtype)
+
+    def _merge(self, key: str, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
+        """δ of elements ``[start, end)``: from every task's codes where all are coded and the
+        method merges codes, else from the dense ``[T, n]`` stack (filled task by task)."""
+        coded: list[CodedTensor] = []
+        stack: torch.Tensor | None = None
+        for i, reader in enumerate(readers):
+            part = reader.read(start, end)
+            if stack is None and isinstance(part, CodedTensor):
+                coded.append(part)
+                continue
+            if stack is None:
+                stack = torch.empty((len(readers), end - start))
+                for j, earlier in enumerate(coded):
+                    stack[j] = values(earlier)
+            stack[i] = values(part) if isinstance(part, CodedTensor) else part
+        if stack is None:
+            merged = self.method.merge_coded(key, coded) if may_code(self.method) else None
+            if merged is not None:
+                return merged
+            stack = torch.empty((len(readers), end - start))
+            for j, part in enumerate(coded):
+                stack[j] = values(part)
+        return self.method.merge_tensor(key, stack).reshape(-1)
