@@ -76,13 +76,13 @@ def command_flags(command: Any) -> list[str]:
 
 
 class MethodsEpilog(TyperCommand):
-    """``tvq merge --help`` ends with every method and its options, read from the registry
-    only when that help is shown: the methods import torch, which ``tvq --help`` must not."""
+    """``tvq merge --help`` ends with every method and its options, from the text generated
+    from the registry (``tvq.methods_help``): the methods import torch, which help must not."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:  # typer's own (vendored) click types
-        from tvq.merge.registry import describe_methods
+        from tvq.methods_help import LINES
 
-        methods = describe_methods(detailed=True).split("\n")
+        methods = LINES
         blocks: list[str] = []
         for line in methods:  # a method's summary, then its options one per line
             if line.startswith("  ") and blocks:

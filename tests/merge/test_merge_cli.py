@@ -187,3 +187,26 @@ def test_help_lists_methods_and_defaults():
     text = " ".join(result.output.split())
     assert "ties (ties_merging): density=0.2, lambda=0.3, scope=global" in text
     assert "lines: alpha=auto, beta=0.5" in text
+
+
+def test_the_generated_methods_help_is_current():
+    """`tvq merge --help` shows tvq.methods_help (no torch import); regenerate it when a method changes:
+    python -c "from tvq.merge.registry import write_methods_help; write_methods_help()"."""
+    from tvq.merge.registry import describe_methods
+    from tvq.methods_help import TEXT
+
+    assert describe_methods(detailed=True) == TEXT, "stale: run tvq.merge.registry.write_methods_help()"
+
+
+@pytest.mark.parametrize("command", [["--help"], ["merge", "--help"], ["quantize", "--help"]])
+def test_help_imports_no_torch(command):
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        f"import sys; sys.argv = ['tvq', *{command!r}]",
+        "try:\n    from tvq.cli import main; main()\nexcept SystemExit:\n    pass",
+        "assert 'torch' not in sys.modules, 'torch imported'",
+    ])  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
