@@ -16,6 +16,7 @@ from tvq.cli import app
 from tvq.encode.budget import Option, choose, quantize_within_budget
 from tvq.encode.incremental import options_of
 from tvq.errors import ConfigError
+from tvq.io.readers import open_checkpoint
 from tvq.quant import entropy
 from tvq.quant.error_model import ValueStats, mse_clips
 from tvq.quant.packing import pack_codes, packed_nbytes
@@ -191,3 +192,16 @@ def test_a_budget_as_small_as_an_entropy_coded_pack_is_not_refused(uneven):
     report = quantize_within_budget(pre, fts, tmp / "alloc", QuantizeOptions(bits=2, quantizer="mse"), budget_bytes=fixed.bytes_written,
                                     progress=False)  # fmt: skip
     assert report.bytes_written <= fixed.bytes_written
+
+
+def test_with_packed_codes_the_fewest_bits_are_checked_before_any_analysis(uneven, monkeypatch):
+    """--entropy off: every changed tensor costs at least its codes at the fewest bits, so a budget
+    below that is refused after one comparison pass, without the analysis."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    options = QuantizeOptions(bits=2, entropy="off").validated()
+    floor = budget.floor_of(open_checkpoint(pre), len(fts), options)
+    too_small = floor.fixed + floor.entries + floor.fewest_bits // 2  # passes the metadata check, not the codes one
+    monkeypatch.setattr(budget, "analyse", lambda *a, **k: pytest.fail("analysed an infeasible budget"))
+    with pytest.raises(ConfigError, match="changed tensors at the fewest bits"):
+        quantize_within_budget(pre, fts, tmp / "p", options, budget_bytes=too_small, progress=False)

@@ -421,13 +421,14 @@ def quantize_within_budget(
     options = options.validated()
     pre, T = open_checkpoint(pretrained), len(finetuned)
     check_feasible(floor_of(pre, T, options), T, budget_bits, budget_bytes, pretrained, codes=False)  # metadata: instant
-    readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
-    for reader in readers.values():
-        check_compatible(pre, reader)
-    unchanged = unchanged_keys(pre, readers, options)
-    # the changed tensors' codes bound the size from below only when they are stored packed: entropy-coded
-    # codes of a skewed tensor can take far less than a bit each (the analysis then prices them)
-    check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained, codes=options.entropy == "off")
+    if options.entropy == "off":
+        # packed codes bound the size from below: one comparison pass finds the tensors no task changed (no codes);
+        # entropy-coded codes of a skewed tensor can take far less than a bit each, so then the analysis prices them
+        readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
+        for reader in readers.values():
+            check_compatible(pre, reader)
+        unchanged = unchanged_keys(pre, readers, options)
+        check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
     shortfall = 0
     for attempt in range(4):
