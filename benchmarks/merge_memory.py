@@ -6,10 +6,14 @@ each input (pack, checkpoints) with each method twice in the same run, each merg
 child process: the old path (every tensor merged whole: ``BLOCK_ELEMENTS`` above the tensor)
 and the new one (``tvq.merge.blocks``). Peak memory is the child's peak resident set
 (``VmHWM``, file-backed pages of mapped inputs included) less that of a child that only
-imports tvq and opens the inputs; the output files' sha256 must match::
+imports tvq and opens the inputs; the output files' sha256 must match. A method takes options
+after a colon (``ties:scope=tensor+tie_rule=keep_ties``); ``--tasks 2,4,8,16`` merges the first
+T tasks of the same inputs for each T (time against T)::
 
     python benchmarks/merge_memory.py                         # 67 M parameters (8192 × 8192) × 8 tasks
     python benchmarks/merge_memory.py --rows 32768 --cols 8192 --tasks 8 --inputs pack
+    python benchmarks/merge_memory.py --methods ties,ties:scope=tensor --inputs pack,checkpoints
+    python benchmarks/merge_memory.py --methods ties:scope=tensor --tasks 2,4,8,16 --inputs pack --repeat 1
 """
 
 from __future__ import annotations
@@ -56,12 +60,27 @@ def child(args: argparse.Namespace) -> None:
     blocks_module.BLOCK_ELEMENTS = args.block
     spec = json.loads(args.spec)
     reader, vectors = load_task_vectors(spec["pre"], packs=spec.get("packs", []), finetuned=spec.get("finetuned"))
+    vectors = vectors.select(list(vectors)[: spec["tasks"]])
     start = time.perf_counter()
     if args.method != "none":
-        merge(args.method, reader, vectors, args.out, {}, overwrite=True)
+        name, options = method_spec(args.method)
+        merge(name, reader, vectors, args.out, options, overwrite=True)
     seconds = time.perf_counter() - start
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rss_kib": peak_rss_kib(), "seconds": seconds, "cpu": cpu.ru_utime + cpu.ru_stime}))
+
+
+def method_spec(text: str) -> tuple[str, dict[str, object]]:
+    """``ties:scope=tensor+density=0.1`` -> ("ties", {"scope": "tensor", "density": 0.1})."""
+    name, _, rest = text.partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.split("+")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def peak_rss_kib() -> int:
@@ -83,10 +102,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=8192)
     p.add_argument("--cols", type=int, default=8192)
-    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--tasks", default="8", help="tasks merged (inputs are made for the largest); several: 2,4,8,16")
     p.add_argument("--methods", default="task_arithmetic,average")
     p.add_argument("--inputs", default="pack,checkpoints", help="pack, checkpoints or both")
     p.add_argument("--repeat", type=int, default=3, help="runs of each merge (the fastest is shown)")
+    p.add_argument("--block-elements", type=int, default=blocks_module.BLOCK_ELEMENTS, help="elements per block of the new path")
     p.add_argument("--workdir", type=Path, default=None, help="where the inputs are made (kept; default: a temporary folder)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -101,27 +121,29 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         made = time.perf_counter()
-        pre, fts, pack = make_inputs(root, args.rows, args.cols, args.tasks)
+        counts = [int(t) for t in args.tasks.split(",")]
+        pre, fts, pack = make_inputs(root, args.rows, args.cols, max(counts))
         params = args.rows * args.cols
         print(f"{params / 1e6:.0f} M-parameter tensor × {args.tasks} tasks; inputs ready in {time.perf_counter() - made:.0f} s")
         specs: dict[str, dict] = {"pack": {"pre": str(pre), "packs": [str(pack)]},
                  "checkpoints": {"pre": str(pre), "finetuned": {k: str(v) for k, v in fts.items()}}}  # fmt: skip
-        header = f"{'input':<12} {'method':<16} {'old MiB':>9} {'new MiB':>9} {'mem ratio':>9} {'old s':>7} {'new s':>7} {'t ratio':>7}  same"
+        header = (f"{'input':<12} {'T':>3} {'method':<28} {'old MiB':>9} {'new MiB':>9} {'mem ratio':>9} {'old s':>7} {'new s':>7} "
+                  f"{'t ratio':>7}  same")  # fmt: skip
         print(header)
         print("-" * len(header))
-        for name in args.inputs.split(","):
-            spec = specs[name]
+        for name, tasks in ((n, t) for n in args.inputs.split(",") for t in counts):
+            spec = {**specs[name], "tasks": tasks}
             base = run_child(spec, "none", WHOLE, root / "none.safetensors")["rss_kib"] / 1024
             for method in args.methods.split(","):
                 out_old, out_new = root / "old.safetensors", root / "new.safetensors"
                 old, new = {"rss_kib": 0, "seconds": float("inf")}, {"rss_kib": 0, "seconds": float("inf")}
                 for _ in range(args.repeat):  # alternated; the fastest run of each, the largest peak
-                    for best, block, out in ((old, WHOLE, out_old), (new, blocks_module.BLOCK_ELEMENTS, out_new)):
+                    for best, block, out in ((old, WHOLE, out_old), (new, args.block_elements, out_new)):
                         got = run_child(spec, method, block, out)
                         best.update(rss_kib=max(best["rss_kib"], got["rss_kib"]), seconds=min(best["seconds"], got["seconds"]))
                 same = sha256_file(out_old) == sha256_file(out_new)
                 old_mib, new_mib = old["rss_kib"] / 1024 - base, new["rss_kib"] / 1024 - base
-                print(f"{name:<12} {method:<16} {old_mib:>9.0f} {new_mib:>9.0f} {new_mib / max(old_mib, 1.0):>9.3f} "
+                print(f"{name:<12} {tasks:>3} {method:<28} {old_mib:>9.0f} {new_mib:>9.0f} {new_mib / max(old_mib, 1.0):>9.3f} "
                       f"{old['seconds']:>7.1f} {new['seconds']:>7.1f} {new['seconds'] / old['seconds']:>7.2f}  {same}")  # fmt: skip
                 out_old.unlink()
                 out_new.unlink()

@@ -1,4 +1,5 @@
-"""Bit allocation under a byte budget: fits on disk, and beats one global width."""
+"""Bit allocation under a byte budget: fits on disk, beats one global width (free), and is never
+less than the fixed scheme it could have chosen (anchored, the default)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tvq.encode.budget as budget
 from tvq import QuantizeOptions, TaskVector, open_pack, quantize
 from tvq.cli import app
 from tvq.encode.budget import Option, choose, quantize_within_budget
-from tvq.encode.incremental import options_of
+from tvq.encode.incremental import add_tasks, options_of
 from tvq.errors import ConfigError
 from tvq.io.readers import open_checkpoint
 from tvq.quant import entropy
@@ -83,7 +84,8 @@ def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
     quantize(pre, fts, tmp / "uniform", uniform, progress=False)
     budget = pack_summary(tmp / "uniform")["total_bytes"]
     opts = QuantizeOptions(bits=2, residual=residual, base_bits=3, error_correction=residual)
-    report = quantize_within_budget(pre, fts, tmp / "alloc", opts, budget_bytes=budget, progress=False)
+    # the free choice (here the anchored default is TVQ INT3 alone, which entropy coding fits)
+    report = quantize_within_budget(pre, fts, tmp / "alloc", opts, budget_bytes=budget, allocation="free", progress=False)
     assert report.bytes_written == pack_summary(tmp / "alloc")["total_bytes"] <= budget
     assert opts.bit_plan is None  # the caller's options are not changed: the plan is in the pack
     widths = _widths(report.manifest)
@@ -96,13 +98,14 @@ def test_allocation_fits_budget_and_beats_uniform_bits(uneven, residual):
 
 def test_cli_budget_bits_and_info_shows_allocation(uneven):
     tmp, fts = uneven
-    args = ["quantize", "-p", str(tmp / "pre.safetensors"), "-o", str(tmp / "p"), "--budget-bits", "2.5", "--no-progress"]
+    # between TVQ INT2's and INT3's sizes (2.5 bits here is INT3's entropy-coded size: INT3 alone)
+    args = ["quantize", "-p", str(tmp / "pre.safetensors"), "-o", str(tmp / "p"), "--budget-bits", "2.2", "--no-progress"]
     args += [a for n, p in fts.items() for a in ("-f", f"{n}={p}")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     info = json.loads(CliRunner().invoke(app, ["info", str(tmp / "p"), "--json"]).output)
-    assert info["method"]["budget_bits"] == 2.5
-    assert info["bits_per_param"] <= 2.5
+    assert info["method"]["budget_bits"] == 2.2
+    assert info["bits_per_param"] <= 2.2
     assert len(info["allocation"]["tasks"]) > 1
     text = CliRunner().invoke(app, ["info", str(tmp / "p")]).output
     assert "allocation (tasks)" in text
@@ -163,13 +166,13 @@ def test_priced_size_is_close_to_what_the_coder_writes(bits):
 
 
 def test_allocation_may_mix_quantizers_and_the_pack_reads_and_grows(uneven):
-    """An MSE budget pack can keep the paper's min–max grid for some tensors (sparser codes
+    """A free MSE budget pack can keep the paper's min–max grid for some tensors (sparser codes
     entropy-code smaller); each entry records its scheme, decodes, and `add` keeps the plan."""
     tmp, fts = uneven
     pre = tmp / "pre.safetensors"
     opts = QuantizeOptions(bits=2, quantizer="mse")
     first = {k: fts[k] for k in ("t0", "t1")}
-    report = quantize_within_budget(pre, first, tmp / "mixed", opts, budget_bits=2.5, progress=False)
+    report = quantize_within_budget(pre, first, tmp / "mixed", opts, budget_bits=2.5, allocation="free", progress=False)
     pack = open_pack(tmp / "mixed", pre)
     schemes = {e.scheme for e in pack.manifest.files[pack.manifest.tasks[0].file].tensors.values() if e.kind == "q"}
     assert schemes <= {"mse", "minmax"} and report.bytes_written <= pack_summary(tmp / "mixed")["total_bytes"] + 1
@@ -205,3 +208,99 @@ def test_with_packed_codes_the_fewest_bits_are_checked_before_any_analysis(uneve
     monkeypatch.setattr(budget, "analyse", lambda *a, **k: pytest.fail("analysed an infeasible budget"))
     with pytest.raises(ConfigError, match="changed tensors at the fewest bits"):
         quantize_within_budget(pre, fts, tmp / "p", options, budget_bytes=too_small, progress=False)
+
+
+def _codes(manifest) -> dict[tuple[str, str], str]:
+    """(file, tensor) -> sha256 of its stored bytes."""
+    return {(f, k): e.sha256 for f, fe in manifest.files.items() for k, e in fe.tensors.items()}
+
+
+def _counting_writes(monkeypatch) -> list[int]:
+    writes: list[int] = []
+    real = budget.quantize
+
+    def counted(*args, **kwargs):
+        writes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "quantize", counted)
+    return writes
+
+
+@pytest.mark.parametrize(("fixed", "asked"), [
+    (QuantizeOptions(bits=2), QuantizeOptions(bits=2, quantizer="mse")),
+    (QuantizeOptions(bits=3), QuantizeOptions(bits=2)),
+    (QuantizeOptions(bits=2, residual=True, error_correction=True), QuantizeOptions(bits=4, residual=True, error_correction=True)),
+])  # fmt: skip
+def test_a_budget_of_a_fixed_schemes_size_writes_that_scheme_once(uneven, monkeypatch, fixed, asked):
+    """Anchored (the default): at a fixed scheme's measured size the pack is that scheme, code
+    for code, written once; so it cannot merge worse than it. The caller's options stay as given."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    reference = quantize(pre, fts, tmp / "fixed", fixed, progress=False)
+    writes = _counting_writes(monkeypatch)
+    given = QuantizeOptions(**{k: getattr(asked, k) for k in ("bits", "residual", "error_correction", "quantizer")})
+    report = quantize_within_budget(pre, fts, tmp / "alloc", given, budget_bytes=reference.bytes_written, progress=False)
+    assert len(writes) == 1 and report.bytes_written == reference.bytes_written
+    assert _codes(report.manifest) == _codes(reference.manifest)
+    assert given.bit_plan is None and given.quantizer == asked.quantizer and given.bits == asked.bits
+
+
+def test_between_two_fixed_sizes_the_lower_one_is_upgraded(uneven, monkeypatch):
+    """Between TVQ INT2's and INT3's sizes: every tensor at least INT2, some wider, on the min–max
+    grid or (asked for) MSE; the pack records how it was made, reads back and keeps it when grown."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    first = {k: fts[k] for k in ("t0", "t1")}
+    sizes = [quantize(pre, first, tmp / f"tvq{b}", QuantizeOptions(bits=b), progress=False).bytes_written for b in (2, 3)]
+    lower = quantize(pre, first, tmp / "tvq2", QuantizeOptions(bits=2), overwrite=True, progress=False).manifest
+    writes = _counting_writes(monkeypatch)
+    between = (sizes[0] + 3 * sizes[1]) // 4  # the estimate's generous overheads take much of a tiny pack's spare
+    report = quantize_within_budget(pre, first, tmp / "alloc", QuantizeOptions(bits=2, quantizer="mse"), budget_bytes=between, progress=False)
+    assert report.bytes_written <= between and len(writes) <= 2
+    method = report.manifest.method
+    assert (method.allocation, method.anchor_bits, method.bits) == ("anchored", 2, 2)
+    entries = report.manifest.files[report.manifest.tasks[0].file].tensors
+    upgraded = {k for k, (b, _) in _widths(report.manifest).items() if b > 2 or entries[k].scheme == "mse"}
+    assert all(b >= 2 for b, _ in _widths(report.manifest).values()) and upgraded
+    mine, fixed = _codes(report.manifest), _codes(lower)  # the others are TVQ INT2's, code for code
+    assert all(mine[f, k] == fixed[f, k] for f, k in fixed if k not in upgraded)
+    plan = options_of(open_pack(tmp / "alloc", pre)).bit_plan
+    assert plan is not None and (plan.allocation, plan.anchor_bits) == ("anchored", 2)
+    grown = add_tasks(tmp / "alloc", {"t2": fts["t2"]}, tmp / "grown", pretrained=pre, progress=False).manifest
+    assert (grown.method.allocation, grown.method.anchor_bits) == ("anchored", 2)
+
+
+def test_a_fixed_scheme_that_does_not_fit_falls_back_to_the_next_smaller(uneven, monkeypatch):
+    """One byte under TVQ INT3's size: INT3 (and, tried here, INT4) written whole does not fit, so
+    INT2, plus what upgrades the rest buys."""
+    tmp, fts = uneven
+    pre = tmp / "pre.safetensors"
+    size = quantize(pre, fts, tmp / "tvq3", QuantizeOptions(bits=3), progress=False).bytes_written
+    monkeypatch.setattr(budget, "ANCHOR_SLACK", 1.0)  # so INT3 is tried, whatever the estimate
+    writes = _counting_writes(monkeypatch)
+    report = quantize_within_budget(pre, fts, tmp / "alloc", QuantizeOptions(bits=2), budget_bytes=size - 1, progress=False)
+    assert report.bytes_written < size and len(writes) >= 2
+    assert report.manifest.method.bits == 2 and report.manifest.method.anchor_bits in (2, None)  # None: INT2 alone, bare
+    assert all(b >= 2 for b, _ in _widths(report.manifest).values())
+
+
+def test_free_allocation_is_kept_behind_an_option_and_recorded(uneven):
+    tmp, fts = uneven
+    args = ["quantize", "-p", str(tmp / "pre.safetensors"), "-o", str(tmp / "p"), "--budget-bits", "2.5", "--no-progress"]
+    args += [a for n, p in fts.items() for a in ("-f", f"{n}={p}")]
+    r = CliRunner().invoke(app, [*args, "--allocation", "free"])
+    assert r.exit_code == 0, r.output
+    method = open_pack(tmp / "p").manifest.method
+    assert (method.allocation, method.anchor_bits) == ("free", None)
+    r = CliRunner().invoke(app, [*args, "--allocation", "greedy", "--overwrite"])
+    assert r.exit_code == 2 and "--allocation 'greedy'" in r.output
+
+
+def test_packs_without_a_budget_record_no_allocation(uneven):
+    """Left out of the JSON when absent: fixed-scheme manifests are as before, and old ones read."""
+    tmp, fts = uneven
+    quantize(tmp / "pre.safetensors", fts, tmp / "p", QuantizeOptions(bits=2), progress=False)
+    method = json.loads((tmp / "p" / "manifest.json").read_text())["method"]
+    assert "allocation" not in method and "anchor_bits" not in method
+    assert open_pack(tmp / "p").manifest.method.allocation is None

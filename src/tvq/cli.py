@@ -60,6 +60,10 @@ def quantize_cmd(
     ] = None,
     budget_bytes: Annotated[Optional[int], typer.Option(help="Allocate bits per tensor so the pack fits in this many bytes.")] = None,
     sensitivity: Annotated[Optional[Path], typer.Option(help="JSON {tensor name: weight} for the allocation (e.g. mean Fisher); default 1.")] = None,
+    allocation: Annotated[
+        str,
+        typer.Option(help="anchored: the largest fixed --bits scheme that fits, upgraded with the bytes left; free: every width by error alone."),
+    ] = "anchored",
     average_out: Annotated[Optional[Path], typer.Option(help="Also write the averaged fine-tuned model here (.safetensors).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     unsafe_pickle: Annotated[bool, typer.Option(help="Allow full pickles for torch files you trust.")] = False,
@@ -100,7 +104,7 @@ def quantize_cmd(
     opts.quantizer = quantizer
     opts.group_size = group_size
     opts.entropy = entropy  # type: ignore[assignment]  # checked by QuantizeOptions.validated
-    check_quantize_numbers(opts, budget_bits, budget_bytes)
+    check_quantize_numbers(opts, budget_bits, budget_bytes, allocation)
     named = with_task_folders(parse_named_paths(finetuned or []), tasks_from)
     run = functools.partial(
         quantize,
@@ -114,8 +118,9 @@ def quantize_cmd(
         from tvq.encode.budget import quantize_within_budget
 
         run = functools.partial(
-            quantize_within_budget, budget_bits=budget_bits, budget_bytes=budget_bytes, sensitivity=read_sensitivity(sensitivity), **run.keywords
-        )
+            quantize_within_budget, budget_bits=budget_bits, budget_bytes=budget_bytes, sensitivity=read_sensitivity(sensitivity),
+            allocation=allocation, **run.keywords,
+        )  # fmt: skip
     report = run(pretrained, named, out, opts)
     m = report.manifest
     console.print(
@@ -137,9 +142,13 @@ def read_sensitivity(path: Path | None) -> dict[str, float] | None:
     return check_sensitivity(read_config_file(path), path)
 
 
-def check_quantize_numbers(opts: QuantizeOptions, budget_bits: float | None, budget_bytes: int | None) -> None:
+def check_quantize_numbers(opts: QuantizeOptions, budget_bits: float | None, budget_bytes: int | None, allocation: str = "anchored") -> None:
     """Options typer parses but no pack can hold, one line each, before anything is read."""
     opts.validated()  # returns a checked copy: the caller's options stay as given
+    from tvq.encode.budget import ALLOCATIONS
+
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation {allocation!r} is unknown: choose {' or '.join(ALLOCATIONS)}")
     if budget_bits is not None or budget_bytes is not None:
         from tvq.encode.budget import check_budget
 

@@ -13,6 +13,7 @@ from tvq.io.dtypes import output_dtype
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.io.torch_pickle_writer import pickle_template, write_like
 from tvq.merge.engine import write_task_folder
+from tvq.merge.source import check_pack_bases
 from tvq.pack.reader import Pack, open_pack
 
 
@@ -38,6 +39,8 @@ def export_task(
         raise ConfigError(f"--dtype {exc}") from None
     pack = open_pack(pack_path, pretrained, unsafe_pickle)
     pack.manifest.task(task)
+    if pretrained is not None:  # before any output: a base of the right shapes but other weights is refused
+        check_pack_bases(pack.pretrained, [pack_path])
     out = Path(out)
     inputs = [Path(pack_path)] + ([Path(pretrained)] if pretrained else [])
     if out_kind == "folder":  # a loadable folder (config copied from an HF pretrained folder), written like a merge

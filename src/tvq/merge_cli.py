@@ -116,7 +116,7 @@ def register(app: typer.Typer, handles_errors) -> None:
         ] = None,
         pretrained: Annotated[
             Path | None,
-            typer.Option("--pretrained", "-p", help="Pretrained model (required; a pack only records where its own came from)."),
+            typer.Option("--pretrained", "-p", help="Pretrained model (required; checked against each pack's content hash)."),
         ] = None,
         pack: Annotated[
             list[Path] | None, typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
@@ -179,7 +179,7 @@ def register(app: typer.Typer, handles_errors) -> None:
         from tvq.merge.engine import emr_task_model, merge
         from tvq.merge.recipe import MERGEKIT_FILE, read_recipe, run_quantize_step
         from tvq.merge.registry import method_class, parse_options
-        from tvq.merge.source import check_load_config, load_task_vectors
+        from tvq.merge.source import check_load_config, check_pack_bases, load_task_vectors
         from tvq.merge.statistics import NormStatsWarning
         from tvq.pack.reader import open_pack
         from tvq.runstats import RunMeter, output_bytes
@@ -204,11 +204,13 @@ def register(app: typer.Typer, handles_errors) -> None:
         if plan is not None:
             if (packs or fts) and plan.schema == "mergekit":
                 raise ConfigError(f"--pack/--finetuned: the models come from {config} (its models: entries)")
-            if not (packs or fts):
+            if not (packs or fts):  # inputs given as flags replace the config's, a unified pack included
                 packs, fts, tasks = list(plan.packs), dict(plan.finetuned), plan.tasks
+                unified = unified or plan.unified
             pretrained = pretrained or plan.pretrained
             dtype = dtype or plan.dtype
             norm_stats = norm_stats or plan.norm_stats
+            task = task or plan.task
             quantize_step = plan.quantize
         dtype = dtype or "same"
         if out_kind not in ("auto", "folder", "file"):
@@ -243,6 +245,7 @@ def register(app: typer.Typer, handles_errors) -> None:
                 recorded = open_pack(packs[0]).manifest.pretrained.path[:300]
                 raise ConfigError(f"--pretrained is required (a pack's recorded path is never opened unasked; {packs[0]} was made from {recorded})")
             pre, vectors = load_task_vectors(pretrained, packs=packs, finetuned=fts, unsafe_pickle=unsafe_pickle)
+            check_pack_bases(pre, packs)  # before any output exists: a wrong base never leaves one
             if tasks is not None:
                 missing = [t for t in tasks if t not in vectors]
                 if missing:

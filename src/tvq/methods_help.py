@@ -92,7 +92,7 @@ LINES = [
     "  --lambda FLOAT (default 0.3): scale of the summed task vectors",
     "  --weight FLOAT|{TASK: FLOAT} (default 1.0): weight of each task vector (one value or per task, mergekit's per-model weight)",
     "  --normalize/--no-normalize (default False): divide the weighted sum by the summed weights (a weighted mean)",
-    "ties (ties_merging): density=0.2, lambda=0.3, scope=global, aggregate=mean, tie_rule=exact, weight=1.0 [merges each tensor whole: about (T + 3) fp32 copies of the largest]",
+    "ties (ties_merging): density=0.2, lambda=0.3, scope=global, aggregate=mean, tie_rule=exact, weight=1.0 [streams large tensors by blocks into safetensors outputs, its per-tensor statistics from extra passes over them: memory independent of the tensor's size]",
     "  --density FLOAT|{TASK: FLOAT} (default 0.2): fraction of each task vector kept, top-k by magnitude (one value in [0, 1], or per task with scope=tensor)",
     "  --lambda FLOAT (default 0.3): scale of the merged vector",
     "  --scope global|tensor (default global): top-k over the whole model (paper) or per tensor (mergekit)",

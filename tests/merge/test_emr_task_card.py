@@ -1,10 +1,9 @@
 """A task's model written from a unified EMR pack (``--unified ... --task``) carries a model card
-and the command that reproduces it, like every merged folder."""
+and the recipe that reproduces it (``tvq_recipe.yml`` naming the unified pack), like every merged folder."""
 
 from __future__ import annotations
 
-import shlex
-
+import yaml
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
@@ -32,12 +31,14 @@ def test_unified_task_folder_has_a_card_and_a_recipe_that_reproduces_it(tmp_path
     assert {"tvq", "emr", "merge"} <= set(card.data.tags)
     meta = card.data.to_dict()["tvq"]
     assert meta["task"] == "b" and meta["unified"] == str(unified) and meta["tasks"] == ["a", "b"] and meta["dtype"] == "bfloat16"
-    command = (out / "tvq_recipe.sh").read_text().strip()
-    assert command in card.text
-    args = shlex.split(command)
-    assert args[:2] == ["tvq", "merge"] and args[-2:] == ["--out", "OUT"]
+    recipe = (out / "tvq_recipe.yml").read_text()
+    assert recipe.rstrip() in card.text
+    plan = yaml.safe_load(recipe)
+    assert plan == {"method": "emr", "options": {}, "pretrained": str(hf["pre"].absolute()), "unified": str(unified.absolute()),
+                    "task": "b", "dtype": "bfloat16"}  # fmt: skip
+    assert not (out / "tvq_recipe.sh").exists()
     again = tmp_path / "again"
-    result = runner.invoke(app, [*args[1:-1], str(again), "--no-progress"])
-    assert result.exit_code == 0, result.output
+    run("--config", out / "tvq_recipe.yml", "--out", again)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     assert (again / "README.md").read_text() == (out / "README.md").read_text()
+    assert (again / "tvq_recipe.yml").read_text() == recipe

@@ -155,8 +155,8 @@ def test_any_block_size_gives_the_same_bytes(inputs, tmp_path, monkeypatch, bloc
 
 def test_non_block_methods_and_torch_outputs_merge_whole(inputs, tmp_path, monkeypatch):
     source = {"pre": inputs["pre"], "packs": [inputs["packs"]["tvq4"]]}
-    reference, _ = _merged_bytes(monkeypatch, WHOLE, "ties", {}, tmp_path / "whole.safetensors", **source)
-    got, pieces = _merged_bytes(monkeypatch, 24, "ties", {}, tmp_path / "blocks.safetensors", **source)
+    reference, _ = _merged_bytes(monkeypatch, WHOLE, "magmax", {}, tmp_path / "whole.safetensors", **source)
+    got, pieces = _merged_bytes(monkeypatch, 24, "magmax", {}, tmp_path / "blocks.safetensors", **source)
     assert pieces == [] and got == reference
 
 

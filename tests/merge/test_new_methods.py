@@ -8,6 +8,7 @@ from FP32 checkpoints, and shown to give the same bytes with 1 and 2 threads.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from tvq.cli import app
 from tvq.errors import ConfigError
 from tvq.execute import LocalExecutor
 from tvq.merge import load_task_vectors, merge, merge_state_dict
+from tvq.merge.methods.breadcrumbs import BreadcrumbsRowsWarning
 from tvq.merge.methods.della import keep_probability, magprune_
 from tvq.merge.methods.tsv import SpectralKernelsWarning
 from tvq.merge.ops import tensor_seed
@@ -465,3 +467,18 @@ def test_conv_kernels_are_averaged_as_the_references_or_decomposed_when_asked(me
     decomposed = merged(method, vectors, kernels="flatten")["conv.weight"]
     assert torch.equal(decomposed, merged(method, flat_vectors)["conv.weight"].reshape(6, 4, 3, 3))
     assert not torch.allclose(decomposed, averaged)
+
+
+def test_breadcrumbs_says_when_its_per_row_cut_keeps_nothing_of_conv_kernels():
+    """Rows of 3 entries at density 0.1 keep int(0.3) = 0 entries: the reference's per-row cut
+    leaves a CNN's kernels unmerged, and the user is told; per tensor, it keeps them."""
+    kernels = {f"t{i}": {"conv.weight": seeded((6, 4, 3, 3), i), "fc.weight": seeded((6, 40), 10 + i)} for i in range(2)}
+    vectors = vectors_of(**kernels)
+    with pytest.warns(BreadcrumbsRowsWarning, match=r"1 of 2 tensors \(e.g. conv.weight, rows of 3\) keep no entry"):
+        per_row = merged("breadcrumbs", vectors)
+    assert not per_row["conv.weight"].any() and per_row["fc.weight"].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BreadcrumbsRowsWarning)
+        per_tensor = merged("breadcrumbs", vectors, scope="tensor")
+        merged("breadcrumbs", vectors, density=0.4)  # int(0.4 * 3) = 1 entry per row: nothing to say
+    assert per_tensor["conv.weight"].any()

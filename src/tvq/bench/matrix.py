@@ -49,6 +49,7 @@ class Precision:
     paper: bool = True  # in the paper's tables (False: tvq's improvements)
     fisher: bool = False  # allocate with the diagonal Fisher as sensitivity (else the weights alone)
     budget_like: str | None = None  # allocate within the measured size of this precision's pack
+    allocation: str = "anchored"  # tvq.encode.budget: on the largest fixed scheme that fits, or "free"
 
     @property
     def family(self) -> str:
@@ -105,10 +106,10 @@ PRECISIONS: dict[str, Precision] = {
         _p("budget-1.2", "budget 1.2 b (RTVQ+EC, mse)", False, 1.2, **_RTVQ_EC_MSE),
         _p("budget-0.8", "budget 0.8 b (RTVQ+EC, mse)", False, 0.8, **_RTVQ_EC_MSE),
         _p("budget-1.2-fisher", "budget 1.2 b, Fisher (RTVQ+EC, mse)", False, 1.2, True, **_RTVQ_EC_MSE),
-        # a budget as large as a fixed scheme's pack: allocation may pick that very scheme (issue 15)
-        Precision("budget-as-tvq2", "budget = TVQ INT2's size (mse or min-max per tensor)", {"bits": 2, "quantizer": "mse"}, paper=False,
+        # a budget as large as a fixed scheme's pack: the anchored allocation is that very scheme (issue 15)
+        Precision("budget-as-tvq2", "budget = TVQ INT2's size (TVQ INT2 + upgrades)", {"bits": 2, "quantizer": "mse"}, paper=False,
                   budget_like="tvq2"),
-        Precision("budget-as-tvq3", "budget = TVQ INT3's size (mse or min-max per tensor)", {"bits": 3, "quantizer": "mse"}, paper=False,
+        Precision("budget-as-tvq3", "budget = TVQ INT3's size (TVQ INT3 + upgrades)", {"bits": 3, "quantizer": "mse"}, paper=False,
                   budget_like="tvq3"),
         _p("budget-0.8-fisher", "budget 0.8 b, Fisher (RTVQ+EC, mse)", False, 0.8, True, **_RTVQ_EC_MSE),
     ]
@@ -235,7 +236,8 @@ class Matrix:
                 sensitivity = self.fisher() if spec.fisher else None
                 budget_bytes = pack_summary(self.pack(spec.budget_like))["total_bytes"] if spec.budget_like is not None else None
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,
-                                       budget_bytes=budget_bytes, sensitivity=sensitivity, progress=False, overwrite=True)  # fmt: skip
+                                       budget_bytes=budget_bytes, sensitivity=sensitivity, allocation=spec.allocation, progress=False,
+                                       overwrite=True)  # fmt: skip
             else:
                 quantize(self.run.pretrained_path, finetuned, path, options, progress=False, overwrite=True)
         if precision not in self.results["precisions"]:

@@ -13,6 +13,14 @@ solution of this multiple-choice knapsack, optimal on the convex hull of each te
 rate-distortion curve. Sensitivity s_key is 1 by default (plain L2 error of the task
 vectors, i.e. from the weights alone) or any per-tensor weight, e.g. the mean diagonal
 Fisher information measured on data by the benchmark.
+
+That error is not a faithful proxy of accuracy (issue 15: at TVQ INT2's size the free choice
+merged worse than TVQ INT2 itself), so the default allocation is *anchored*: every tensor
+starts at the largest fixed scheme of the pack's family whose estimated size fits (TVQ INT b:
+the paper's min–max at one width; RTVQ: the pair base b + 1, offsets b), and only the bytes
+left over buy upgrades (wider widths, the MSE grid where asked), chosen by the same search
+restricted to them. At a fixed scheme's own size the pack is that scheme, code for code; in
+between it is the smaller one plus upgrades. ``allocation="free"`` is the unrestricted choice.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +57,15 @@ from tvq.vector import check_compatible
 ENTRY_OVERHEAD = 512
 HISTOGRAM_SCHEMES = ("minmax", "mse")  # the grids tvq.quant.error_model prices from one pass
 FILE_OVERHEAD = 1024
+ALLOCATIONS = ("anchored", "free")
+# An anchor is tried while its estimate is at most this much over the budget: the entropy-aware
+# estimate runs a few % over the coder (tests/test_allocate.py), and a fixed scheme's own measured
+# size must select it. The written pack is measured; one that does not fit falls back a width.
+ANCHOR_SLACK = 0.1
+# A pack that is its anchor alone records the budget and allocation (a few dozen bytes of
+# manifest) when the estimate leaves this much; else it is written as the bare fixed scheme.
+RECORD_ROOM = 512
+MAX_WRITES = 6
 
 
 @dataclass
@@ -185,13 +202,18 @@ class Floor:
         return budget_bytes if budget_bytes is not None else int((budget_bits or 0.0) * self.n_params * T / 8)
 
 
+def file_overheads(T: int, residual: bool) -> int:
+    """The guessed bytes of the pack's files and manifest beyond their entries (generous)."""
+    return FILE_OVERHEAD * (T + (1 if residual else 0)) + 8192
+
+
 def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8),
              base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8), unchanged: frozenset[str] = frozenset()) -> Floor:  # fmt: skip
     """The least bytes a pack of ``T`` tasks can take, from the checkpoints' metadata; the
     tensors in ``unchanged`` (no task changed them) cost no codes."""
     fewest = min(_candidate_bits(options, candidates))
     fewest_base = min(_candidate_bits(options, base_candidates)) if options.residual else None
-    fixed = FILE_OVERHEAD * (T + (1 if options.residual else 0)) + 8192
+    fixed = file_overheads(T, options.residual)
     entries = fewest_bits = n_params = 0
     for key in pretrained.keys():  # noqa: SIM118 -- a reader, not a dict
         meta = pretrained.meta(key)
@@ -328,7 +350,6 @@ def _unencodable(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
     return CheckpointError(f"{inputs.where_first()}: cannot quantize for the bit allocation: {exc.problem}")
 
 
-
 def choose(table: dict[str, list[Option]], budget_bytes: int) -> dict[str, Option]:
     """Lagrangian multiple-choice knapsack: the least total error whose bytes fit the budget."""
     if not table:
@@ -383,21 +404,139 @@ def choose(table: dict[str, list[Option]], budget_bytes: int) -> dict[str, Optio
 Analysis = tuple[dict[str, list[Option]], int, int]  # what ``analyse`` returns
 
 
-def plan_from(analysis: Analysis, T: int, budget_bits: float | None, budget_bytes: int | None, shortfall: int = 0) -> BitPlan:
-    """The bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes), ``shortfall`` bytes spared."""
-    table, fixed, n_params = analysis
+@dataclass(frozen=True)
+class Anchor:
+    """A fixed scheme of the pack's family: one option per tensor, all at one width (pair)."""
+
+    bits: int
+    base_bits: int | None
+    selection: dict[str, Option]
+    candidates: dict[str, list[Option]]  # per tensor, its anchor option and the upgrades (``upgrades``)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.selection.values())
+
+
+def anchor_grids(options: QuantizeOptions) -> tuple[str, ...]:
+    """The anchor's grid, in order of preference: for TVQ asked for MSE, the paper's min–max
+    (TVQ INT b; the MSE grid is then an upgrade: at 2 bits it kept far fewer zeros and merged
+    worse, issue 15); otherwise the pack's own quantizer, as ``tvq quantize --bits b`` writes."""
+    return ("minmax", options.quantizer) if options.quantizer == "mse" and not options.residual else (options.quantizer,)
+
+
+def _grid(option: Option, options: QuantizeOptions) -> str:
+    return option.scheme or options.quantizer
+
+
+def anchors(table: dict[str, list[Option]], options: QuantizeOptions) -> list[Anchor]:
+    """Every fixed scheme the analysis priced for all tensors, largest first: TVQ at each width
+    on the anchor grid; RTVQ pairs (base b + 1, offsets b), the default pairing of ``--bits b``."""
+    widths = sorted({o.bits for opts in table.values() for o in opts}, reverse=True)
+    out = []
+    for b in widths:
+        base = min(8, b + 1) if options.residual else None
+        selection = {}
+        for key, opts in table.items():
+            found = _on_anchor(opts, b, base, options)
+            if found is None:
+                break
+            selection[key] = found
+        else:
+            out.append(Anchor(b, base, selection, upgrades(table, selection, options)))
+    return sorted(out, key=lambda a: a.nbytes, reverse=True)
+
+
+def _on_anchor(opts: list[Option], bits: int, base: int | None, options: QuantizeOptions) -> Option | None:
+    """The option of one tensor at the anchor's widths, on the most preferred grid priced."""
+    at = [o for o in opts if o.bits == bits and o.base_bits == base]
+    for grid in anchor_grids(options):
+        for o in at:
+            if _grid(o, options) == grid:
+                return o
+    return None
+
+
+def upgrades(table: dict[str, list[Option]], anchor: dict[str, Option], options: QuantizeOptions) -> dict[str, list[Option]]:
+    """Per tensor, its anchor option and what bytes can buy over it: never a narrower width (nor
+    base), the anchor's grid or, asked for, the MSE one; costing more and erring less."""
+    allowed = {_grid(o, options) for o in anchor.values()} | ({"mse"} if options.quantizer == "mse" else set())
+    out = {}
+    for key, opts in table.items():
+        a = anchor[key]
+        better = [o for o in opts if o.bits >= a.bits and (o.base_bits or 0) >= (a.base_bits or 0) and _grid(o, options) in allowed
+                  and o.nbytes > a.nbytes and o.error < a.error]  # fmt: skip
+        out[key] = [a, *better]
+    return out
+
+
+def total_budget(n_params: int, T: int, budget_bits: float | None, budget_bytes: int | None) -> int:
     if budget_bytes is not None:
-        total_budget = budget_bytes
-    elif budget_bits is not None:
-        total_budget = int(budget_bits * n_params * T / 8)
+        return budget_bytes
+    if budget_bits is not None:
+        return int(budget_bits * n_params * T / 8)
+    raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
+
+
+def plan_from(analysis: Analysis, T: int, budget_bits: float | None, budget_bytes: int | None, shortfall: int = 0,
+              anchor: Anchor | None = None) -> BitPlan:  # fmt: skip
+    """The bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes), ``shortfall``
+    bytes spared: the anchor plus the upgrades the rest buys, or (no anchor) the free choice."""
+    table, fixed, n_params = analysis
+    budget = total_budget(n_params, T, budget_bits, budget_bytes)
+    left = budget - fixed - shortfall
+    if anchor is None:
+        selection = choose(table, left)
+    elif anchor.nbytes >= left:
+        selection = dict(anchor.selection)
     else:
-        raise ConfigError("give exactly one of --budget-bits or --budget-bytes")
-    selection = choose(table, total_budget - fixed - shortfall)
-    bits = {k: o.bits for k, o in selection.items()}
-    base_bits = {k: o.base_bits for k, o in selection.items() if o.base_bits is not None}
-    schemes = {k: o.scheme for k, o in selection.items() if o.scheme is not None}
-    effective = budget_bits if budget_bits is not None else total_budget * 8 / max(n_params * T, 1)
-    return BitPlan(budget_bits=round(effective, 4), bits=bits, base_bits=base_bits, budget_bytes=total_budget, schemes=schemes)
+        selection = choose(anchor.candidates, left)
+    effective = budget_bits if budget_bits is not None else budget * 8 / max(n_params * T, 1)
+    return BitPlan(
+        budget_bits=round(effective, 4), bits={k: o.bits for k, o in selection.items()},
+        base_bits={k: o.base_bits for k, o in selection.items() if o.base_bits is not None}, budget_bytes=budget,
+        schemes={k: o.scheme for k, o in selection.items() if o.scheme is not None}, allocation="free" if anchor is None else "anchored",
+        anchor_bits=None if anchor is None else anchor.bits,
+    )  # fmt: skip
+
+
+def is_anchor(plan: BitPlan, anchor: Anchor | None) -> bool:
+    """Whether ``plan`` bought no upgrade: exactly the anchor's fixed scheme."""
+    return anchor is not None and all(plan.bits[k] == o.bits and plan.base_bits.get(k) == o.base_bits
+                                      and plan.schemes.get(k) == o.scheme for k, o in anchor.selection.items())  # fmt: skip
+
+
+def anchor_ladder(analysis: Analysis, T: int, options: QuantizeOptions, budget_bits: float | None, budget_bytes: int | None) -> list[Anchor]:
+    """The anchors worth writing, largest first: those whose estimate, less the generous guess of
+    the files' overheads, is within ``ANCHOR_SLACK`` of the budget (the codes' estimate errs a
+    few %; the written pack decides)."""
+    table, fixed, n_params = analysis
+    budget = total_budget(n_params, T, budget_bits, budget_bytes)
+    least = fixed - file_overheads(T, options.residual)
+    return [a for a in anchors(table, options) if least + a.nbytes <= budget * (1 + ANCHOR_SLACK)]
+
+
+def fixed_scheme(options: QuantizeOptions, anchor: Anchor) -> QuantizeOptions:
+    """The options of the anchor's fixed scheme, no plan: a pack that buys no upgrade is written
+    exactly as ``tvq quantize --bits b`` writes it (same bytes, so it fits a budget of its size)."""
+    grids = {_grid(o, options) for o in anchor.selection.values()}
+    grid = grids.pop() if len(grids) == 1 else options.quantizer
+    base = anchor.base_bits if options.residual else options.base_bits
+    return replace(options, bits=anchor.bits, base_bits=base, quantizer=grid, bit_plan=None)
+
+
+def _headline(options: QuantizeOptions, plan: BitPlan, anchor: Anchor | None) -> QuantizeOptions:
+    """The options that write ``plan``, with the method's headline widths: the anchor's, or the
+    most common ones."""
+    planned = replace(options, bit_plan=plan)
+    if anchor is not None:
+        planned.bits, planned.base_bits = anchor.bits, anchor.base_bits if options.residual else options.base_bits
+        return planned
+    if plan.bits:
+        planned.bits = Counter(plan.bits.values()).most_common(1)[0][0]
+    if plan.base_bits:
+        planned.base_bits = Counter(plan.base_bits.values()).most_common(1)[0][0]
+    return planned
 
 
 def quantize_within_budget(
@@ -409,6 +548,7 @@ def quantize_within_budget(
     budget_bits: float | None = None,
     budget_bytes: int | None = None,
     sensitivity: dict[str, float] | None = None,
+    allocation: str = "anchored",
     overwrite: bool = False,
     unsafe_pickle: bool = False,
     progress: bool = True,
@@ -416,8 +556,14 @@ def quantize_within_budget(
     executor: Executor | None = None,
 ) -> QuantizeReport:
     """Allocate, write, measure: the pack's bytes on disk end at or under the budget. The
-    caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of)."""
+    caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of).
+
+    ``allocation="anchored"`` writes the largest fixed scheme that fits plus upgrades (a pack that
+    is only its anchor and still does not fit falls back to the next smaller anchor; below the
+    smallest one the choice is free); ``"free"`` chooses every tensor's width by the error alone."""
     check_budget(budget_bits, budget_bytes)
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation={allocation!r} is unknown: choose {' or '.join(ALLOCATIONS)}")
     options = options.validated()
     pre, T = open_checkpoint(pretrained), len(finetuned)
     check_feasible(floor_of(pre, T, options), T, budget_bits, budget_bytes, pretrained, codes=False)  # metadata: instant
@@ -430,20 +576,34 @@ def quantize_within_budget(
         unchanged = unchanged_keys(pre, readers, options)
         check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
-    shortfall = 0
-    for attempt in range(4):
-        plan = plan_from(analysis, len(finetuned), budget_bits, budget_bytes, shortfall)
-        planned = replace(options, bit_plan=plan)
-        if plan.bits:  # the method's headline widths: the most common ones
-            planned.bits = Counter(plan.bits.values()).most_common(1)[0][0]
-        if plan.base_bits:
-            planned.base_bits = Counter(plan.base_bits.values()).most_common(1)[0][0]
+    ladder = anchor_ladder(analysis, T, options, budget_bits, budget_bytes) if allocation == "anchored" else []
+
+    def write(planned: QuantizeOptions, attempt: int) -> QuantizeReport:
+        return quantize(pretrained, finetuned, out, planned, overwrite=overwrite or attempt > 0, unsafe_pickle=unsafe_pickle,
+                        progress=progress, average_out=average_out, executor=executor)  # fmt: skip
+
+    return _fit(analysis, ladder, options, T, budget_bits, budget_bytes, write, out)
+
+
+def _fit(analysis: Analysis, ladder: list[Anchor], options: QuantizeOptions, T: int, budget_bits: float | None, budget_bytes: int | None,
+         write: Callable[[QuantizeOptions, int], QuantizeReport], out: str | Path) -> QuantizeReport:  # fmt: skip
+    """Plan, write, measure until the pack fits: an overshoot spares its bytes from the next plan;
+    an anchor alone that overshoots is written bare (no budget record), then the next one down."""
+    shortfall, bare = 0, False
+    for attempt in range(MAX_WRITES):
+        anchor = ladder[0] if ladder else None
+        plan = plan_from(analysis, T, budget_bits, budget_bytes, shortfall, anchor)
         assert plan.budget_bytes is not None  # plan_from sets it
-        report = quantize(
-            pretrained, finetuned, out, planned, overwrite=overwrite or attempt > 0,
-            unsafe_pickle=unsafe_pickle, progress=progress, average_out=average_out, executor=executor,
-        )
+        pure = anchor is not None and is_anchor(plan, anchor)
+        if pure and anchor is not None and not bare:  # room for its record, by the estimate?
+            bare = plan.budget_bytes - analysis[1] - shortfall - anchor.nbytes < RECORD_ROOM
+        report = write(fixed_scheme(options, anchor) if pure and bare and anchor is not None else _headline(options, plan, anchor), attempt)
         if report.bytes_written <= plan.budget_bytes:
             return report
+        if pure and not bare:  # the fixed scheme with its record does not fit: bare, as `tvq quantize` writes it
+            bare = True
+        elif pure:  # the fixed scheme itself does not fit: the next smaller one
+            ladder.pop(0)
+            bare = False
         shortfall += report.bytes_written - plan.budget_bytes + 1024
     raise ConfigError(f"{out}: could not fit the budget of {plan.budget_bytes:,} bytes ({report.bytes_written:,} written)")

@@ -56,7 +56,8 @@ def options_of(pack: Pack) -> QuantizeOptions:
         quantizer=m.quantizer,
         group_size=m.group_size or 128,
         bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits,
-                         schemes={k: e.scheme for k, e in first.items() if isinstance(e, QuantizedEntry) and e.scheme != m.quantizer}),
+                         schemes={k: e.scheme for k, e in first.items() if isinstance(e, QuantizedEntry) and e.scheme != m.quantizer},
+                         allocation=m.allocation, anchor_bits=m.anchor_bits),
         entropy="auto" if _entropy_coded(pack) else "off",  # a pack keeps its format version as it grows
     )
 

@@ -15,9 +15,9 @@ from typing import TypeAlias
 import torch
 
 from tvq.encode.options import QuantizeOptions
-from tvq.io.content_hash import DEFAULT_ALGORITHM, new_hasher
+from tvq.io.base_check import digest_line
+from tvq.io.content_hash import DEFAULT_ALGORITHM
 from tvq.io.readers import CheckpointReader, open_checkpoint
-from tvq.io.safetensors_writer import tensor_bytes
 from tvq.io.stamps import input_stamp
 from tvq.quant.selection import TensorRole
 from tvq.quant.stored import StoredTensor
@@ -102,7 +102,5 @@ def resolve(source: Source, unsafe_pickle: bool = False) -> CheckpointReader:
 
 
 def tensor_digest(key: str, t: torch.Tensor, algorithm: str = DEFAULT_ALGORITHM) -> str:
-    """One line of an input's content hash: name, dtype, shape and the hash of the bytes."""
-    h = new_hasher(algorithm)
-    h.update(tensor_bytes(t))
-    return f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|{h.hexdigest()}\n"
+    """One line of an input's content hash (``tvq.io.base_check``, which merges check it with)."""
+    return digest_line(key, t, algorithm)

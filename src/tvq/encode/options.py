@@ -25,6 +25,10 @@ class BitPlan:
     base_bits: dict[str, int] = field(default_factory=dict)
     budget_bytes: int | None = None
     schemes: dict[str, str] = field(default_factory=dict)  # a task tensor's quantizer, where not the pack's own
+    # how the widths were chosen (tvq.encode.budget): "anchored" on the fixed scheme at ``anchor_bits``
+    # plus upgrades, or "free" per tensor; None where not recorded (packs before either existed)
+    allocation: str | None = None
+    anchor_bits: int | None = None
 
     def get(self, key: str, base: bool = False) -> int | None:
         return (self.base_bits if base else self.bits).get(key)
@@ -112,4 +116,6 @@ class QuantizeOptions:
             quantizer=self.quantizer,
             group_size=self.group_size if self.quantizer == "group" else None,
             budget_bits=self.bit_plan.budget_bits if self.bit_plan is not None else None,
+            allocation=self.bit_plan.allocation if self.bit_plan is not None else None,  # type: ignore[arg-type]  # checked by Method
+            anchor_bits=self.bit_plan.anchor_bits if self.bit_plan is not None else None,
         )

@@ -2,28 +2,34 @@
 of the largest tensor.
 
 A method that merges by blocks (``MergeMethod.merges_by_blocks``: an elementwise method, whose
-merged element depends only on that element's T values) gets ``[T, n]`` flat blocks of
-``block`` elements in order; each task's block is read alone (packs decode only the codes, or
-the zstd frames, covering it: ``Pack.task_blocks``; safetensors checkpoints read only its
-bytes: ``CheckpointBlocks``), merged (from codes where the method and the inputs allow, as a
-whole tensor would be), added to θ_pre's block, cast, and handed to the writer as one piece
-of the output tensor (``Chunked``). The same fp32 operations run on every element as on the
-whole tensor, so the output bytes are the same; the working set is about (T + 3) blocks of
-fp32 whatever the tensor's size. Tensors no larger than a block, methods that need the whole
-tensor, and inputs that cannot be read by blocks (in-memory task vectors, torch files,
-group-wise schemes, transformed sources) take the whole-tensor path.
+merged element depends only on that element's T values, or one whose per-tensor statistics
+are computed first, exactly, from passes over the blocks: TIES's cut-offs and majority sign,
+``MergeMethod.block_merger``) gets ``[T, n]`` flat blocks of ``block`` elements in order,
+each with the flat index of its first element; each task's block is read alone (packs decode
+only the codes, or the zstd frames, covering it: ``Pack.task_blocks``; safetensors
+checkpoints read only its bytes: ``CheckpointBlocks``), merged (from codes where the method
+and the inputs allow, as a whole tensor would be), added to θ_pre's block, cast, and handed
+to the writer as one piece of the output tensor (``Chunked``). The same fp32 operations run
+on every element as on the whole tensor, so the output bytes are the same; the working set
+is about (T + 3) blocks of fp32 whatever the tensor's size (a pre-pass reads the inputs
+again, one block at a time; whole-model pre-passes, global TIES's, stream the same way:
+``model_blocks``). Tensors no larger than a block, methods that need the whole tensor, and
+inputs that cannot be read by blocks (in-memory task vectors, torch files, group-wise
+schemes, transformed sources) take the whole-tensor path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from tqdm import tqdm
 
 from tvq.errors import TvqError
 from tvq.io.readers import MemoryReader, SafetensorsReader, element_reader
-from tvq.merge.registry import MergeMethod
+from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod
 from tvq.merge.source import BlockReader, TaskSource
 from tvq.pack.blocks import ALIGN, values
 from tvq.quant.coded import CodedTensor
@@ -39,6 +45,48 @@ class Chunked:
     shape: tuple[int, ...]
     dtype: torch.dtype
     chunks: Iterator[torch.Tensor]
+
+
+def block_elements(block: int | None = None) -> int:
+    """Elements per block: ``block`` (None: ``BLOCK_ELEMENTS``, read now: tests set it) rounded up to ``ALIGN``."""
+    block = block or BLOCK_ELEMENTS
+    return block + (-block) % ALIGN
+
+
+def dense_block(readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of every task as one ``[T, m]`` fp32 stack (filled task by task)."""
+    stack = torch.empty((len(readers), end - start))
+    for i, reader in enumerate(readers):
+        part = reader.read(start, end)
+        stack[i] = values(part) if isinstance(part, CodedTensor) else part
+    return stack
+
+
+def tensor_blocks(source: TaskSource, key: str, block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """One pass over τ of ``key``, every task, as flat ``[T, m]`` fp32 blocks in order (first
+    element, block): by blocks when the tensor is larger than a block and every input reads by
+    blocks, else the whole stack as one block. Metered like ``TaskSource.stack``: a pre-pass
+    over a large tensor then holds T blocks, not T copies of the tensor."""
+    n, step = source.numel(key), block_elements(block)
+    readers = source.blocks(key) if n > step else None
+    if readers is None:
+        yield 0, source.stack(key).reshape(len(source.tasks), -1)
+        return
+    source.count_read(key)
+    for start in range(0, n, step):
+        yield start, dense_block(readers, start, min(start + step, n))
+
+
+def model_blocks(
+    source: TaskSource, block: int | None = None, desc: str = "", progress: bool = False, keys: Collection[str] | None = None
+) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """One pass over every merged tensor (``source.keys``, in order; only ``keys`` when given) by
+    ``tensor_blocks``: (key, first element, block), a whole-model pre-pass (``tvq.merge.ops.Stream``)."""
+    names = source.keys if keys is None else [k for k in source.keys if k in keys]
+    for key in tqdm(names, desc=desc, unit="tensor", disable=not progress):
+        for start, part in tensor_blocks(source, key, block):
+            yield key, start, part
+            del part  # before the next block is read
 
 
 def may_code(method: MergeMethod) -> bool:
@@ -64,11 +112,11 @@ class BlockMerge:
     method: MergeMethod
     source: TaskSource
     block: int | None = None  # elements per block (None: ``BLOCK_ELEMENTS``); rounded up to ``ALIGN``
+    prepass_bytes: int = 0  # input bytes the methods' per-tensor pre-passes read (``block_merger``)
 
     @property
     def elements(self) -> int:
-        block = self.block or BLOCK_ELEMENTS
-        return block + (-block) % ALIGN
+        return block_elements(self.block)
 
     def plan(self, keys: Iterable[str]) -> set[str]:
         """The keys that stream by blocks: larger than a block, with every input readable by blocks."""
@@ -94,11 +142,27 @@ class BlockMerge:
         self, key: str, readers: list[BlockReader], pre: SafetensorsReader | MemoryReader, dtype: torch.dtype | None
     ) -> Iterator[torch.Tensor]:
         n, step = self.source.numel(key), self.elements
+        merger = self.method.block_merger(key, n, BlockPasses(partial(self._prepass, key), partial(self._parts, key)))
         for start in range(0, n, step):
             end = min(start + step, n)
-            yield merged_value(key, self._merge(key, readers, start, end), pre.get_elements(key, start, end), dtype)
+            yield merged_value(key, self._merge(merger, readers, start, end), pre.get_elements(key, start, end), dtype)
 
-    def _merge(self, key: str, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
+    def _prepass(self, key: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """A fresh pass over ``key``'s blocks for a method's per-tensor statistics (counted read)."""
+        self.prepass_bytes += self.source.nbytes(key)
+        return tensor_blocks(self.source, key, self.block)
+
+    def _parts(self, key: str) -> Iterator[list[CodedTensor | torch.Tensor]]:
+        """A fresh pass over ``key``'s blocks as every task's part as read (counted read)."""
+        self.prepass_bytes += self.source.nbytes(key)
+        readers = self.source.blocks(key)
+        if readers is None:
+            raise RuntimeError(f"'{key}' cannot be read by blocks")  # plan() said it could: a bug
+        n, step = self.source.numel(key), self.elements
+        for start in range(0, n, step):
+            yield [reader.read(start, min(start + step, n)) for reader in readers]
+
+    def _merge(self, merger: BlockMerger, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
         """δ of elements ``[start, end)``: from every task's codes where all are coded and the
         method merges codes, else from the dense ``[T, n]`` stack (filled task by task)."""
         coded: list[CodedTensor] = []
@@ -114,10 +178,10 @@ class BlockMerge:
                     stack[j] = values(earlier)
             stack[i] = values(part) if isinstance(part, CodedTensor) else part
         if stack is None:
-            merged = self.method.merge_coded(key, coded) if may_code(self.method) else None
+            merged = merger.merge_coded(start, coded) if may_code(self.method) else None
             if merged is not None:
                 return merged
             stack = torch.empty((len(readers), end - start))
             for j, part in enumerate(coded):
                 stack[j] = values(part)
-        return self.method.merge_tensor(key, stack).reshape(-1)
+        return merger.merge_tensor(start, stack).reshape(-1)

@@ -5,9 +5,8 @@ merge config that reproduces the folder, see ``tvq.merge.recipe``)."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from tvq.pack.manifest import Method
 from tvq.pack.reader import open_pack
 
 TVQ_URL = "https://github.com/AIM-SKKU/TVQ"
-UNIFIED_RECIPE_FILE = "tvq_recipe.sh"  # a task's model from a unified EMR pack: the command that writes it
 
 
 @dataclass(frozen=True)
@@ -84,17 +82,20 @@ def card_files(
         tags=["merge", "tvq", "task-vectors", str(plan.method)] + (["mergekit"] if mergekit_text is not None else []),
         merge_method=plan.method,
         tvq={"method": plan.method, "options": options, "tasks": [t.as_dict() for t in tasks], "dtype": plan.dtype or "same",
-             **({"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {})},
+             **({"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {}),
+             **({"task": plan.task} if plan.task is not None else {})},
     )  # fmt: skip
     rows = "\n".join(
         f"| {t.name} | {t.source} | {t.pack.label if t.pack is not None else 'FP32'} | `{t.path or '-'}` |" for t in tasks
     )
     option_rows = "\n".join(f"| `{k}` | `{_inline(v)}` |" for k, v in options.items())
     recipe = write_recipe(plan)
+    task_note = f" (the model of task `{plan.task}`)" if plan.task is not None else ""
+    from_mergekit = f" (read from a mergekit config, kept as `{MERGEKIT_FILE}`)" if mergekit_text is not None else ""
     body = f"""# Merged model
 
 Merged with [tvq]({TVQ_URL}) from the task vectors of {len(tasks)} task(s) on top of `{base}`,
-with **{plan.method}**{" (read from a mergekit config, kept as `" + MERGEKIT_FILE + "`)" if mergekit_text is not None else ""}.
+with **{plan.method}**{task_note}{from_mergekit}.
 
 ## Method options
 
@@ -130,10 +131,9 @@ writes the same weights, byte for byte.
 
 
 def emr_task_files(plan: MergePlan, unified: Path, task: str, *, loadable: bool) -> dict[str, str]:
-    """The card of one task's model written from a unified EMR pack (``tvq merge --method emr
-    --unified PACK --task NAME``): the merge it comes from is the pack's, so what reproduces the
-    folder is that command (tvq's recipe schema names packs of task vectors, not unified packs),
-    given in the card and as ``tvq_recipe.sh``."""
+    """The card and recipe of one task's model written from a unified EMR pack (``tvq merge
+    --method emr --unified PACK --task NAME``): the merge it comes from is the pack's, so the
+    recipe names the pack (``unified``) and the task, with no packs or method options."""
     base = str(plan.pretrained) if plan.pretrained is not None else None
     extra = {"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {}
     data = ModelCardData(
@@ -143,11 +143,7 @@ def emr_task_files(plan: MergePlan, unified: Path, task: str, *, loadable: bool)
         merge_method="emr",
         tvq={"method": "emr", "unified": str(unified), "task": task, "tasks": list(plan.tasks or []), "dtype": plan.dtype or "same", **extra},
     )
-    command = " ".join(
-        ["tvq merge --method emr", f"--unified {shlex.quote(str(unified))}", f"--task {shlex.quote(task)}",
-         f"--pretrained {shlex.quote(base or 'BASE')}", f"--dtype {plan.dtype or 'same'}"]
-        + ([f"--norm-stats {shlex.quote(plan.norm_stats)}"] if plan.norm_stats is not None else []) + ["--out OUT"]
-    )  # fmt: skip
+    recipe = write_recipe(replace(plan, method="emr", options={}, packs=[], finetuned={}, tasks=None, task=task, unified=unified))
     body = f"""# Merged model: task `{task}` of an EMR merge
 
 Written with [tvq]({TVQ_URL}) from the unified EMR pack `{unified}` (tasks: {", ".join(plan.tasks or [])}):
@@ -156,16 +152,20 @@ Written with [tvq]({TVQ_URL}) from the unified EMR pack `{unified}` (tasks: {", 
 
 ## Reproduce
 
-`{UNIFIED_RECIPE_FILE}` beside this card holds the command; with the same inputs,
+`{RECIPE_FILE}` beside this card holds the recipe; with the same inputs,
 
 ```
-{command}
+tvq merge --config {RECIPE_FILE} --out OUT
 ```
 
 writes the same weights, byte for byte.
+
+```yaml
+{recipe.rstrip()}
+```
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    return {"README.md": str(card), UNIFIED_RECIPE_FILE: command + "\n"}
+    return {"README.md": str(card), RECIPE_FILE: recipe}
 
 
 def _inline(value: Any) -> str:

@@ -3,9 +3,10 @@
 Per tensor: stack the T task vectors (fp32), let the method merge them, add θ_pre in place,
 cast to the output dtype, append to the output. Peak memory ≈ (T + 2) × the largest tensor
 plus the method's temporaries and the output buffer, whatever the model size. Methods that
-merge by blocks (elementwise ones: task arithmetic, average) stream every tensor larger than
-a block a block of elements at a time into a safetensors output (tvq.merge.blocks): their
-working set is (T + 3) blocks, whatever the largest tensor, with the same bytes out.
+merge by blocks (elementwise ones: task arithmetic, average; TIES, whose per-tensor cut-offs
+and majority sign come from pre-passes over the blocks) stream every tensor larger than a
+block a block of elements at a time into a safetensors output (tvq.merge.blocks): their
+working set is about (T + 3) blocks, whatever the largest tensor, with the same bytes out.
 
 That per-tensor work is a ``MergeJob`` run by any ``tvq.execute`` executor (local threads,
 Ray); the driver writes the results in key order, so the output is byte-identical whichever
@@ -339,10 +340,12 @@ def merge(
         plan = merge_plan(m, pretrained, task_vectors, dtype, norm_stats)
         files = {**card_files(plan, task_records(_origins(task_vectors)), loadable=folder is not None,
                               mergekit_text=files.pop(MERGEKIT_FILE, None)), **files}  # fmt: skip
-    report = write_model(pre, method_work(m, source, executor, unsafe_pickle), set(source.keys), out, label, source.tasks,
+    work = method_work(m, source, executor, unsafe_pickle)
+    report = write_model(pre, work, set(source.keys), out, label, source.tasks,
                          dtype=dtype_, hf_from=folder, max_shard_size=shard_bytes, progress=progress,
                          executor=executor, overwrite=overwrite, statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
-    report.bytes_read = prepared + pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
+    prepasses = work.blocks.prepass_bytes if isinstance(work, LocalWork) and work.blocks is not None else 0
+    report.bytes_read = prepared + pass_bytes(source) + prepasses + (stats.bytes_read if stats is not None else 0)
     report.kept = m.kept_density(source)
     return report
 
@@ -371,7 +374,7 @@ def merge_plan(
     dtype_name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
     options = method.options.model_dump(by_alias=True, mode="json")
     return MergePlan(Path(RECIPE_FILE), "tvq", method.name, options, Path(pre_path) if pre_path else None, packs, finetuned,
-                     list(origins), dtype=dtype_name, norm_stats=norm_stats)  # fmt: skip
+                     list(origins), dtype=dtype_name, norm_stats=norm_stats, task=method.task)  # fmt: skip
 
 
 def emr_task_model(

@@ -23,7 +23,7 @@ entries are zeros, which change no merged value: they are taken in index order, 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -311,9 +311,10 @@ def global_kth_largest(batches: Callable[[], Iterable[torch.Tensor]], k: int, ro
     return global_select(batches, k, rows)[0]
 
 
-def global_select(batches: Callable[[], Iterable[torch.Tensor]], k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def global_select(batches: Callable[[], Iterable[torch.Tensor]], k: int | torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, over many ``[rows, ...]`` tensors in two streaming passes: the exact k-th
-    largest |x|, how many entries equal to it the top k takes, and how many there are.
+    largest |x| (``k``: one count, or one per row, each in [1, entries]), how many entries
+    equal to it the top k takes, and how many there are.
 
     |x| as fp32 is non-negative, so its int32 bit pattern orders like the value: pass 1
     counts the high 15 bits, which pins the bucket holding the k-th largest; pass 2 counts
@@ -325,7 +326,8 @@ def global_select(batches: Callable[[], Iterable[torch.Tensor]], k: int, rows: i
             for bits in _abs_bits(batch[r]):
                 hi[r] += torch.bincount(bits >> 16, minlength=1 << 15)
         del batch  # free it before the generator builds the next one
-    bucket, rank = _locate(hi, torch.full((rows,), k, dtype=torch.int64))
+    counts = torch.full((rows,), k, dtype=torch.int64) if isinstance(k, int) else k.to(torch.int64)
+    bucket, rank = _locate(hi, counts)
     lo = torch.zeros(rows, 1 << 16, dtype=torch.int64)
     for batch in batches():
         for r in range(rows):
@@ -375,3 +377,75 @@ def dare_(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int) -> torc
     if rescale:
         tau.div_(1.0 - drop_rate)
     return tau
+
+
+# one pass over the tensors named (None: all): (tensor name, first flat element, flat [T, m] fp32 block)
+Stream = Callable[[Collection[str] | None], Iterable[tuple[str, int, torch.Tensor]]]
+
+
+def tie_cuts(stream: Stream, seeds: Callable[[int, str], int], thresholds: torch.Tensor, need: dict[int, int]) -> dict[int, tuple[int, str, int]]:
+    """Where the top k of each task t in ``need`` ends among its entries tied at
+    ``thresholds[t]`` over every tensor of ``stream``: the ``need[t]``-th in hash order (hash,
+    tensor name, flat index) as (hash cut, tensor name, index); at a cut-off of 0 in (tensor
+    name, index) order (``tie_hashes``); ``seeds(t, key)`` is task t's ``tie_seed`` of a tensor. Two streaming passes of bounded memory, whatever the
+    block size: a 2^16-bin histogram of the hashes' high halves (and the zeros per tensor),
+    then the few entries in the bucket that holds the cut (and the zero at the cut: with no
+    hashed task, that pass reads only the tensors holding the cuts)."""
+    zero = [t for t in need if float(thresholds[t]) == 0]
+    hashed = [t for t in need if t not in zero]
+    hist = torch.zeros(len(hashed), 1 << 16, dtype=torch.int64)
+    zeros: dict[int, dict[str, int]] = {t: {} for t in zero}
+    for key, start, block in stream(None):
+        for t in zero:
+            zeros[t][key] = zeros[t].get(key, 0) + int((block[t] == 0).sum())
+        for j, _, h in _tied_hashes(block, start, key, hashed, seeds, thresholds):
+            hist[j] += torch.bincount(h >> 16, minlength=1 << 16)
+        del block  # before the next one is read
+    zero_at = {t: _zero_rank(zeros[t], need[t]) for t in zero}
+    wanted = torch.tensor([need[t] for t in hashed], dtype=torch.int64)
+    cum = hist.cumsum(dim=1)
+    bucket = torch.searchsorted(cum, wanted.unsqueeze(1)).squeeze(1)  # first bin reaching the count
+    rank = wanted - (cum.gather(1, bucket.unsqueeze(1)) - hist.gather(1, bucket.unsqueeze(1))).squeeze(1)
+    found: list[list[tuple[torch.Tensor, str, torch.Tensor]]] = [[] for _ in hashed]
+    cuts: dict[int, tuple[int, str, int]] = {}
+    for key, start, block in stream(None if hashed else {at[0] for at in zero_at.values()}):
+        for t in zero:
+            cut_key, remaining = zero_at[t]
+            if key == cut_key and t not in cuts:
+                where = torch.nonzero(block[t] == 0).squeeze(1)
+                if remaining <= where.numel():
+                    cuts[t] = (0, key, start + int(where[remaining - 1]))
+                zero_at[t] = (cut_key, remaining - where.numel())
+        for j, tied, h in _tied_hashes(block, start, key, hashed, seeds, thresholds):
+            inside = (h >> 16) == bucket[j]
+            if bool(inside.any()):
+                found[j].append((h[inside] & 0xFFFF, key, tied[inside]))
+        del block
+    for j, t in enumerate(hashed):
+        entries = sorted((int(lo), key, int(i)) for low, key, index in found[j] for lo, i in zip(low, index, strict=True))
+        lo, key, index = entries[int(rank[j]) - 1]
+        cuts[t] = ((int(bucket[j]) << 16) | lo, key, index)
+    return cuts
+
+
+def _zero_rank(per_key: dict[str, int], need: int) -> tuple[str, int]:
+    """The tensor (in name order) holding the ``need``-th zero, and its rank among that tensor's zeros."""
+    remaining = need
+    key = ""
+    for key in sorted(per_key):
+        if remaining <= per_key[key]:
+            break
+        remaining -= per_key[key]
+    return key, remaining
+
+
+def _tied_hashes(
+    block: torch.Tensor, start: int, key: str, rows: list[int], seeds: Callable[[int, str], int], thresholds: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per row j of ``rows``: the flat indices (from ``start``) of the block's entries tied at the
+    row's cut-off, and their hashes."""
+    for j, t in enumerate(rows):
+        tied = torch.nonzero(block[t].abs() == thresholds[t]).squeeze(1)
+        if tied.numel():
+            tied += start
+            yield j, tied, element_hash(seeds(t, key), tied)

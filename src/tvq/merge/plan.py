@@ -49,6 +49,8 @@ class MergePlan:
     packs: list[Path] = field(default_factory=list)
     finetuned: dict[str, Path] = field(default_factory=dict)
     tasks: list[str] | None = None  # the merge's tasks in order (None: every task of the inputs)
+    task: str | None = None  # per-task methods (EMR): the task whose model is written (None: the unified pack)
+    unified: Path | None = None  # EMR: the unified pack the task's model is read from (instead of packs)
     dtype: str | None = None
     norm_stats: str | None = None
     quantize: QuantizeStep | None = None

@@ -9,9 +9,15 @@ tvq's own schema (YAML or JSON; what a merged folder's ``tvq_recipe.yml`` holds)
     packs: [packs/tvq4]
     finetuned: {extra: ft/extra}
     tasks: [sst2, mnli, extra]      # which tasks, in which order (default: all)
+    task: sst2                      # EMR: this task's model (default: the unified pack)
+    unified: emr.safetensors        # EMR: read task's model from this unified pack (no packs, no options)
     dtype: same
     norm_stats: mean
     quantize: {pretrained: base/, finetuned: {sst2: ft/sst2}, bits: 4, out: packs/tvq4}
+
+Every key is optional, so the schema grows compatibly: ``task`` and ``unified`` came later (the
+recipe of one task's model from a unified EMR pack), and recipes written before them load as
+they did. (A tvq older than a key reads it as a method option, and refuses it in one line.)
 
 mergekit's schema is recognised by ``merge_method`` (``tvq.merge.mergekit_config``).
 """
@@ -46,6 +52,8 @@ class TvqInputs(BaseModel):
     packs: list[str] = []
     finetuned: dict[str, str] = {}
     tasks: list[str] | None = None
+    task: str | None = None
+    unified: str | None = None
     dtype: Literal["same", "float32", "float16", "bfloat16"] | None = None
     norm_stats: str | None = None
     quantize: QuantizeStep | None = None
@@ -80,7 +88,8 @@ def read_tvq(data: dict[str, Any], path: Path, text: str = "") -> MergePlan:
         pretrained=Path(given.pretrained) if given.pretrained is not None else None,
         packs=[Path(p) for p in given.packs],
         finetuned={name: Path(p) for name, p in given.finetuned.items()},
-        tasks=given.tasks, dtype=given.dtype, norm_stats=given.norm_stats, quantize=given.quantize, text=text,
+        tasks=given.tasks, task=given.task, unified=Path(given.unified) if given.unified is not None else None,
+        dtype=given.dtype, norm_stats=given.norm_stats, quantize=given.quantize, text=text,
     )  # fmt: skip
 
 
@@ -93,8 +102,12 @@ def write_recipe(plan: MergePlan) -> str:
         data["packs"] = [str(Path(p).absolute()) for p in plan.packs]
     if plan.finetuned:
         data["finetuned"] = {name: str(Path(p).absolute()) for name, p in plan.finetuned.items()}
+    if plan.unified is not None:
+        data["unified"] = str(Path(plan.unified).absolute())
     if plan.tasks is not None:
         data["tasks"] = list(plan.tasks)
+    if plan.task is not None:
+        data["task"] = plan.task
     data["dtype"] = plan.dtype or "same"
     if plan.norm_stats is not None:
         data["norm_stats"] = plan.norm_stats

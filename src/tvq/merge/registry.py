@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -103,6 +103,35 @@ class KeptDensity:
         return text + (f", {self.missing} task-tensor pairs not counted (remote workers)" if self.missing else "")
 
 
+Blocks = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # a fresh pass over one tensor: (first flat element, [T, m] fp32 block)
+Parts = Callable[[], Iterator[list[CodedTensor | torch.Tensor]]]  # a fresh pass: each block as every task's part, as read
+
+
+@dataclass(frozen=True)
+class BlockPasses:
+    """Fresh passes over one tensor's blocks, in order: ``dense`` gives each block as a ``[T, m]``
+    fp32 stack, ``parts`` as every task's part as read (a value table and codes where the input
+    is coded, else fp32 values: statistics from code histograms decode no values)."""
+
+    dense: Blocks
+    parts: Parts
+
+
+class BlockMerger:
+    """One tensor merged block by block (flat ``[T, m]`` blocks in order; ``start`` is a block's
+    first element): an elementwise method's own merge of each block, which needs no statistics
+    of the tensor. Methods with per-tensor statistics return their own (``block_merger``)."""
+
+    def __init__(self, method: MergeMethod, key: str) -> None:
+        self.method, self.key = method, key
+
+    def merge_tensor(self, start: int, taus: torch.Tensor) -> torch.Tensor:
+        return self.method.merge_tensor(self.key, taus)
+
+    def merge_coded(self, start: int, coded: list[CodedTensor]) -> torch.Tensor | None:
+        return self.method.merge_coded(self.key, coded)
+
+
 class MergeMethod(ABC):
     """A merge method. Subclasses set ``Options`` and implement ``merge_tensor``."""
 
@@ -186,6 +215,12 @@ class MergeMethod(ABC):
         whose per-tensor statistics come from ``prepare`` may say so too. The rest merge each
         tensor whole, (T + 3) fp32 copies of it."""
         return self.elementwise
+
+    def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
+        """How ``key`` (``numel`` elements; ``merges_by_blocks``) merges by blocks: after any
+        per-tensor statistics, computed exactly from fresh passes over its blocks (``passes``),
+        an object that merges each block as the whole tensor would merge those elements."""
+        return BlockMerger(self, key)
 
     def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
         """Per-task methods only: write the compact all-tasks artifact instead of one model."""
@@ -321,7 +356,8 @@ def describe_option(name: str, f: Any) -> str:
 def memory_note(cls: type[MergeMethod]) -> str:
     """How a method holds a tensor while merging it (shown in ``tvq merge --help``)."""
     if cls.elementwise or cls.merges_by_blocks is not MergeMethod.merges_by_blocks:
-        return "streams large tensors by blocks into safetensors outputs: memory independent of the tensor's size"
+        passes = ", its per-tensor statistics from extra passes over them" if cls.block_merger is not MergeMethod.block_merger else ""
+        return f"streams large tensors by blocks into safetensors outputs{passes}: memory independent of the tensor's size"
     return "merges each tensor whole: about (T + 3) fp32 copies of the largest"
 
 

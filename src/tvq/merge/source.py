@@ -22,6 +22,7 @@ import torch
 
 from tvq.config import PaperLoadConfig
 from tvq.errors import CheckpointError, ConfigError, where
+from tvq.io.base_check import BaseChecker
 from tvq.io.readers import (
     CheckpointReader,
     MemoryReader,
@@ -399,6 +400,15 @@ def _open_inputs(inputs: MergeInputs, stamps: tuple[tuple[int, int], ...]) -> Ta
     if missing:
         raise CheckpointError(f"task {missing[0]!r} is not in the inputs as this worker sees them (packs changed?)")
     return TaskSource(pre, vectors.select(inputs.tasks), statistics=inputs.statistics)
+
+
+def check_pack_bases(pretrained: CheckpointReader, packs: Sequence[str | Path]) -> None:
+    """Refuse a pretrained model other than the one each pack was made from, by content hash
+    (``tvq.io.base_check``): keys and shapes match for any revision of a model. One hashing
+    pass per digest algorithm, whatever the number of packs; run it before writing outputs."""
+    checker = BaseChecker(pretrained)
+    for path in packs:
+        checker.check(open_pack(path).manifest.pretrained.digest, path)
 
 
 def _check_pack_shapes(pack: Pack, float_metas: dict[str, TensorMeta], pre: CheckpointReader) -> None:

@@ -89,7 +89,8 @@ tvq merge --method ties --pack PACK --pretrained BASE --out merged/
 tvq export PACK --task TASK --model -p BASE --out-kind folder --out TASK/
 ```
 
-`PACK` is this folder; `BASE` is the pretrained model above (tvq checks its content hash before merging).
+`PACK` is this folder; `BASE` is the pretrained model above (tvq checks its content hash before merging or
+exporting, and refuses another model of the same shapes).
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 

@@ -212,6 +212,18 @@ class Method(_Strict):
     group_size: int | None = None
     key_rule: Literal["ndim", "paper"] = "ndim"
     budget_bits: float | None = None  # set when bits were allocated per tensor under a budget
+    # how (tvq.encode.budget): on the fixed scheme of ``anchor_bits`` plus upgrades, or free per
+    # tensor. Optional (older packs lack them) and left out of the JSON when absent, as rel_error_quantized
+    allocation: Literal["anchored", "free"] | None = None
+    anchor_bits: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        for name in ("allocation", "anchor_bits"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
     @property
     def label(self) -> str:

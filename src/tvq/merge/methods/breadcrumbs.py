@@ -22,6 +22,7 @@ weights are the path above, bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -29,7 +30,12 @@ from pydantic import Field
 
 from tvq.merge.ops import TieRule, kth_largest, rows_topk, tie_seed
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
+from tvq.merge.source import TaskSource
 from tvq.merge.weights import PerTask, PerTaskFraction, linear_fuse, per_task
+
+
+class BreadcrumbsRowsWarning(UserWarning):
+    """Per-row Breadcrumbs keeps nothing of tensors whose rows are shorter than 1/density."""
 
 
 class BreadcrumbsOptions(MethodOptions):
@@ -89,6 +95,23 @@ class Breadcrumbs(MergeMethod):
         self.weights = torch.tensor(per_task(o.weight, self.tasks, "weight", self.name))
         self.weighted = not bool((self.weights == 1).all())
         self.uniform = len(set(self.densities)) == 1 and len(set(self.gammas)) == 1  # one pair of cuts for every task
+
+    def prepare(self, source: TaskSource, progress: bool = False) -> None:
+        """Say so when the reference's per-row cut keeps nothing: a conv kernel's rows hold k
+        entries (1, 3, 5), so int(density·k) is 0 and a CNN merges as its pretrained model."""
+        if self.options.scope != "row":
+            return
+        empty = [k for k in source.keys if len(shape := source.shape(k)) > 0 and math.prod(shape) > 0
+                 and int(max(self.densities) * shape[-1]) == 0]  # fmt: skip
+        if empty:
+            example = empty[0]
+            warnings.warn(
+                f"{self.name}: {len(empty)} of {len(source.keys)} tensors (e.g. {example}, rows of {source.shape(example)[-1]}) keep "
+                "no entry: the reference cuts each row of the last dimension and keeps int(density·n) of its n entries; "
+                "scope=tensor cuts per tensor (mergekit's rule)",
+                BreadcrumbsRowsWarning,
+                stacklevel=2,
+            )
 
     def topk_density(self) -> float | None:
         return sum(self.densities) / len(self.densities)

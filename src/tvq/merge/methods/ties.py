@@ -9,6 +9,14 @@ majority sign); ``scope=tensor`` trims and elects per tensor, like mergekit's ``
 One deliberate difference: the reference keeps int(k·n)+1 entries (its kthvalue is off by
 one); tvq keeps int(k·n), as the comment in the reference intends and mergekit does.
 
+Tensors larger than a block merge by blocks (tvq.merge.blocks, ``TiesBlocks``) with the same
+bytes: once a task's cut-off is known (the value, and for the exact rule where the hash order
+stops among the entries tied at it: the hash is a function of the flat index, so a block
+computes it alone), trimming, the election and the disjoint mean are elementwise. The
+per-tensor cut-offs (scope=tensor) come from passes over the blocks: an exact radix select
+(``streamed_trim``), then the tie cut (``tie_cuts``), then the majority sign
+(``streamed_majority``); the global pre-pass streams the model by blocks the same way.
+
 Ties at the cut-off (``tie_rule``, see tvq.merge.ops): ``exact`` (default) keeps exactly
 int(k·n) entries per task (per tensor, or per model for ``scope=global``), breaking ties at
 the cut-off value in hash order; ``keep_ties`` keeps every entry >= the cut-off, as the
@@ -17,14 +25,15 @@ reference, FusionBench and tvq before it do, which on b-bit task vectors keeps f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from operator import itemgetter
 from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm import tqdm
 
 from tvq.errors import ConfigError
+from tvq.merge.blocks import model_blocks
 from tvq.merge.coded import (
     combination_values,
     joint_index,
@@ -41,21 +50,23 @@ from tvq.merge.ops import (
     TieRule,
     Trim,
     dropped_ties,
-    element_hash,
     global_select,
     hash_order_cut,
     keep_count,
     row_cut,
     row_trim,
+    tie_cuts,
     tie_hashes,
     tie_seed,
     ties_merge,
     trimmed_sum,
 )
-from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
+from tvq.merge.registry import BlockMerger, BlockPasses, Blocks, MergeMethod, MethodOptions, Parts, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, per_task
 from tvq.quant.coded import CodedTensor
+
+TIES_BY_BLOCKS = True  # large tensors merge by blocks (tvq.merge.blocks); False: each tensor whole
 
 
 class TiesOptions(MethodOptions):
@@ -122,81 +133,45 @@ class TiesStats:
         else:
             passes = iter(("1/2", "2/2"))
 
-            def batches():
-                desc = f"ties: global top-k (pass {next(passes)})"
-                return (source.stack(key) for key in tqdm(source.keys, desc=desc, unit="tensor", disable=not progress))
+            def batches() -> Iterator[torch.Tensor]:
+                return map(itemgetter(2), model_blocks(source, desc=f"ties: global top-k (pass {next(passes)})", progress=progress))
 
             thresholds, need, tied = global_select(batches, k, rows)
             stats = cls(tasks, thresholds, 0.0)
             short = [t for t in range(rows) if int(need[t]) < int(tied[t])]
             if tie_rule == "exact" and short:
                 stats._break_ties(source, short, need, progress)
-        votes = 0
-        for key in tqdm(source.keys, desc="ties: majority sign", unit="tensor", disable=not progress):
-            flat = source.stack(key).reshape(rows, -1)
-            trim = stats.trim(key)
-            counts = torch.zeros(rows, dtype=torch.int64)
-            for start in range(0, flat.shape[1], _TIES_CHUNK):
-                part = flat[:, start : start + _TIES_CHUNK]
-                keep = trim.mask(part, start)
-                votes += int(torch.sign(trimmed_sum(part, keep)).sum(dtype=torch.int64))
-                counts += keep.sum(dim=1)
-            stats.kept[key] = counts.tolist()
-            del flat  # before the next stack is built
-        stats.majority = float(torch.sign(torch.tensor(float(votes))))
+        stats._vote(source, progress)
         return stats
+
+    def _vote(self, source: TaskSource, progress: bool) -> None:
+        """The majority sign over the whole model and the entries kept per tensor: one pass by blocks."""
+        votes = 0
+        counts: dict[str, torch.Tensor] = {}
+        trim: Trim | None = None
+        for key, start, block in model_blocks(source, desc="ties: majority sign", progress=progress):
+            if key not in counts:
+                trim, counts[key] = self.trim(key), torch.zeros(len(self.tasks), dtype=torch.int64)
+            assert trim is not None
+            votes += block_votes(block, start, trim, counts[key])
+            del block  # before the next block is read
+        self.kept = {key: count.tolist() for key, count in counts.items()}
+        self.majority = float(torch.sign(torch.tensor(float(votes))))
+
+    def _seed(self, t: int, key: str) -> int:
+        return tie_seed(self.tasks[t], key)
 
     def _break_ties(self, source: TaskSource, short: list[int], need: torch.Tensor, progress: bool) -> None:
         """Where the top k of each task in ``short`` ends among its tied entries, in hash order
-        (hash, tensor name, index): a 2^16-bin histogram of the hashes' high halves, then the
-        few entries in the bucket that holds the cut; two streaming passes. At a cut-off of 0
-        the order is (tensor name, index) (``tie_hashes``): one pass counts the zeros per tensor."""
-        rows = len(self.tasks)
-        zero = [t for t in short if float(self.thresholds[t]) == 0]
-        hashed = [t for t in short if t not in zero]
-        hist = torch.zeros(len(hashed), 1 << 16, dtype=torch.int64)
-        zeros: dict[int, dict[str, int]] = {t: {} for t in zero}
+        (hash, tensor name, index; at a cut-off of 0, tensor name and index): ``tie_cuts``, two
+        streaming passes over the model by blocks."""
+        passes = iter(("1/2", "2/2"))
 
-        def tied_hashes(flat: torch.Tensor, key: str):
-            for j, t in enumerate(hashed):
-                tied = torch.nonzero(flat[t].abs() == self.thresholds[t]).squeeze(1)
-                if tied.numel():
-                    yield j, tied, element_hash(tie_seed(self.tasks[t], key), tied)
+        def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, torch.Tensor]]:
+            return model_blocks(source, desc=f"ties: tie-break (pass {next(passes)})", progress=progress, keys=keys)
 
-        passes = "1/2" if hashed else "1/1"
-        for key in tqdm(source.keys, desc=f"ties: tie-break (pass {passes})", unit="tensor", disable=not progress):
-            flat = source.stack(key).reshape(rows, -1)
-            for t in zero:
-                zeros[t][key] = int((flat[t] == 0).sum())
-            for j, _, h in tied_hashes(flat, key):
-                hist[j] += torch.bincount(h >> 16, minlength=1 << 16)
-            del flat
-        for t in zero:  # the zeros of the tensors in name order, up to the count
-            remaining = int(need[t])
-            for key in sorted(zeros[t]):
-                if remaining <= zeros[t][key]:
-                    break
-                remaining -= zeros[t][key]
-            where = torch.nonzero(source.stack(key)[t].reshape(-1) == 0).squeeze(1)
-            self.hash_cut[t], self.cut_key[t], self.cut_index[t] = 0, key, int(where[remaining - 1])
-        if not hashed:
-            return
-        wanted = need[hashed].to(torch.int64)
-        cum = hist.cumsum(dim=1)
-        bucket = torch.searchsorted(cum, wanted.unsqueeze(1)).squeeze(1)  # first bin reaching the count
-        rank = wanted - (cum.gather(1, bucket.unsqueeze(1)) - hist.gather(1, bucket.unsqueeze(1))).squeeze(1)
-        found: list[list[tuple[torch.Tensor, str, torch.Tensor]]] = [[] for _ in hashed]
-        for key in tqdm(source.keys, desc="ties: tie-break (pass 2/2)", unit="tensor", disable=not progress):
-            for j, tied, h in tied_hashes(source.stack(key).reshape(rows, -1), key):
-                inside = (h >> 16) == bucket[j]
-                if bool(inside.any()):
-                    found[j].append((h[inside] & 0xFFFF, key, tied[inside]))
-        for j, t in enumerate(hashed):
-            entries = sorted((int(lo), key, int(i)) for low, key, index in found[j] for lo, i in zip(low, index, strict=True))
-            lo, key, index = entries[int(rank[j]) - 1]
-            self.hash_cut[t] = (int(bucket[j]) << 16) | lo
-            self.cut_key[t] = key
-            self.cut_index[t] = index
+        for t, (cut, key, index) in tie_cuts(stream, self._seed, self.thresholds, {t: int(need[t]) for t in short}).items():
+            self.hash_cut[t], self.cut_key[t], self.cut_index[t] = cut, key, index
 
 
 def record_stats(method: MergeMethod, stats: TiesStats, source: TaskSource) -> None:
@@ -224,6 +199,125 @@ def ties_tensor(
     if record is not None:
         record.record_kept(key, trim.kept, taus[0].numel())
     return ties_merge(taus, trim.merge_mask, None, aggregate)
+
+
+def streamed_trim(passes: BlockPasses, key: str, n: int, counts: Sequence[int], tasks: Sequence[str], rule: str) -> Trim:
+    """``task_trim`` of a tensor read by blocks (task t keeps ``counts[t]`` of its ``n`` entries):
+    the same thresholds, tie cuts and kept counts as ``row_cut`` on the whole tensor, from code
+    histograms (``code_select``: every input coded) or an exact radix select over the blocks
+    (``global_select``) and, for the exact rule, the hash-order cut among the tied entries
+    (``tie_cuts``); a few passes, no copy of the tensor."""
+    rows = len(counts)
+    thresholds = torch.tensor([0.0 if k >= n else float("inf") for k in counts])
+    hash_cut, index_cut = [ALL_TIES] * rows, [_ANY_INDEX] * rows
+    kept: list[int | None] = [min(k, n) for k in counts]
+    selected = [t for t in range(rows) if 0 < counts[t] < n]
+    if selected:
+        ks = torch.tensor([min(max(k, 1), n) for k in counts])
+        selection = code_select(passes.parts, ks)
+        found, need, tied = selection or global_select(lambda: map(itemgetter(1), passes.dense()), ks, rows)
+        short: dict[int, int] = {}
+        for t in selected:
+            thresholds[t] = found[t]
+            if rule == "keep_ties":
+                kept[t] = counts[t] - int(need[t]) + int(tied[t])
+            elif int(need[t]) < int(tied[t]):
+                short[t] = int(need[t])
+
+        def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, torch.Tensor]]:
+            return map(lambda item: (key, *item), passes.dense())  # one tensor: every pass reads it
+
+        cuts = tie_cuts(stream, lambda t, name: tie_seed(tasks[t], name), thresholds, short) if short else {}
+        for t, (cut, _, index) in cuts.items():
+            hash_cut[t], index_cut[t] = cut, index
+    return Trim(thresholds, hash_cut, index_cut, [tie_seed(task, key) for task in tasks], kept)
+
+
+def code_select(parts: Parts, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``global_select``'s answer (per task: the ks[t]-th largest |τ̂|, how many entries equal to
+    it the top k takes, how many there are) from each task's code histogram: one pass that
+    decodes no values; None when an input is not coded (the value table is the tensor's own)."""
+    tables: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    for block in parts():
+        coded = [part for part in block if isinstance(part, CodedTensor)]
+        if len(coded) != len(block):
+            return None
+        if not counts:
+            tables = [c.table.abs() for c in coded]
+            counts = [torch.zeros(c.table.numel(), dtype=torch.int64) for c in coded]
+        for count, c in zip(counts, coded, strict=True):
+            count += torch.bincount(c.index, minlength=count.numel())
+        del block, coded  # before the next block is read
+    found, need, tied = [], [], []
+    for mag, count, k in zip(tables, counts, ks.tolist(), strict=True):
+        value = weighted_kth_largest(mag, count, k)
+        found.append(value)
+        need.append(k - int(count[mag > value].sum()))
+        tied.append(int(count[mag == value].sum()))
+    return torch.stack(found), torch.tensor(need), torch.tensor(tied)
+
+
+def streamed_majority(passes: Blocks, trim: Trim) -> float:
+    """The majority sign of one tensor read by blocks, as ``ties_merge`` elects it on the whole
+    tensor: the sign of the sum of the elements' elected signs (an exact integer count)."""
+    votes = 0
+    for start, block in passes():
+        votes += block_votes(block, start, trim)
+        del block  # before the next block is read
+    return float(torch.sign(torch.tensor(float(votes))))
+
+
+def block_votes(block: torch.Tensor, start: int, trim: Trim, kept: torch.Tensor | None = None) -> int:
+    """Σ of the elected signs of a ``[T, m]`` block from flat index ``start``; adds the entries
+    each task keeps to ``kept`` (counted with ``Trim.mask``, the zeros a trim keeps included)."""
+    votes = 0
+    for at in range(0, block.shape[1], _TIES_CHUNK):
+        part = block[:, at : at + _TIES_CHUNK]
+        keep = trim.mask(part, start + at) if kept is not None else trim.merge_mask(part, start + at)
+        votes += int(torch.sign(trimmed_sum(part, keep)).sum(dtype=torch.int64))
+        if kept is not None:
+            kept += keep.sum(dim=1)
+    return votes
+
+
+class TiesBlocks(BlockMerger):
+    """TIES of one tensor block by block, once its trim (per tensor, or the global one seen from
+    this tensor) and majority sign are known: every element then gets ``Ties.merge_tensor``'s
+    fp32 operations (the keep mask at the element's flat index in the tensor)."""
+
+    method: Ties
+
+    def __init__(self, method: Ties, key: str, trim: Trim, majority: float | None) -> None:
+        super().__init__(method, key)
+        self.trim, self.majority = trim, majority
+
+    def merge_tensor(self, start: int, taus: torch.Tensor) -> torch.Tensor:
+        o = self.method.options
+
+        def keep(part: torch.Tensor, at: int) -> torch.Tensor:
+            return self.trim.merge_mask(part, start + at)
+
+        if not self.method.weighted:
+            return ties_merge(taus, keep, self.majority, o.aggregate).mul_(o.lam)
+        for at in range(0, taus.shape[1], _TIES_CHUNK):
+            part = taus[:, at : at + _TIES_CHUNK]
+            part.masked_fill_(~keep(part, at), 0.0)
+        return elect_and_fuse(taus, self.method.weights, o.aggregate == "mean").mul_(o.lam)
+
+    def merge_coded(self, start: int, coded: list[CodedTensor]) -> torch.Tensor | None:
+        """``Ties.merge_coded`` on one block: a lookup table over the block's combinations of
+        codes, with the tensor's trim and majority sign (None: the dense block)."""
+        method = self.method
+        if method.weighted or method.density is None or not worth_coding(coded):
+            return None
+        split = [split_ties(c, self.trim, t, start) for t, c in enumerate(coded)]
+        coded = [c for c, _ in split]
+        if not worth_coding(coded):
+            return None
+        keep = combination_keep([keep for _, keep in split])
+        lut = ties_merge(combination_values(coded), lambda part, at: keep[:, at : at + part.shape[1]], self.majority, method.options.aggregate)
+        return lookup(lut.mul_(method.options.lam), joint_index(coded))
 
 
 def task_trim(taus: torch.Tensor, densities: Sequence[float], seeds: Sequence[int], rule: str) -> Trim:
@@ -260,6 +354,21 @@ class Ties(MergeMethod):
             assert self.density is not None
             self.stats = TiesStats.compute(source, self.density, progress, o.tie_rule)
             record_stats(self, self.stats, source)
+
+    def merges_by_blocks(self, key: str) -> bool:
+        return TIES_BY_BLOCKS
+
+    def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
+        """The tensor's trim and majority sign from passes over its blocks (scope=tensor) or the
+        global pre-pass, then ``TiesBlocks``."""
+        if self.options.scope == "global" and self.stats is None:
+            raise RuntimeError("global TIES needs prepare() (its pre-pass) before merging")
+        if self.stats is not None:
+            return TiesBlocks(self, key, self.stats.trim(key), None if self.weighted else self.stats.majority)
+        counts = [keep_count(d, numel) for d in self.densities]
+        trim = streamed_trim(passes, key, numel, counts, self.tasks, self.options.tie_rule)
+        self.record_kept(key, trim.kept, numel)
+        return TiesBlocks(self, key, trim, None if self.weighted else streamed_majority(passes.dense, trim))
 
     def topk_density(self) -> float | None:
         return self.density if self.density is not None else sum(self.densities) / len(self.densities)
@@ -388,9 +497,10 @@ def tied_entries(c: CodedTensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(hit).squeeze(1)
 
 
-def split_ties(c: CodedTensor, trim: Trim, t: int) -> tuple[CodedTensor, torch.Tensor]:
-    """Task t's codes with the tied entries the trim drops moved to copies of their codes, and
-    which codes of the result are kept (|value| >= threshold, copies never)."""
+def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[CodedTensor, torch.Tensor]:
+    """Task t's codes (of elements from flat index ``start``) with the tied entries the trim
+    drops moved to copies of their codes, and which codes of the result are kept (|value| >=
+    threshold, copies never)."""
     mag = c.table.abs()
     keep = mag >= trim.thresholds[t]
     if trim.hash_cut[t] >= ALL_TIES or float(trim.thresholds[t]) == 0.0:  # zeros: no value changes (``Trim.merge_mask``)
@@ -399,7 +509,7 @@ def split_ties(c: CodedTensor, trim: Trim, t: int) -> tuple[CodedTensor, torch.T
     if not tied_codes.numel():  # global scope: the cut-off value lies in other tensors
         return c, keep
     where = tied_entries(c, tied_codes)
-    drop = where[dropped_ties(where, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
+    drop = where[dropped_ties(where + start, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
     copy_of = torch.full((c.values,), -1, dtype=torch.int64)
     copy_of[tied_codes] = torch.arange(c.values, c.values + tied_codes.numel())
     index = c.index.to(torch.int32)
