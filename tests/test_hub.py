@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tvq.cli import app
 from tvq.errors import CheckpointError
-from tvq.io.hub import parse_hub_id, resolve_model
+from tvq.io.hub import hub_id_of, parse_hub_id, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -92,3 +93,24 @@ def test_commands_take_hub_ids_for_the_pretrained_and_fine_tuned_models(offline_
     assert json.loads((pack / "manifest.json").read_text())["pretrained"]["path"] == "acme/base"  # the id, not this cache's path
     r = runner.invoke(app, ["quantize", "-p", "acme/missing", "-f", "t=acme/ft", "-o", str(tmp_path / "p2"), "--no-progress"])
     assert r.exit_code != 0 and "acme/missing: neither a local path nor a hub model in the cache" in r.output
+
+
+def test_merged_folders_name_a_hub_base_by_its_id_and_replay_from_it(offline_cache, tmp_path):
+    """The recipe and card of a merge on a hub model record ``org/name@commit`` and ``org/name``,
+    not this machine's cache path; the recipe merges the same bytes again from the id."""
+    g = torch.Generator().manual_seed(1)
+    pre = {"w": torch.randn(8, 8, generator=g)}
+    snapshot = cached_model(offline_cache, "acme/base", pre)
+    cached_model(offline_cache, "acme/ft", {"w": pre["w"] + 0.01 * torch.randn(8, 8, generator=g)})
+    assert hub_id_of(snapshot) == f"acme/base@{COMMIT}" and hub_id_of(tmp_path) is None
+    runner = CliRunner()
+    out = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", "-m", "task_arithmetic", "-f", "t=acme/ft", "-p", "acme/base", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    recipe = yaml.safe_load((out / "tvq_recipe.yml").read_text())
+    assert recipe["pretrained"] == f"acme/base@{COMMIT}"
+    assert "base_model: acme/base\n" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    r = runner.invoke(app, ["merge", "--config", str(out / "tvq_recipe.yml"), "--out", str(again), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -54,6 +54,23 @@ def inputs(tmp_path_factory):
     return sources
 
 
+DEFAULT_WHOLE_TENSOR_BYTES = ties_module.WHOLE_TENSOR_BYTES
+
+
+@pytest.fixture(autouse=True)
+def stream_every_large_tensor(monkeypatch):
+    """Here tensors are small: stream every one larger than a block, whatever its working set."""
+    monkeypatch.setattr(ties_module, "WHOLE_TENSOR_BYTES", 0)
+
+
+def test_only_tensors_whose_whole_working_set_is_large_stream_by_default():
+    ties_module.WHOLE_TENSOR_BYTES = limit = DEFAULT_WHOLE_TENSOR_BYTES  # the fixture restores its 0 after
+    method = ties_module.Ties(ties_module.TiesOptions(), ["a", "b", "c", "d"])
+    per_element = (4 + 3) * 4
+    assert not method.merges_by_blocks("w", limit // per_element)
+    assert method.merges_by_blocks("w", limit // per_element + 1)
+
+
 PER_TASK = {"t0": 0.1, "t1": 0.5, "t2": 0.3}
 WEIGHTS = {"t0": 1.0, "t1": 0.5, "t2": 0.25}
 OPTIONS = {

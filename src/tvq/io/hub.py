@@ -39,6 +39,16 @@ def _snapshot(repo: str, revision: str | None) -> Path:
     return Path(huggingface_hub.snapshot_download(repo, revision=revision, ignore_patterns=IGNORED))
 
 
+def hub_id_of(path: str | Path) -> str | None:
+    """``org/name@commit`` for a snapshot folder of huggingface_hub's cache (what a hub id
+    resolved to), else None: records then name the model, not this machine's cache."""
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    reference = f"{parts[-3].removeprefix('models--').replace('--', '/', 1)}@{parts[-1]}"
+    return reference if parse_hub_id(reference) is not None else None
+
+
 def hub_reference(reference: str | Path) -> bool:
     """Whether ``reference`` names a hub model (the hub's shape, and no such local path)."""
     return not Path(reference).exists() and parse_hub_id(str(reference)) is not None

@@ -126,7 +126,7 @@ class BlockMerge:
         return {k for k in keys if self._streams(k)}
 
     def _streams(self, key: str) -> bool:
-        return self.source.numel(key) > self.elements and self.method.merges_by_blocks(key) and self.source.blocks(key) is not None
+        return (n := self.source.numel(key)) > self.elements and self.method.merges_by_blocks(key, n) and self.source.blocks(key) is not None
 
     def stream(self, key: str, dtype: torch.dtype | None) -> Chunked:
         """``key``'s merged tensor θ_pre + δ, cast to ``dtype`` (None: θ_pre's), by blocks."""

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from tvq.io.hub import hub_reference, parse_hub_id
 from tvq.merge.plan import MergePlan
 from tvq.merge.recipe import MERGEKIT_FILE, RECIPE_FILE, write_recipe
 from tvq.pack.manifest import Method
@@ -62,6 +63,14 @@ def task_records(origins: Mapping[str, tuple[str, str] | None]) -> list[TaskReco
     return records
 
 
+def base_model(pretrained: Path | None) -> str | None:
+    """The card's ``base_model``: a hub model's repo id (the Hub links it), else the path given."""
+    if pretrained is None:
+        return None
+    parsed = parse_hub_id(str(pretrained)) if hub_reference(pretrained) else None
+    return parsed[0] if parsed is not None else str(pretrained)
+
+
 def card_files(
     plan: MergePlan,
     tasks: list[TaskRecord],
@@ -74,7 +83,7 @@ def card_files(
     ``unified=(pack, task)``: one task's model from a unified EMR pack (``emr_task_files``)."""
     if unified is not None:
         return emr_task_files(plan, unified[0], unified[1], loadable=loadable)
-    base = str(plan.pretrained) if plan.pretrained is not None else None
+    base = base_model(plan.pretrained)
     options = dict(plan.options)
     data = ModelCardData(
         base_model=base,
@@ -134,7 +143,7 @@ def emr_task_files(plan: MergePlan, unified: Path, task: str, *, loadable: bool)
     """The card and recipe of one task's model written from a unified EMR pack (``tvq merge
     --method emr --unified PACK --task NAME``): the merge it comes from is the pack's, so the
     recipe names the pack (``unified``) and the task, with no packs or method options."""
-    base = str(plan.pretrained) if plan.pretrained is not None else None
+    base = base_model(plan.pretrained)
     extra = {"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {}
     data = ModelCardData(
         base_model=base,

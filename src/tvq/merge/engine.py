@@ -36,7 +36,7 @@ from tvq.errors import ConfigError, PackError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
 from tvq.io.dtypes import output_dtype
-from tvq.io.hub import resolve_model
+from tvq.io.hub import hub_id_of, resolve_model
 from tvq.io.model_files import is_weight_file
 from tvq.io.readers import CheckpointReader, as_reader
 from tvq.io.safetensors_writer import StreamingSafetensorsWriter
@@ -369,11 +369,12 @@ def merge_plan(
     """This merge as tvq's config (``tvq_recipe.yml``): every option, the inputs, the tasks in order."""
     origins = _origins(vectors)
     packs = list(dict.fromkeys(Path(o[1]) for o in origins.values() if o is not None and o[0] == "pack"))
-    finetuned = {name: Path(o[1]) for name, o in origins.items() if o is not None and o[0] == "finetuned"}
+    finetuned = {name: Path(hub_id_of(o[1]) or o[1]) for name, o in origins.items() if o is not None and o[0] == "finetuned"}
     pre_path = hf_folder(pretrained) or (pretrained if isinstance(pretrained, (str, Path)) else getattr(pretrained, "path", None))
     dtype_name = dtype if isinstance(dtype, str) or dtype is None else str(dtype).removeprefix("torch.")
     options = method.options.model_dump(by_alias=True, mode="json")
-    return MergePlan(Path(RECIPE_FILE), "tvq", method.name, options, Path(pre_path) if pre_path else None, packs, finetuned,
+    reference = (hub_id_of(pre_path) or pre_path) if pre_path else None  # a hub model as its id, not this machine's cache
+    return MergePlan(Path(RECIPE_FILE), "tvq", method.name, options, Path(reference) if reference else None, packs, finetuned,
                      list(origins), dtype=dtype_name, norm_stats=norm_stats, task=method.task)  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from tvq.encode.options import QuantizeOptions
 from tvq.encode.pipeline import QuantizeReport, quantize
 from tvq.errors import ConfigError, where
 from tvq.execute import Executor
+from tvq.io.hub import hub_reference
 from tvq.merge.mergekit_config import is_mergekit, read_mergekit
 from tvq.merge.plan import MergePlan, QuantizeStep
 from tvq.quant.selection import KeyRule
@@ -93,17 +94,22 @@ def read_tvq(data: dict[str, Any], path: Path, text: str = "") -> MergePlan:
     )  # fmt: skip
 
 
+def recorded(path: Path) -> str:
+    """A model reference as a recipe holds it: absolute, so it replays from anywhere; a hub id as is."""
+    return str(path) if hub_reference(path) else str(path.absolute())
+
+
 def write_recipe(plan: MergePlan) -> str:
-    """tvq's schema as YAML, every path absolute: ``tvq merge --config`` on it merges again."""
+    """tvq's schema as YAML, every path absolute (hub ids as they are): ``tvq merge --config`` on it merges again."""
     data: dict[str, Any] = {"method": plan.method, "options": plan.options}
     if plan.pretrained is not None:
-        data["pretrained"] = str(Path(plan.pretrained).absolute())
+        data["pretrained"] = recorded(plan.pretrained)
     if plan.packs:
-        data["packs"] = [str(Path(p).absolute()) for p in plan.packs]
+        data["packs"] = [recorded(p) for p in plan.packs]
     if plan.finetuned:
-        data["finetuned"] = {name: str(Path(p).absolute()) for name, p in plan.finetuned.items()}
+        data["finetuned"] = {name: recorded(p) for name, p in plan.finetuned.items()}
     if plan.unified is not None:
-        data["unified"] = str(Path(plan.unified).absolute())
+        data["unified"] = recorded(plan.unified)
     if plan.tasks is not None:
         data["tasks"] = list(plan.tasks)
     if plan.task is not None:

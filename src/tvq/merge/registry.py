@@ -208,8 +208,8 @@ class MergeMethod(ABC):
         lut = self.merge_tensor(key, combination_values(coded))
         return lookup(lut, joint_index(coded))
 
-    def merges_by_blocks(self, key: str) -> bool:
-        """Whether ``merge_tensor`` (and ``merge_coded``) may run on ``key`` a block of elements at
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        """Whether ``merge_tensor`` (and ``merge_coded``) may run on ``key`` (``numel`` elements) a block of elements at
         a time (flat ``[T, n]`` blocks, in order) with the same bytes as on the whole tensor, so
         the engine streams large tensors (tvq.merge.blocks): elementwise methods do; a method
         whose per-tensor statistics come from ``prepare`` may say so too. The rest merge each

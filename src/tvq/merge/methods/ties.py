@@ -67,6 +67,12 @@ from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, per_task
 from tvq.quant.coded import CodedTensor
 
 TIES_BY_BLOCKS = True  # large tensors merge by blocks (tvq.merge.blocks); False: each tensor whole
+# A tensor merges by blocks when merging it whole would hold more than this: (T + 3) fp32 copies.
+# Below it the whole tensor is faster (one pass, one lookup table over its codes; by blocks, the
+# cut-offs and the majority sign take extra passes: 3.3x the time of the whole path for a 4-task
+# TVQ4 pack of the 1.1B Llama when every tensor streamed), so only the tensors that would
+# dominate the merge's memory (embeddings, vocabulary matrices) pay for streaming.
+WHOLE_TENSOR_BYTES = 512 << 20
 
 
 class TiesOptions(MethodOptions):
@@ -355,8 +361,8 @@ class Ties(MergeMethod):
             self.stats = TiesStats.compute(source, self.density, progress, o.tie_rule)
             record_stats(self, self.stats, source)
 
-    def merges_by_blocks(self, key: str) -> bool:
-        return TIES_BY_BLOCKS
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        return TIES_BY_BLOCKS and (len(self.tasks) + 3) * numel * 4 > WHOLE_TENSOR_BYTES
 
     def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
         """The tensor's trim and majority sign from passes over its blocks (scope=tensor) or the
