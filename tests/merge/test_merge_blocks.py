@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ def _finetuned(pre: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tenso
     return out
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("blocks")
+def write_inputs(root: Path, kinds: dict[str, dict]) -> dict:
+    """A small model, 3 fine-tunes (fp32 and bf16) and a pack of each kind, with 4 KiB zstd
+    frames so a tensor spans several: the inputs of the by-blocks tests."""
     pre = _model(0)
     save_file(pre, root / "pre.safetensors")
     save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in pre.items()}, root / "pre_bf16.safetensors")
@@ -61,16 +62,6 @@ def inputs(tmp_path_factory):
         save_file(ft, fts[f"t{i}"])
         fts_bf16[f"t{i}"] = root / f"t{i}_bf16.safetensors"
         save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in ft.items()}, fts_bf16[f"t{i}"])
-    kinds = {
-        "tvq4": {"bits": 4},
-        "tvq4_plain": {"bits": 4, "entropy": "off"},
-        "tvq2": {"bits": 2},
-        "tvq3": {"bits": 3},
-        "rtvq": {"bits": 2, "residual": True, "base_bits": 3, "error_correction": True},
-        "rtvq_plain": {"bits": 2, "residual": True, "base_bits": 3, "entropy": "off"},
-        "fq8": {"bits": 8, "target": "finetuned"},
-        "group": {"bits": 4, "quantizer": "group", "group_size": 16},  # group-wise: merged whole
-    }
     packs = {}
     mp = pytest.MonkeyPatch()
     mp.setattr(entropy.encode, "__defaults__", (entropy.MIN_BLOCK,))  # frames of 4 KiB: a tensor spans several
@@ -82,6 +73,21 @@ def inputs(tmp_path_factory):
         mp.undo()
     return {"root": root, "pre": root / "pre.safetensors", "pre_bf16": root / "pre_bf16.safetensors", "fts": fts,
             "fts_bf16": fts_bf16, "packs": packs}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    kinds = {
+        "tvq4": {"bits": 4},
+        "tvq4_plain": {"bits": 4, "entropy": "off"},
+        "tvq2": {"bits": 2},
+        "tvq3": {"bits": 3},
+        "rtvq": {"bits": 2, "residual": True, "base_bits": 3, "error_correction": True},
+        "rtvq_plain": {"bits": 2, "residual": True, "base_bits": 3, "entropy": "off"},
+        "fq8": {"bits": 8, "target": "finetuned"},
+        "group": {"bits": 4, "quantizer": "group", "group_size": 16},  # group-wise: merged whole
+    }
+    return write_inputs(tmp_path_factory.mktemp("blocks"), kinds)
 
 
 def test_entropy_coded_packs_span_several_frames(inputs):

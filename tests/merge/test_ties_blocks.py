@@ -8,29 +8,15 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from safetensors.torch import save_file
-from test_merge_blocks import WHOLE, _finetuned, _merged_bytes, _model
+from test_merge_blocks import WHOLE, _merged_bytes, write_inputs
 
 import tvq.merge.blocks as blocks_module
-from tvq import QuantizeOptions, quantize
 from tvq.merge import load_task_vectors, merge
 from tvq.merge.methods import ties as ties_module
-from tvq.quant import entropy
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ties_blocks")
-    pre = _model(0)
-    save_file(pre, root / "pre.safetensors")
-    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in pre.items()}, root / "pre_bf16.safetensors")
-    fts, fts_bf16 = {}, {}
-    for i in range(3):
-        ft = _finetuned(pre, i)
-        fts[f"t{i}"] = root / f"t{i}.safetensors"
-        save_file(ft, fts[f"t{i}"])
-        fts_bf16[f"t{i}"] = root / f"t{i}_bf16.safetensors"
-        save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in ft.items()}, fts_bf16[f"t{i}"])
     kinds = {
         "tvq4": {"bits": 4},
         "tvq2_plain": {"bits": 2, "entropy": "off"},
@@ -39,15 +25,8 @@ def inputs(tmp_path_factory):
         "rtvq_plain": {"bits": 2, "residual": True, "base_bits": 3, "entropy": "off"},
         "fq8": {"bits": 8, "target": "finetuned"},
     }
-    packs = {}
-    mp = pytest.MonkeyPatch()
-    mp.setattr(entropy.encode, "__defaults__", (entropy.MIN_BLOCK,))  # frames of 4 KiB: a tensor spans several
-    try:
-        for name, options in kinds.items():
-            packs[name] = root / name
-            quantize(root / "pre.safetensors", fts, packs[name], QuantizeOptions(**options), progress=False)
-    finally:
-        mp.undo()
+    written = write_inputs(tmp_path_factory.mktemp("ties_blocks"), kinds)
+    root, fts, fts_bf16, packs = written["root"], written["fts"], written["fts_bf16"], written["packs"]
     sources = {"fp32": {"pre": root / "pre.safetensors", "finetuned": fts}, "bf16": {"pre": root / "pre_bf16.safetensors", "finetuned": fts_bf16}}
     sources.update({name: {"pre": root / "pre.safetensors", "packs": [path]} for name, path in packs.items()})
     sources["mixed"] = {"pre": root / "pre.safetensors", "packs": [packs["tvq2"]], "finetuned": {"x": fts["t1"]}}
