@@ -118,9 +118,19 @@ with **{plan.method}**{task_note}{from_mergekit}.
 |---|---|---|---|
 {rows}
 
-## Reproduce
+{reproduce(recipe, "the merge")}"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    files = {"README.md": str(card), RECIPE_FILE: recipe}
+    if mergekit_text is not None:
+        files[MERGEKIT_FILE] = mergekit_text
+    return files
 
-`{RECIPE_FILE}` beside this card holds the merge; with the same inputs,
+
+def reproduce(recipe: str, holds: str) -> str:
+    """The cards' "Reproduce" section: the recipe beside the card, and the command that replays it."""
+    return f"""## Reproduce
+
+`{RECIPE_FILE}` beside this card holds {holds}; with the same inputs,
 
 ```
 tvq merge --config {RECIPE_FILE} --out OUT
@@ -132,11 +142,6 @@ writes the same weights, byte for byte.
 {recipe.rstrip()}
 ```
 """
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    files = {"README.md": str(card), RECIPE_FILE: recipe}
-    if mergekit_text is not None:
-        files[MERGEKIT_FILE] = mergekit_text
-    return files
 
 
 def emr_task_files(plan: MergePlan, unified: Path, task: str, *, loadable: bool) -> dict[str, str]:
@@ -159,20 +164,7 @@ Written with [tvq]({TVQ_URL}) from the unified EMR pack `{unified}` (tasks: {", 
 θ_pre + λ_{task} (m_{task} ⊙ τ_uni) on top of `{base}`, with the task's own running statistics unless
 `norm_stats` says otherwise.
 
-## Reproduce
-
-`{RECIPE_FILE}` beside this card holds the recipe; with the same inputs,
-
-```
-tvq merge --config {RECIPE_FILE} --out OUT
-```
-
-writes the same weights, byte for byte.
-
-```yaml
-{recipe.rstrip()}
-```
-"""
+{reproduce(recipe, "the recipe")}"""
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return {"README.md": str(card), RECIPE_FILE: recipe}
 
