@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from tvq.encode.budget import quantize_within_budget
 from tvq.encode.options import QuantizeOptions
 from tvq.encode.pipeline import quantize
+from tvq.execute import LocalExecutor
 
 SCHEMES = {
     "tvq2": QuantizeOptions(bits=2),
@@ -35,10 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a benchmark run folder (tvq bench build)")
     parser.add_argument("--budget-bits", type=float, default=2.375)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="tensors at once, in both (tvq quantize --threads; its default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     manifest = json.loads((args.run / "manifest.json").read_text())
     pretrained = args.run / "pretrained"
     finetuned = {t: args.run / t for t in manifest["tasks"]}
@@ -48,10 +46,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, options in SCHEMES.items():
             t0 = time.perf_counter()
-            plain = quantize(pretrained, finetuned, Path(tmp) / "plain", options, progress=False, overwrite=True)
+            plain = quantize(pretrained, finetuned, Path(tmp) / "plain", options, progress=False, overwrite=True,
+                             executor=LocalExecutor(args.threads))  # fmt: skip
             t1 = time.perf_counter()
             budget = quantize_within_budget(pretrained, finetuned, Path(tmp) / "budget", options, budget_bits=args.budget_bits,
-                                            progress=False, overwrite=True)  # fmt: skip
+                                            progress=False, overwrite=True, executor=LocalExecutor(args.threads))  # fmt: skip
             t2 = time.perf_counter()
             table.add_row(label, f"{t1 - t0:.1f}", f"{t2 - t1:.1f}", f"{(t2 - t1) / (t1 - t0):.2f}x",
                           f"{plain.bytes_written / 1e6:.2f}", f"{budget.bytes_written / 1e6:.2f}")  # fmt: skip

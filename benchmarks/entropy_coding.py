@@ -6,7 +6,9 @@ it with ``tvq bench run --preset ci`` or see README "The benchmark"). For each s
 the pack with ``entropy="off"`` and ``"auto"`` and reports, per task:
 
 * bits per parameter and per *trained* parameter (tensors fine-tuning changed; the frozen word
-  embeddings are stored as a constant and cost nothing), from bytes on disk (manifest included);
+  embeddings are stored as a constant and cost nothing), from bytes on disk (manifest included),
+  and where the coded pack's bits per trained parameter go: codes, exactly stored tensors (coded
+  too since format 4), and safetensors headers plus manifest;
 * the order-0 entropy of the codes (a lower bound for any coder of iid codes, per trained param);
 * decode: MB/s (best of 3) of plain packed codes produced when reading every quantized tensor's codes
   (read + sha256 + decode + unpack), coded vs plain, and quantize wall time;
@@ -131,7 +133,7 @@ def main() -> None:
     print(f"{len(TASKS)} tasks; {trained:,} trained parameters; torch threads {torch.get_num_threads()}\n")
     head = ("| scheme | bits/param off | bits/param on | bits/trained param off | bits/trained param on | on/off | "
             "code entropy bits/trained param | codes on/off | decode MB/s off | decode MB/s on | quantize s off / on | "
-            "TA merge s off / on | merges identical |")  # fmt: skip
+            "TA merge s off / on | merges identical | on: codes / exact tensors (off) / headers+manifest (off) |")  # fmt: skip
     print(head + (" ANS codes on/off | ANS decode MB/s |" if args.ans else ""))
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.ans else 0)))
     for label, options in SCHEMES.items():
@@ -148,6 +150,9 @@ def main() -> None:
         merges = {mode: min((merge_seconds(pre, paths[mode]) for _ in range(2)), key=lambda r: r[0]) for mode in paths}
         identical = all(merges["off"][1][k].numpy().tobytes() == merges["auto"][1][k].numpy().tobytes() for k in merges["off"][1])
         e = info["auto"]["entropy"]
+        per = 8 / len(TASKS) / trained  # bytes of the whole pack -> bits per trained parameter per task
+        parts = {mode: (info[mode]["entropy"]["stored_bytes"], info[mode]["entropy"]["raw_stored_bytes"],
+                        info[mode]["total_bytes"] - info[mode]["theoretical_bytes"]) for mode in info}  # fmt: skip
         entropy = code_entropy_bytes(packs["off"])
         row = [
             label,
@@ -160,6 +165,8 @@ def main() -> None:
             f"{seconds['off']:.1f} / {seconds['auto']:.1f}",
             f"{merges['off'][0]:.2f} / {merges['auto'][0]:.2f}",
             "yes" if identical else "NO",
+            f"{parts['auto'][0] * per:.3f} / {parts['auto'][1] * per:.3f} ({parts['off'][1] * per:.3f}) / "
+            f"{parts['auto'][2] * per:.3f} ({parts['off'][2] * per:.3f})",
         ]  # fmt: skip
         if args.ans:
             size, secs, _ = ans(packs["off"])
@@ -167,7 +174,9 @@ def main() -> None:
         print("| " + " | ".join(row) + " |", flush=True)
         assert math.isfinite(per_task["auto"])
     print("\non/off: bytes on disk with entropy coding over without; codes on/off: the quantized tensors' codes alone;"
-          " decode MB/s: plain packed bytes produced per second (read, sha256, decode, unpack), one thread")  # fmt: skip
+          " decode MB/s: plain packed bytes produced per second (read, sha256, decode, unpack), one thread;"
+          " last column: bits per trained parameter per task of the coded pack's codes, exact tensors and"
+          " headers+manifest (the plain pack's in parentheses)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ child process: the old path (every tensor merged whole: ``BLOCK_ELEMENTS`` above
 and the new one (``tvq.merge.blocks``). Peak memory is the child's peak resident set
 (``VmHWM``, file-backed pages of mapped inputs included) less that of a child that only
 imports tvq and opens the inputs; the output files' sha256 must match. A method takes options
-after a colon (``ties:scope=tensor+tie_rule=keep_ties``); ``--tasks 2,4,8,16`` merges the first
-T tasks of the same inputs for each T (time against T)::
+after a colon (``ties:scope=tensor+tie_rule=keep_ties``); ``task=NAME`` is the per-task methods'
+task (``emr:task=t0``: that task's model; plain ``emr`` writes the unified pack); ``--tasks
+2,4,8,16`` merges the first T tasks of the same inputs for each T (time against T). TIES merges
+whole below ``ties.WHOLE_TENSOR_BYTES`` on both paths unless ``--ties-whole-bytes 0``::
 
     python benchmarks/merge_memory.py                         # 67 M parameters (8192 × 8192) × 8 tasks
     python benchmarks/merge_memory.py --rows 32768 --cols 8192 --tasks 8 --inputs pack
     python benchmarks/merge_memory.py --methods ties,ties:scope=tensor --inputs pack,checkpoints
     python benchmarks/merge_memory.py --methods ties:scope=tensor --tasks 2,4,8,16 --inputs pack --repeat 1
+    python benchmarks/merge_memory.py --rows 4096 --methods emr,emr:task=t0,consensus,consensus:base=ties,magmax,lines,dare
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 import tvq.merge.blocks as blocks_module
+import tvq.merge.methods.ties as ties_module
 from tvq import QuantizeOptions, quantize
 from tvq.io.safetensors_writer import sha256_file
 from tvq.merge import load_task_vectors, merge
@@ -58,13 +62,16 @@ def make_inputs(root: Path, rows: int, cols: int, tasks: int) -> tuple[Path, dic
 def child(args: argparse.Namespace) -> None:
     """One merge (or none, ``--method none``: the baseline) in this process; prints JSON."""
     blocks_module.BLOCK_ELEMENTS = args.block
+    if args.ties_whole_bytes is not None:
+        ties_module.WHOLE_TENSOR_BYTES = args.ties_whole_bytes
     spec = json.loads(args.spec)
     reader, vectors = load_task_vectors(spec["pre"], packs=spec.get("packs", []), finetuned=spec.get("finetuned"))
     vectors = vectors.select(list(vectors)[: spec["tasks"]])
     start = time.perf_counter()
     if args.method != "none":
         name, options = method_spec(args.method)
-        merge(name, reader, vectors, args.out, options, overwrite=True)
+        task = options.pop("task", None)
+        merge(name, reader, vectors, args.out, options, task=None if task is None else str(task), overwrite=True)
     seconds = time.perf_counter() - start
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"rss_kib": peak_rss_kib(), "seconds": seconds, "cpu": cpu.ru_utime + cpu.ru_stime}))
@@ -92,8 +99,10 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(spec: dict, method: str, block: int, out: Path) -> dict:
+def run_child(spec: dict, method: str, block: int, out: Path, ties_whole_bytes: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--spec", json.dumps(spec), "--method", method, "--block", str(block), "--out", str(out)]
+    if ties_whole_bytes is not None:
+        cmd += ["--ties-whole-bytes", str(ties_whole_bytes)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -107,6 +116,7 @@ def main() -> None:
     p.add_argument("--inputs", default="pack,checkpoints", help="pack, checkpoints or both")
     p.add_argument("--repeat", type=int, default=3, help="runs of each merge (the fastest is shown)")
     p.add_argument("--block-elements", type=int, default=blocks_module.BLOCK_ELEMENTS, help="elements per block of the new path")
+    p.add_argument("--ties-whole-bytes", type=int, default=None, help="ties.WHOLE_TENSOR_BYTES in the children (0: every large tensor streams)")
     p.add_argument("--workdir", type=Path, default=None, help="where the inputs are made (kept; default: a temporary folder)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -139,7 +149,7 @@ def main() -> None:
                 old, new = {"rss_kib": 0, "seconds": float("inf")}, {"rss_kib": 0, "seconds": float("inf")}
                 for _ in range(args.repeat):  # alternated; the fastest run of each, the largest peak
                     for best, block, out in ((old, WHOLE, out_old), (new, args.block_elements, out_new)):
-                        got = run_child(spec, method, block, out)
+                        got = run_child(spec, method, block, out, args.ties_whole_bytes)
                         best.update(rss_kib=max(best["rss_kib"], got["rss_kib"]), seconds=min(best["seconds"], got["seconds"]))
                 same = sha256_file(out_old) == sha256_file(out_new)
                 old_mib, new_mib = old["rss_kib"] / 1024 - base, new["rss_kib"] / 1024 - base

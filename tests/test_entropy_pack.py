@@ -1,5 +1,6 @@
-"""Entropy-coded packs (format 3): the same codes, the same merges, lazy reads, sizes measured on
-disk, and a stranger's coded entries validated before anything is read."""
+"""Entropy-coded packs (format 3: codes; 4: also the exactly stored tensors): the same codes, the
+same merges, lazy reads, sizes measured on disk, and a stranger's coded entries validated before
+anything is read (coded raw tensors in detail: tests/test_entropy_raw.py)."""
 
 from __future__ import annotations
 
@@ -84,16 +85,16 @@ def _both(tiny: dict, name: str) -> tuple[Path, Path]:
     return on, off
 
 
-def _coded_entries(m: dict) -> list[dict]:
-    return [e for f in m["files"].values() for e in f["tensors"].values() if "entropy" in e]
+def _coded_entries(m: dict, kind: str = "q") -> list[dict]:
+    return [e for f in m["files"].values() for e in f["tensors"].values() if "entropy" in e and e["kind"] == kind]
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_coded_pack_decodes_to_the_same_codes_and_is_smaller(tiny, name):
     on, off = _both(tiny, name)
     m_on, m_off = read_manifest_json(on), read_manifest_json(off)
-    assert (m_on["version"], m_off["version"]) == (3, 2)  # off: readable by tvq before format 3
-    assert not _coded_entries(m_off) and _coded_entries(m_on)
+    assert (m_on["version"], m_off["version"]) == (4, 2)  # off: readable by tvq before format 3
+    assert not _coded_entries(m_off) and not _coded_entries(m_off, "raw") and _coded_entries(m_on) and _coded_entries(m_on, "raw")
     for e in _coded_entries(m_on):
         assert e["nbytes"] == sum(e["entropy"]["blocks"]) < packed_nbytes(torch.Size(e["shape"]).numel(), e["bits"])
     p_on, p_off = open_pack(on), open_pack(off)
@@ -108,9 +109,11 @@ def test_coded_pack_decodes_to_the_same_codes_and_is_smaller(tiny, name):
     data = [f for f in on.rglob("*") if f.is_file() and f.name != "README.md"]  # the model card is not pack data
     assert s_on["total_bytes"] == sum(f.stat().st_size for f in data)  # measured on disk
     assert s_on["entropy"]["plain_bytes"] == s_off["entropy"]["stored_bytes"] == s_off["entropy"]["plain_bytes"]
+    assert s_on["entropy"]["raw_plain_bytes"] == s_off["entropy"]["raw_stored_bytes"] == s_off["entropy"]["raw_plain_bytes"]
     # what info says was saved is what the files lost (their safetensors headers list smaller offsets)
     headers = 32 * len(list(on.rglob("*.safetensors")))
-    assert abs(s_on["entropy"]["saved_bytes"] - (s_off["total_bytes"] - s_on["total_bytes"] + _manifest_growth(on, off))) <= headers
+    saved = s_on["entropy"]["saved_bytes"] + s_on["entropy"]["raw_saved_bytes"]
+    assert abs(saved - (s_off["total_bytes"] - s_on["total_bytes"] + _manifest_growth(on, off))) <= headers
 
 
 def _manifest_growth(on: Path, off: Path) -> int:
@@ -152,7 +155,7 @@ def test_grown_packs_keep_their_coding_and_version(tiny):
     """A task added to a coded pack is coded; one added to a plain (or older) pack is not, so the
     pack stays readable by the tvq that made it."""
     first = {"task0": tiny["ft_paths"]["task0"]}
-    for entropy, version in (("auto", 3), ("off", 2)):
+    for entropy, version in (("auto", 4), ("off", 2)):
         out = tiny["dir"] / f"grow-{entropy}"
         quantize(tiny["pre_path"], first, out, QuantizeOptions(bits=2, entropy=entropy), progress=False)
         add_tasks(out, {"task1": tiny["ft_paths"]["task1"]}, pretrained=tiny["pre_path"], progress=False)
@@ -175,7 +178,7 @@ def coded(tiny) -> Path:
 def _first_coded(m: dict) -> tuple[str, str, dict]:
     rel = m["tasks"][0]["file"]
     tensors = m["files"][rel]["tensors"]
-    key = next(k for k, e in tensors.items() if "entropy" in e)
+    key = next(k for k, e in tensors.items() if "entropy" in e and e["kind"] == "q")
     return rel, key, tensors[key]
 
 
@@ -198,7 +201,8 @@ def _change(change):
         (lambda m, e: e["entropy"].update(coder="lz4"), "zstd"),
         (lambda m, e: e["entropy"].update(blocks=[True] * len(e["entropy"]["blocks"])), "valid integer"),
         (lambda m, e: e["entropy"].update(extra=1), "Extra inputs"),
-        (lambda m, e: [e.update(kind="raw", dtype="float32", bits=None, scheme=None, params={}, aux={})], "raw.entropy': Extra inputs"),
+        (lambda m, e: [e.update(kind="raw", dtype="float32", bits=None, scheme=None, params={}, aux={})], "coded with filter 'bitshuffle', got None"),
+        (lambda m, e: e["entropy"].update(filter="bitshuffle"), "codes are coded byte-aligned, without a filter"),
     ],
 )
 def test_coded_entries_are_validated_when_read(coded, change, problem):
@@ -269,3 +273,29 @@ def test_coded_tensors_stay_quantized_entries(coded):
     pack = open_pack(coded)
     entries = [e for f in pack.manifest.files.values() for e in f.tensors.values() if e.kind == "q"]
     assert entries and all(e.entropy is not None for e in entries if e.numel >= 4096)
+
+@pytest.mark.parametrize("name", ["tvq2", "rtvq-b3o2"])
+def test_entropy_max_writes_the_same_format_no_larger_and_merges_the_same(tiny, name):
+    """`--entropy max` (zstd's optimal parser) is only a slower writer: same records and
+    version, every tensor decodes the same, no tensor larger than `auto` makes it, same merge."""
+    on, _ = _both(tiny, name)
+    strong = tiny["dir"] / f"{name}-max"
+    quantize(tiny["pre_path"], tiny["ft_paths"], strong, QuantizeOptions(**{**vars(OPTIONS[name]), "entropy": "max"}), progress=False)
+    m_on, m_max = read_manifest_json(on), read_manifest_json(strong)
+    assert m_max["version"] == m_on["version"]
+    p_on, p_max = open_pack(on), open_pack(strong)
+    p_max.verify()
+    for rel, f in p_on.manifest.files.items():
+        for key, entry in f.tensors.items():
+            other = p_max.manifest.files[rel].tensors[key]
+            assert other.kind == entry.kind and other.stored_bytes <= entry.stored_bytes, (rel, key)
+            assert torch.equal(p_on.decode(rel, key), p_max.decode(rel, key)), (rel, key)
+    assert pack_summary(strong)["entropy"]["stored_bytes"] < pack_summary(on)["entropy"]["stored_bytes"]
+    merged = [merge_state_dict("ties", *load_task_vectors(tiny["pre_path"], packs=[p]), {}) for p in (on, strong)]
+    for key in merged[0]:
+        assert merged[0][key].numpy().tobytes() == merged[1][key].numpy().tobytes(), key
+
+
+def test_entropy_option_names_its_choices():
+    with pytest.raises(Exception, match="choose auto, max or off"):
+        QuantizeOptions(entropy="best").validated()  # type: ignore[arg-type]

@@ -55,8 +55,11 @@ PACKS: dict[str, list[str]] = {
     "tvq4": ["--bits", "4"],
     "tvq2": ["--bits", "2"],
     "rtvq_b3o2": ["--residual", "--base-bits", "3", "--bits", "2", "--error-correction"],
+    # issue 15: a budget between TVQ 2-bit's and 3-bit's coded sizes (anchored: TVQ 2-bit + upgrades)
+    "budget1": ["--budget-bits", "1.0"],
 }
-PACK_LABELS = {"tvq4": "TVQ 4-bit", "tvq2": "TVQ 2-bit", "rtvq_b3o2": "RTVQ B3O2+EC"}
+PACK_LABELS = {"tvq4": "TVQ 4-bit", "tvq2": "TVQ 2-bit", "rtvq_b3o2": "RTVQ B3O2+EC", "budget1": "budget 1.0 b/param"}
+DEFAULT_PACKS = ["tvq4", "tvq2", "rtvq_b3o2"]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -636,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (names or globs, e.g. 'quantize_*'); see --list")
     ap.add_argument("--list", action="store_true", help="list the steps and exit")
     ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--packs", nargs="+", choices=sorted(PACKS), default=list(PACKS))
+    ap.add_argument("--packs", nargs="+", choices=sorted(PACKS), default=DEFAULT_PACKS)
     ap.add_argument("--ties-scope", choices=["tensor", "global"], default="tensor", help="tvq TIES top-k scope (tensor = mergekit's)")
     ap.add_argument("--no-ckpt-merge", dest="ckpt_merge", action="store_false", help="skip tvq merge from the bf16 checkpoints")
     ap.add_argument("--no-capped", dest="capped", action="store_false", help="skip the cgroup-capped repeat")

@@ -53,7 +53,11 @@ def quantize_cmd(
     quantizer: Annotated[str, typer.Option(help="minmax (paper), mse, group, symmetric, ternary (2 bits) or sign (1 bit).")] = "minmax",
     group_size: Annotated[int, typer.Option(help="Elements per scale for --quantizer group.")] = 128,
     entropy: Annotated[
-        str, typer.Option(help="auto: entropy-code each tensor's codes where that makes them smaller; off: plain bit packing (format 2).")
+        str,
+        typer.Option(
+            help="auto: entropy-code codes and exactly kept tensors where that makes them smaller; max: the same with zstd's "
+            "optimal parser (smaller, far slower to write, as fast to read); off: plain bit packing (format 2)."
+        ),
     ] = "auto",
     budget_bits: Annotated[
         Optional[float], typer.Option(help="Allocate bits per tensor: average bits per parameter per task, base included.")
@@ -225,6 +229,13 @@ def info_cmd(
             f"entropy coding: {coding['coded_tensors']} of {coding['quantized_tensors']} quantized tensors; codes take "
             f"{coding['stored_bytes']:,} bytes on disk instead of {coding['plain_bytes']:,} bit-packed "
             f"(saved {coding['saved_bytes']:,}, {coding['saved_bytes'] / max(coding['plain_bytes'], 1):.1%})",
+            highlight=False,
+        )
+    if coding["raw_coded_tensors"]:
+        console.print(
+            f"entropy coding: {coding['raw_coded_tensors']} of {coding['raw_tensors']} exactly stored tensors; they take "
+            f"{coding['raw_stored_bytes']:,} bytes on disk instead of {coding['raw_plain_bytes']:,} "
+            f"(saved {coding['raw_saved_bytes']:,}, {coding['raw_saved_bytes'] / max(coding['raw_plain_bytes'], 1):.1%})",
             highlight=False,
         )
     console.print(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tvq.pack.manifest import MANIFEST_NAME, FileEntry, QuantizedEntry
+from tvq.io.dtypes import TORCH_DTYPES
+from tvq.pack.manifest import MANIFEST_NAME, FileEntry, QuantizedEntry, RawEntry
 from tvq.pack.reader import open_pack
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.selection import is_statistic
@@ -75,9 +76,17 @@ def pack_summary(path: str | Path, verify: bool = False) -> dict:
 
 
 def entropy_summary(files: Iterable[FileEntry]) -> dict[str, int]:
-    """What entropy coding saved: the codes' bytes on disk against plain bit packing's."""
+    """What entropy coding saved: the codes' bytes on disk against plain bit packing's, and the
+    exactly stored tensors' against their own."""
+    files = list(files)
     quantized = [e for f in files for e in f.tensors.values() if isinstance(e, QuantizedEntry)]
     plain = sum(packed_nbytes(e.numel, e.bits) for e in quantized)
     stored = sum(e.nbytes for e in quantized)
     coded = sum(1 for e in quantized if e.entropy is not None)
-    return {"quantized_tensors": len(quantized), "coded_tensors": coded, "plain_bytes": plain, "stored_bytes": stored, "saved_bytes": plain - stored}
+    raw = [e for f in files for e in f.tensors.values() if isinstance(e, RawEntry)]
+    raw_plain = sum(e.numel * TORCH_DTYPES[e.dtype].itemsize for e in raw)
+    raw_stored = sum(e.nbytes for e in raw)
+    return {"quantized_tensors": len(quantized), "coded_tensors": coded, "plain_bytes": plain, "stored_bytes": stored, "saved_bytes": plain - stored,
+            # exactly stored tensors (format 4 codes them too): their bytes as they are and on disk
+            "raw_tensors": len(raw), "raw_coded_tensors": sum(1 for e in raw if e.entropy is not None),
+            "raw_plain_bytes": raw_plain, "raw_stored_bytes": raw_stored, "raw_saved_bytes": raw_plain - raw_stored}  # fmt: skip

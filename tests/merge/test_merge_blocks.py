@@ -64,7 +64,7 @@ def write_inputs(root: Path, kinds: dict[str, dict]) -> dict:
         save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in ft.items()}, fts_bf16[f"t{i}"])
     packs = {}
     mp = pytest.MonkeyPatch()
-    mp.setattr(entropy.encode, "__defaults__", (entropy.MIN_BLOCK,))  # frames of 4 KiB: a tensor spans several
+    mp.setattr(entropy.encode, "__defaults__", (entropy.MIN_BLOCK, *(entropy.encode.__defaults__ or ())[1:]))  # 4 KiB frames: a tensor spans several
     try:
         for name, options in kinds.items():
             packs[name] = root / name
@@ -161,8 +161,8 @@ def test_any_block_size_gives_the_same_bytes(inputs, tmp_path, monkeypatch, bloc
 
 def test_non_block_methods_and_torch_outputs_merge_whole(inputs, tmp_path, monkeypatch):
     source = {"pre": inputs["pre"], "packs": [inputs["packs"]["tvq4"]]}
-    reference, _ = _merged_bytes(monkeypatch, WHOLE, "magmax", {}, tmp_path / "whole.safetensors", **source)
-    got, pieces = _merged_bytes(monkeypatch, 24, "magmax", {}, tmp_path / "blocks.safetensors", **source)
+    reference, _ = _merged_bytes(monkeypatch, WHOLE, "breadcrumbs", {}, tmp_path / "whole.safetensors", **source)
+    got, pieces = _merged_bytes(monkeypatch, 24, "breadcrumbs", {}, tmp_path / "blocks.safetensors", **source)
     assert pieces == [] and got == reference
 
 

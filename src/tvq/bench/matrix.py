@@ -168,6 +168,33 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+EDGE_STEPS = 4  # grid values tried past an edge that keeps winning
+
+
+def edge_values(grid: Sequence[float], upward: bool) -> list[float]:
+    """The values past the grid's top edge (by its last step) or bottom edge (halving; λ stays > 0)."""
+    if upward:
+        step = grid[-1] - grid[-2] if len(grid) > 1 else grid[-1]
+        return [round(grid[-1] + step * (i + 1), 6) for i in range(EDGE_STEPS)]
+    return [round(grid[0] / 2 ** (i + 1), 6) for i in range(EDGE_STEPS)]
+
+
+def tune_value(grid: Sequence[float], score: Callable[[float], float]) -> float:
+    """The best of ``grid`` by ``score`` (the first of equals), extended past an edge while the
+    edge value is the best so far and each further step improves on it."""
+    if not grid:
+        raise ValueError("λ grids are never empty")
+    scores = {value: score(value) for value in grid}
+    best = max(grid, key=lambda v: scores[v])  # max keeps the first of equal scores
+    if len(grid) > 1 and best in (grid[0], grid[-1]):
+        for value in edge_values(grid, upward=best == grid[-1]):
+            s = score(value)
+            if s <= scores[best]:
+                break
+            scores[value], best = s, value
+    return best
+
+
 @dataclass
 class Cell:
     method: str
@@ -327,15 +354,14 @@ class Matrix:
         return self.run.evaluate_all(self._merge_state(spec, tvs, options), split)
 
     def _tune(self, spec: MethodSpec, tvs: dict[str, TaskVector]) -> float:
-        """The grid value with the best average validation accuracy."""
-        best: tuple[float, float] | None = None
-        for value in spec.grid:
+        """The value with the best average validation accuracy: over the grid, then past either
+        edge while the edge wins (a λ chosen at the grid's edge says the grid was too narrow, not
+        that the edge is best), a bounded number of steps."""
+        def score(value: float) -> float:
             acc = self._evaluate_merge(spec, tvs, {**spec.options, spec.tune: value}, "validation")
-            avg = sum(acc.values()) / len(acc)
-            if best is None or avg > best[0]:
-                best = (avg, value)
-        assert best is not None, "λ grids are never empty"
-        return best[1]
+            return sum(acc.values()) / len(acc)
+
+        return tune_value(spec.grid, score)
 
     def _adamerging(self, tvs: dict[str, TaskVector], split: str) -> dict[str, float]:
         """Layer-wise AdaMerging on unlabeled test batches (the paper's setting, fewer steps)."""

@@ -28,7 +28,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,13 +41,13 @@ from tvq.encode.checks import KeyInputs, check_average
 from tvq.encode.options import BitPlan, QuantizeOptions
 from tvq.encode.pipeline import QuantizeReport, quantize
 from tvq.errors import CheckpointError, ConfigError, EncodeError, where
-from tvq.execute import Executor
+from tvq.execute import Executor, LocalExecutor, one_torch_thread
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.quant import affine
 from tvq.quant.affine import MappingType, QuantSpec, RangeEstimator, clipped_params
-from tvq.quant.chunks import mean_of
+from tvq.quant.chunks import ChunkSource, Converted, difference, materialize, mean_of
 from tvq.quant.entropy import estimated_bytes
-from tvq.quant.error_model import ValueStats, mse_clips
+from tvq.quant.error_model import SAMPLE, ValueStats, mse_clips
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import TensorRole, tensor_role
@@ -110,7 +112,7 @@ def _priced(stats: ValueStats, bits: int, scheme: str, options: QuantizeOptions)
     error, entropy_bits, p_max = stats.best(bits, _clips(scheme))
     if stats.constant:
         return error, 0
-    nbytes = estimated_bytes(entropy_bits, numel, bits, p_max) if options.entropy == "auto" else packed_nbytes(numel, bits)
+    nbytes = estimated_bytes(entropy_bits, numel, bits, p_max) if options.entropy != "off" else packed_nbytes(numel, bits)
     return error, nbytes
 
 
@@ -144,16 +146,20 @@ def _grid_costs(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: Qua
     from one pass over each tensor (``tvq.quant.error_model``), with the entropy of their codes;
     the other schemes quantize once per width and are priced packed."""
     if options.quantizer in HISTOGRAM_SCHEMES:
-        stats = [ValueStats.of(x) for x in xs]
-        out = {}
-        for scheme in _schemes(options):
-            for b in bits_list:
-                priced = [_priced(st, b, scheme, options) for st in stats]
-                out[scheme, b] = (sum(e for e, _ in priced), sum(n + ENTRY_OVERHEAD for _, n in priced))
-        return out
+        return _stats_costs([ValueStats.of(x) for x in xs], bits_list, options)
     opts = options.scheme_options()
     return {(options.quantizer, b): (sum(float((fake_quantize_with(x, options.quantizer, b, **opts) - x).pow(2).sum()) for x in xs),
                                      sum(_code_bytes(x, b, options) + ENTRY_OVERHEAD for x in xs)) for b in bits_list}  # fmt: skip
+
+
+def _stats_costs(stats: list[ValueStats], bits_list: tuple[int, ...], options: QuantizeOptions) -> dict[tuple[str, int], tuple[float, int]]:
+    """``_grid_costs`` of the histogram grids, from the tensors' statistics."""
+    out = {}
+    for scheme in _schemes(options):
+        for b in bits_list:
+            priced = [_priced(st, b, scheme, options) for st in stats]
+            out[scheme, b] = (sum(e for e, _ in priced), sum(n + ENTRY_OVERHEAD for _, n in priced))
+    return out
 
 
 def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
@@ -277,12 +283,14 @@ def analyse(
     base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
     sensitivity: dict[str, float] | None = None,
     progress: bool = True,
+    threads: int = 1,
 ) -> tuple[dict[str, list[Option]], int, int]:
     """Per quantized tensor, the (bytes, weighted error) of each candidate width.
 
     Returns (options per key, bytes of everything not allocated, number of float params).
     A tensor no candidate can encode (NaN/Inf inputs, an fp32 overflow) is a CheckpointError
-    naming the file and the tensor, as quantizing it would be.
+    naming the file and the tensor, as quantizing it would be. ``threads`` > 1 analyses that
+    many tensors at once (the same table).
     """
     if sensitivity is not None:
         sensitivity = check_sensitivity(sensitivity)
@@ -293,49 +301,93 @@ def analyse(
     T = len(readers)
     bits_list = _candidate_bits(options, candidates)
     base_list = _candidate_bits(options, base_candidates) if options.residual else ()
-    opts = options.scheme_options()
-    table: dict[str, list[Option]] = {}
     floor = floor_of(pre, T, options, candidates, base_candidates)
-    for key in tqdm(sorted(pre.keys()), desc="analyse bit widths", unit="tensor", disable=not progress):
-        role = tensor_role(key, pre.meta(key), options.key_rule)
-        if role == TensorRole.SKIP or role.exact:  # costs counted in floor.fixed
-            continue
-        p32 = pre.get(key).float()
-        fts = [r.get(key).float() for r in readers.values()]
-        taus = [t - p32 for t in fts]
+    keys = [k for k in sorted(pre.keys()) if _allocated(tensor_role(k, pre.meta(k), options.key_rule))]
+
+    def options_of_key(key: str) -> list[Option]:
         weight = 1.0 if sensitivity is None else float(sensitivity.get(key, 1.0))
         try:  # a tensor no candidate can encode: the error names the file that caused it
-            opts_for_key: list[Option] = []
-            if not options.residual:
-                xs = fts if options.target == "finetuned" else taus
-                for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options).items():
-                    opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
-            else:
-                avg = mean_of(fts)
-                beta = avg - p32
-                bases = {bb: _base_estimate(beta, bb, options) for bb in base_list}
-                if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
-                    for bb, (beta_hat, base_bytes) in bases.items():
-                        offsets = [t - beta_hat for t in taus]
-                        for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options).items():
-                            opts_for_key.append(Option(b, bb, base_bytes + nbytes, weight * err, scheme))
-                else:  # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
-                    e_base = {bb: beta_hat - beta for bb, (beta_hat, _) in bases.items()}
-                    offsets = [t - avg for t in fts]
-                    pair_error = {(bb, b): 0.0 for bb in base_list for b in bits_list}
-                    for b in bits_list:
-                        for off in offsets:
-                            e_off = fake_quantize_with(off, options.quantizer, b, **opts) - off
-                            for bb in base_list:
-                                pair_error[bb, b] += float((e_base[bb] + e_off).pow(2).sum())
-                    costs = _grid_costs(offsets, bits_list, options)
-                    off_bytes = {b: costs[options.quantizer, b][1] for b in bits_list}
-                    for bb, (_, base_bytes) in bases.items():
-                        opts_for_key += [Option(b, bb, base_bytes + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
+            return _key_options(key, pre, readers, options, bits_list, base_list, weight)
         except EncodeError as exc:
             raise _unencodable(key, pre, readers, exc, options.residual) from None
-        table[key] = opts_for_key
+
+    table: dict[str, list[Option]] = {}
+    with ExitStack() as stack:
+        # torch single-threaded, as the encoders run: intra-op threads on chunk-sized ops cost more than they
+        # give on a busy machine (tvq.execute.one_torch_thread); ``threads`` tensors in parallel instead
+        stack.enter_context(one_torch_thread())
+        if threads > 1:
+            results: Iterator[list[Option]] = stack.enter_context(ThreadPoolExecutor(threads)).map(options_of_key, keys)
+        else:
+            results = map(options_of_key, keys)
+        for key, found in zip(keys, tqdm(results, total=len(keys), desc="analyse bit widths", unit="tensor", disable=not progress),
+                              strict=True):  # fmt: skip
+            table[key] = found
     return table, floor.fixed, floor.n_params
+
+
+def _allocated(role: TensorRole) -> bool:
+    return role != TensorRole.SKIP and not role.exact  # the others' costs are counted in floor.fixed
+
+
+def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], options: QuantizeOptions,
+                 bits_list: tuple[int, ...], base_list: tuple[int, ...], weight: float) -> list[Option]:  # fmt: skip
+    """One tensor's candidate options. TVQ and FQ on the histogram grids stream: each task's
+    values are summarised (``ValueStats.streamed``) a chunk at a time from the stored inputs, as
+    the encoder reads them, so no full-size fp32 copy exists and memory does not grow with the
+    tensor; the numbers are those of the whole tensors, bit for bit."""
+    opts_for_key: list[Option] = []
+    if not options.residual and options.quantizer in HISTOGRAM_SCHEMES:
+        pre_t = pre.get(key) if options.target == "task_vector" else None
+        stats = [_streamed_stats(r.get(key), pre_t) for r in readers.values()]
+        for (scheme, b), (err, nbytes) in _stats_costs(stats, bits_list, options).items():
+            opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
+        return opts_for_key
+    p32 = pre.get(key).float()
+    fts = [r.get(key).float() for r in readers.values()]
+    if not options.residual:
+        xs = fts if options.target == "finetuned" else [t - p32 for t in fts]
+        for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options).items():
+            opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
+        return opts_for_key
+    taus = [t - p32 for t in fts]
+    avg = mean_of(fts)
+    beta = avg - p32
+    bases = {bb: _base_estimate(beta, bb, options) for bb in base_list}
+    if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
+        for bb, (beta_hat, base_bytes) in bases.items():
+            offsets = [t - beta_hat for t in taus]
+            for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options).items():
+                opts_for_key.append(Option(b, bb, base_bytes + nbytes, weight * err, scheme))
+        return opts_for_key
+    # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
+    opts = options.scheme_options()
+    e_base = {bb: beta_hat - beta for bb, (beta_hat, _) in bases.items()}
+    offsets = [t - avg for t in fts]
+    pair_error = {(bb, b): 0.0 for bb in base_list for b in bits_list}
+    for b in bits_list:
+        for off in offsets:
+            e_off = fake_quantize_with(off, options.quantizer, b, **opts) - off
+            for bb in base_list:
+                pair_error[bb, b] += float((e_base[bb] + e_off).pow(2).sum())
+    costs = _grid_costs(offsets, bits_list, options)
+    off_bytes = {b: costs[options.quantizer, b][1] for b in bits_list}
+    for bb, (_, base_bytes) in bases.items():
+        opts_for_key += [Option(b, bb, base_bytes + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
+    return opts_for_key
+
+
+def _streamed_stats(theta: torch.Tensor, pre: torch.Tensor | None) -> ValueStats:
+    """``ValueStats.of`` of τ = θ.float() − θ_pre.float() (or of θ.float(), no ``pre``), a chunk
+    at a time: each operand converted to fp32 in a reused buffer, as the streaming encoder does
+    (``tvq.quant.chunks``), so the values are those of the whole-tensor arithmetic."""
+    flat = theta.reshape(-1)
+    source: ChunkSource = Converted(theta)
+    if pre is not None:
+        source = difference(source, Converted(pre))
+    if flat.numel() <= SAMPLE:  # every value is histogrammed: formed once, at most SAMPLE fp32 values (16 MiB)
+        return ValueStats.of(materialize(source, flat.numel()))
+    return ValueStats.streamed(source, flat.numel())  # the range and the sample in one pass
 
 
 def _unencodable(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], exc: EncodeError,
@@ -575,7 +627,8 @@ def quantize_within_budget(
             check_compatible(pre, reader)
         unchanged = unchanged_keys(pre, readers, options)
         check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)
-    analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress)
+    threads = executor.threads if isinstance(executor, LocalExecutor) else 1  # a cluster's executor: the analysis runs here
+    analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress, threads=threads)
     ladder = anchor_ladder(analysis, T, options, budget_bits, budget_bytes) if allocation == "anchored" else []
 
     def write(planned: QuantizeOptions, attempt: int) -> QuantizeReport:

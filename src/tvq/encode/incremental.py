@@ -27,7 +27,7 @@ from tvq.io.atomic import atomic_dir, check_output
 from tvq.io.content_hash import algorithm_of
 from tvq.io.readers import TensorMeta, open_checkpoint
 from tvq.pack.card import write_pack_card
-from tvq.pack.manifest import MANIFEST_NAME, Manifest, QuantizedEntry, RawEntry, announced_names, written_version
+from tvq.pack.manifest import MANIFEST_NAME, Manifest, QuantizedEntry, RawEntry, announced_names, entropy_coded, written_version
 from tvq.pack.reader import Pack, open_pack
 from tvq.pack.validate import kept_keys
 from tvq.pack.writer import PackFileWriter, close_all
@@ -63,7 +63,7 @@ def options_of(pack: Pack) -> QuantizeOptions:
 
 
 def _entropy_coded(pack: Pack) -> bool:
-    return any(isinstance(e, QuantizedEntry) and e.entropy is not None for f in pack.manifest.files.values() for e in f.tensors.values())
+    return entropy_coded(pack.manifest.files)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -46,8 +46,8 @@ def encode_key(job: KeyJob) -> KeyResult:
         inputs.check_task(name, codes.errors[name], exact_fp64=not job.streams)
     check_stored(codes.stored, codes.errors, inputs, {name: part(job, name) for name in codes.stored})
     for stored in codes.stored.values():
-        if job.options.entropy == "auto":
-            stored.entropy_coded()  # where it pays; after the checks, which read the plain codes
+        if job.options.entropy != "off":  # where it pays; after the checks, which read the plain codes
+            stored.entropy_coded(strong=job.options.entropy == "max")
         stored.hashed()  # on the worker: the driver, which writes them in order, only writes
     result.stored, result.errors = codes.stored, codes.errors
     return result

@@ -3,10 +3,13 @@
 Per tensor: stack the T task vectors (fp32), let the method merge them, add θ_pre in place,
 cast to the output dtype, append to the output. Peak memory ≈ (T + 2) × the largest tensor
 plus the method's temporaries and the output buffer, whatever the model size. Methods that
-merge by blocks (elementwise ones: task arithmetic, average; TIES, whose per-tensor cut-offs
-and majority sign come from pre-passes over the blocks) stream every tensor larger than a
-block a block of elements at a time into a safetensors output (tvq.merge.blocks): their
-working set is about (T + 3) blocks, whatever the largest tensor, with the same bytes out.
+merge by blocks (elementwise ones: task arithmetic, average, MagMax, LiNeS, Consensus, DARE
+without per-tensor statistics, EMR's task model; TIES, whose per-tensor cut-offs and majority
+sign come from pre-passes over the blocks) stream every tensor larger than a block a block of
+elements at a time into a safetensors output (tvq.merge.blocks): their working set is about
+(T + 3) blocks, whatever the largest tensor, with the same bytes out. EMR's unified pack
+streams the same way (``EMR.write_pack``), and a task's model from it reads only each
+block's elements and mask bytes (``emr_task_model``).
 
 That per-tensor work is a ``MergeJob`` run by any ``tvq.execute`` executor (local threads,
 Ray); the driver writes the results in key order, so the output is byte-identical whichever
@@ -24,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +50,7 @@ from tvq.merge.methods.emr import open_emr
 from tvq.merge.plan import MergePlan
 from tvq.merge.recipe import MERGEKIT_FILE, RECIPE_FILE
 from tvq.merge.registry import KeptDensity, MergeMethod, MethodOptions, build_method
-from tvq.merge.source import MergeInputs, Statistics, TaskInputs, TaskSource
+from tvq.merge.source import MergeInputs, Statistics, TaskInput, TaskInputs, TaskSource
 from tvq.merge.statistics import NormStats, NormStatsChoice, NormStatsWarning, resolve_choice
 from tvq.pack.reader import Pack
 from tvq.vector import TaskVector
@@ -398,7 +401,8 @@ def emr_task_model(
     names = set(pre.keys())
     for key in [k for k in pack.stat_keys if k not in names or not pre.meta(k).is_float][:1]:
         raise PackError(f"{where(unified, f'stats.{key}')}: not a float tensor of the pretrained model {pre.path}")
-    source = TaskSource(pre, {task: pack.task_vector(task)})
+    own = TaskInput(task, pack.task_vector(task), blocks=partial(pack.task_blocks, task))
+    source = TaskSource(pre, TaskInputs([own]))
     for key in source.keys:  # refused before any output exists, not halfway through it
         if pack.shape(key) != source.shape(key):
             stored, expected = list(pack.shape(key)), list(source.shape(key))
@@ -417,12 +421,24 @@ def emr_task_model(
     plan = MergePlan(Path(RECIPE_FILE), "tvq", "emr", pretrained=Path(pretrained) if isinstance(pretrained, (str, Path)) else Path(pre.path),
                      tasks=list(pack.tasks), dtype=None if dtype is None else str(dtype).removeprefix("torch."), norm_stats=norm_stats)  # fmt: skip
     files = card_files(plan, [], loadable=hf_folder(pretrained) is not None, unified=(Path(unified), task))  # README.md + tvq_recipe.sh
-    report = write_model(pre, lambda key: source.tensor(task, key).clone(), set(source.keys), out, f"emr [{task}]", pack.tasks,
+    own_task = _OwnTask(MethodOptions(), [task])  # large tensors by blocks: only their blocks of the pack are read
+    work = LocalWork(pre, lambda key: source.tensor(task, key).clone(), BlockMerge(own_task, source))
+    report = write_model(pre, work, set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
                          max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite,
                          statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
     report.bytes_read = pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     return report
+
+
+class _OwnTask(MergeMethod):
+    """One task's τ as it is (``emr_task_model``: λ_t (m_t ⊙ τ_uni) from the pack), elementwise,
+    so that large tensors stream by blocks: θ_pre + τ, the bytes of the whole tensor."""
+
+    elementwise = True
+
+    def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
+        return taus[0].clone()
 
 
 def write_task_folder(

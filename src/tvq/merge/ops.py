@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -131,12 +131,27 @@ def element_hash(seed: int, index: torch.Tensor) -> torch.Tensor:
 
 def hash_order_cut(hashes: torch.Tensor, index: torch.Tensor, need: int) -> tuple[int, int]:
     """The ``need``-th entry in (hash, index) order, as (hash, index): entries up to it are kept.
-    ``index`` ascends (as ``nonzero`` returns it); 1 <= need <= len."""
+    ``index`` ascends (as ``nonzero`` returns it); 1 <= need <= len; ``hashes`` in [0, 2^32).
+
+    A radix select: a 2^16-bin histogram of the hashes' high halves pins the bucket holding
+    the cut, then only that bucket's few entries are selected (``torch.kthvalue`` over every
+    tied hash copies them and was a tenth of a 4-task merge's time)."""
     if not bool(hashes.any()):  # a cut-off of 0: index order
         return 0, int(index[need - 1])
+    if hashes.numel() > _RADIX_MIN:
+        high = hashes >> 16
+        hist = torch.bincount(high, minlength=1 << 16)
+        cum = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)))  # first bin reaching the count
+        need -= int(cum[bucket]) - int(hist[bucket])
+        inside = high == bucket
+        hashes, index = hashes[inside], index[inside]
     cut = int(torch.kthvalue(hashes, need).values)
     below = int((hashes < cut).sum())
     return cut, int(index[hashes == cut][need - below - 1])
+
+
+_RADIX_MIN = 1 << 16  # tied entries above which ``hash_order_cut`` selects by a histogram first
 
 
 def tie_hashes(seed: int, index: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -145,12 +160,23 @@ def tie_hashes(seed: int, index: torch.Tensor, threshold: float) -> torch.Tensor
     return element_hash(seed, index) if threshold != 0 else torch.zeros(index.shape, dtype=torch.int64)
 
 
-def dropped_ties(tied: torch.Tensor, seed: int, hash_cut: int, index_cut: int, threshold: float = 1.0) -> torch.Tensor:
-    """Which of the entries tied at ``threshold``, at flat indices ``tied`` (ascending), lie past the cut in hash order."""
+def dropped_ties(
+    tied: torch.Tensor, seed: int, hash_cut: int, index_cut: int, threshold: float = 1.0, hashes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which of the entries tied at ``threshold``, at flat indices ``tied`` (ascending), lie past
+    the cut in hash order (``hashes``: their ``element_hash``, when already computed)."""
     if threshold == 0:
         return tied > index_cut
-    h = element_hash(seed, tied)
+    h = element_hash(seed, tied) if hashes is None else hashes
     return (h > hash_cut) | ((h == hash_cut) & (tied > index_cut))
+
+
+def compact_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Flat indices into ``n`` elements as int32 when they fit (half the memory of int64)."""
+    return index.to(torch.int32) if n <= _I32_MAX else index
+
+
+_I32_MAX = (1 << 31) - 1
 
 
 @dataclass
@@ -159,13 +185,22 @@ class Trim:
     ``thresholds[t]``, and of the entries equal to it those up to (``hash_cut[t]``,
     ``index_cut[t]``) in hash order (``ALL_TIES``: all of them, the keep_ties rule; at a
     cut-off of 0 the hash order is the index order, see ``tie_hashes``).
-    ``kept[t]`` counts the entries kept (None when not counted)."""
+    ``kept[t]`` counts the entries kept (None when not counted).
+
+    ``dropped[t]``, where the trim's passes over the tensor found them (``row_cut``,
+    ``coded_trim``, ``tie_cuts`` on one tensor) at a non-zero cut-off: the entries tied at the
+    cut-off that task t drops (the ones ``dropped_ties`` picks), as their flat indices
+    (ascending, int32 below 2^31), a bool mask of the tensor's elements, or that mask packed
+    8 to a byte (uint8, ``mark_bits``). Masks and code splits then read them instead of
+    finding and hashing the tied entries again; the trim must then only be applied to that
+    tensor."""
 
     thresholds: torch.Tensor  # [T] fp32
     hash_cut: list[int]
     index_cut: list[int]
     seeds: list[int]
     kept: list[int | None]
+    dropped: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, part: torch.Tensor, start: int = 0, zeros: bool = True) -> torch.Tensor:
         """The keep mask ``[T, m]`` of columns ``start:start+m`` of the flat ``[T, n]`` stack.
@@ -176,6 +211,13 @@ class Trim:
         for t, cut in enumerate(self.hash_cut):
             thr = float(self.thresholds[t])
             if cut < ALL_TIES and (zeros or thr != 0):
+                known = self.dropped_in(t, start, start + part.shape[1])
+                if known is not None:
+                    if known.dtype == torch.bool:
+                        keep[t] &= ~known
+                    else:
+                        keep[t, known] = False
+                    continue
                 tied = torch.nonzero(mag[t] == thr).squeeze(1)
                 if tied.numel():
                     drop = dropped_ties(tied + start, self.seeds[t], cut, self.index_cut[t], thr)
@@ -186,31 +228,85 @@ class Trim:
         """``mask`` for merging (``zeros=False``): the same merged values, fewer hashes."""
         return self.mask(part, start, zeros=False)
 
+    def dropped_in(self, t: int, start: int, end: int) -> torch.Tensor | None:
+        """Task t's ``dropped`` entries among the elements ``[start, end)``, when known: a bool
+        mask of those elements, or their indices from ``start`` (int64)."""
+        known = self.dropped.get(t)
+        if known is None:
+            return None
+        if known.dtype == torch.bool:
+            return known[start:end]
+        if known.dtype == torch.uint8:
+            return bits_between(known, start, end)
+        return dropped_between(known, start, end)
 
-def row_cut(row: torch.Tensor, k: int, seed: int, rule: str) -> tuple[torch.Tensor, int, int, int]:
-    """Top-k of one flat row: (threshold, hash cut, index cut, entries kept)."""
+
+_BITS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+
+
+def mark_bits(bits: torch.Tensor, index: torch.Tensor) -> None:
+    """Set the bits of the flat indices ``index`` (distinct, not set yet) in ``bits``, a mask
+    packed 8 elements to a byte (element i: bit i % 8 of byte i // 8)."""
+    if index.numel():
+        bits.index_put_((index >> 3,), _BITS[index & 7], accumulate=True)  # distinct bits: the sum is the or
+
+
+def bits_between(bits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of a packed mask (``mark_bits``) as bool."""
+    first = start >> 3
+    unpacked = (bits[first : (end + 7) >> 3].unsqueeze(1) & _BITS) != 0
+    return unpacked.reshape(-1)[start - (first << 3) : end - (first << 3)]
+
+
+def dropped_between(dropped: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The entries of ``dropped`` (ascending flat indices) in ``[start, end)``, from ``start`` (int64)."""
+    bounds = torch.searchsorted(dropped, torch.tensor([start, end], dtype=dropped.dtype))
+    return dropped[int(bounds[0]) : int(bounds[1])].long() - start
+
+
+def tied_cut(tied: torch.Tensor, seed: int, threshold: float, need: int, n: int) -> tuple[int, int, torch.Tensor | None]:
+    """The hash-order cut among the entries tied at a cut-off (flat indices ``tied``, ascending,
+    of a tensor of ``n`` elements) keeping ``need`` of them: (hash cut, index cut, the dropped
+    entries for ``Trim.dropped``, None at a cut-off of 0). Each tied entry is hashed once."""
+    hashes = tie_hashes(seed, tied, threshold)
+    cut, index = hash_order_cut(hashes, tied, need)
+    if threshold == 0:
+        return cut, index, None
+    dropped = tied[dropped_ties(tied, seed, cut, index, threshold, hashes)]
+    if dropped.numel() > n // 2:  # more than 2 bytes an element: let masks find and hash them again instead
+        return cut, index, None
+    return cut, index, compact_index(dropped, n)
+
+
+def row_cut(row: torch.Tensor, k: int, seed: int, rule: str) -> tuple[torch.Tensor, int, int, int, torch.Tensor | None]:
+    """Top-k of one flat row: (threshold, hash cut, index cut, entries kept, dropped tied entries (``Trim.dropped``) or None)."""
     n = row.numel()
     thr = count_threshold(row, k)
     if k >= n or k == 0:
-        return thr, ALL_TIES, _ANY_INDEX, min(k, n)
+        return thr, ALL_TIES, _ANY_INDEX, min(k, n), None
     mag = row.abs()
     if rule == "keep_ties":
-        return thr, ALL_TIES, _ANY_INDEX, int((mag >= thr).sum())
+        return thr, ALL_TIES, _ANY_INDEX, int((mag >= thr).sum()), None
     above = int((mag > thr).sum())
     tied = torch.nonzero(mag == thr).squeeze(1)
     del mag
     if tied.numel() == k - above:
-        return thr, ALL_TIES, _ANY_INDEX, k
-    cut, index = hash_order_cut(tie_hashes(seed, tied, float(thr)), tied, k - above)
-    return thr, cut, index, k
+        return thr, ALL_TIES, _ANY_INDEX, k, None
+    cut, index, dropped = tied_cut(tied, seed, float(thr), k - above, n)
+    return thr, cut, index, k, dropped
+
+
+def cuts_trim(cuts: Sequence[tuple[torch.Tensor, int, int, int, torch.Tensor | None]], seeds: Sequence[int]) -> Trim:
+    """The ``Trim`` of per-task ``row_cut`` results."""
+    dropped = {t: c[4] for t, c in enumerate(cuts) if c[4] is not None}
+    return Trim(torch.stack([c[0] for c in cuts]), [c[1] for c in cuts], [c[2] for c in cuts], list(seeds), [c[3] for c in cuts], dropped)
 
 
 def row_trim(taus: torch.Tensor, density: float, seeds: Sequence[int], rule: str) -> Trim:
     """Per-row top-``density`` of ``[T, *shape]`` (each row's count is ``keep_count(density, n)``)."""
     flat = taus.reshape(taus.shape[0], -1)
     k = keep_count(density, flat.shape[1])
-    cuts = [row_cut(row, k, seed, rule) for row, seed in zip(flat, seeds, strict=True)]
-    return Trim(torch.stack([c[0] for c in cuts]), [c[1] for c in cuts], [c[2] for c in cuts], list(seeds), [c[3] for c in cuts])
+    return cuts_trim([row_cut(row, k, seed, rule) for row, seed in zip(flat, seeds, strict=True)], seeds)
 
 
 def trimmed_sum(taus: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -383,14 +479,21 @@ def dare_(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int) -> torc
 Stream = Callable[[Collection[str] | None], Iterable[tuple[str, int, torch.Tensor]]]
 
 
-def tie_cuts(stream: Stream, seeds: Callable[[int, str], int], thresholds: torch.Tensor, need: dict[int, int]) -> dict[int, tuple[int, str, int]]:
+def tie_cuts(
+    stream: Stream, seeds: Callable[[int, str], int], thresholds: torch.Tensor, need: dict[int, int], marks: dict[int, torch.Tensor] | None = None
+) -> dict[int, tuple[int, str, int]]:
     """Where the top k of each task t in ``need`` ends among its entries tied at
     ``thresholds[t]`` over every tensor of ``stream``: the ``need[t]``-th in hash order (hash,
     tensor name, flat index) as (hash cut, tensor name, index); at a cut-off of 0 in (tensor
     name, index) order (``tie_hashes``); ``seeds(t, key)`` is task t's ``tie_seed`` of a tensor. Two streaming passes of bounded memory, whatever the
     block size: a 2^16-bin histogram of the hashes' high halves (and the zeros per tensor),
     then the few entries in the bucket that holds the cut (and the zero at the cut: with no
-    hashed task, that pass reads only the tensors holding the cuts)."""
+    hashed task, that pass reads only the tensors holding the cuts).
+
+    ``marks``: for a stream of one tensor, a zeroed packed mask of its elements (``mark_bits``)
+    per hashed task of ``need``: the second pass marks the entries past the cut in it (those
+    of a higher bucket as it goes, those of the cut's bucket at the end), so that the trim's
+    masks need not find and hash them again (``Trim.dropped``)."""
     zero = [t for t in need if float(thresholds[t]) == 0]
     hashed = [t for t in need if t not in zero]
     hist = torch.zeros(len(hashed), 1 << 16, dtype=torch.int64)
@@ -417,14 +520,19 @@ def tie_cuts(stream: Stream, seeds: Callable[[int, str], int], thresholds: torch
                     cuts[t] = (0, key, start + int(where[remaining - 1]))
                 zero_at[t] = (cut_key, remaining - where.numel())
         for j, tied, h in _tied_hashes(block, start, key, hashed, seeds, thresholds):
-            inside = (h >> 16) == bucket[j]
+            high = h >> 16
+            inside = high == bucket[j]
             if bool(inside.any()):
                 found[j].append((h[inside] & 0xFFFF, key, tied[inside]))
+            if marks is not None and hashed[j] in marks:
+                mark_bits(marks[hashed[j]], tied[high > bucket[j]])
         del block
     for j, t in enumerate(hashed):
         entries = sorted((int(lo), key, int(i)) for low, key, index in found[j] for lo, i in zip(low, index, strict=True))
         lo, key, index = entries[int(rank[j]) - 1]
         cuts[t] = ((int(bucket[j]) << 16) | lo, key, index)
+        if marks is not None and t in marks:
+            mark_bits(marks[t], torch.tensor([i for _, _, i in entries[int(rank[j]) :]], dtype=torch.int64))
     return cuts
 
 

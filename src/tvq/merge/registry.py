@@ -143,6 +143,11 @@ class MergeMethod(ABC):
     # per-tensor statistics, reductions over tasks in a fixed order): packs can then be
     # merged from codes through a lookup table, with the same bytes (tvq.merge.coded)
     elementwise: ClassVar[bool] = False
+    # whether merging by blocks costs extra passes over a tensor's blocks (per-tensor statistics);
+    # None: a method that overrides ``block_merger`` is taken to (``memory_note``)
+    block_prepasses: ClassVar[bool | None] = None
+    # the options under which ``merges_by_blocks`` says yes, when not all (``memory_note``)
+    blocks_when: ClassVar[str] = ""
     # shown after the options in ``tvq merge --help``: what a method needs beyond the stack
     # of one tensor (e.g. the SVD methods' dense matrices and decomposition buffers)
     note: ClassVar[str] = ""
@@ -353,12 +358,17 @@ def describe_option(name: str, f: Any) -> str:
     return f"{shown} ({default}): {f.description or ''}".rstrip(": ")
 
 
+WHOLE_NOTE = "merges each tensor whole: about (T + 3) fp32 copies of the largest"
+
+
 def memory_note(cls: type[MergeMethod]) -> str:
     """How a method holds a tensor while merging it (shown in ``tvq merge --help``)."""
     if cls.elementwise or cls.merges_by_blocks is not MergeMethod.merges_by_blocks:
-        passes = ", its per-tensor statistics from extra passes over them" if cls.block_merger is not MergeMethod.block_merger else ""
-        return f"streams large tensors by blocks into safetensors outputs{passes}: memory independent of the tensor's size"
-    return "merges each tensor whole: about (T + 3) fp32 copies of the largest"
+        prepasses = cls.block_prepasses if cls.block_prepasses is not None else cls.block_merger is not MergeMethod.block_merger
+        passes = ", its per-tensor statistics from extra passes over them" if prepasses else ""
+        when = f" (with {cls.blocks_when}; else {WHOLE_NOTE})" if cls.blocks_when else ""
+        return f"streams large tensors by blocks into safetensors outputs{passes}: memory independent of the tensor's size{when}"
+    return WHOLE_NOTE
 
 
 def describe_methods(detailed: bool = False) -> str:

@@ -7,7 +7,8 @@ covering its aligned bytes (the last one is kept for the next block). Blocks are
 order, each stored byte once, and hashed as they are read: the tensor's sha256 is checked when
 the last block is read, before that block is handed out, so a merge never completes from
 tampered bytes (its output is atomic: nothing is published after an error). Raw entries are
-read by element range; constants read nothing.
+read by element range (entropy-coded ones, version 4, by the frames covering it, each
+un-shuffled as it is decoded); constants read nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tvq.io.dtypes import TORCH_DTYPES
 from tvq.io.readers import SafetensorsFile
 from tvq.pack.manifest import ConstEntry, QuantizedEntry, RawEntry, TensorEntry
 from tvq.quant.coded import CodedTensor
-from tvq.quant.entropy import StreamError, aligned_bits, aligned_nbytes, block_lengths, codes_from_aligned
+from tvq.quant.entropy import StreamError, aligned_bits, aligned_nbytes, block_lengths, codes_from_aligned, unbitshuffle
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import get_scheme
 
@@ -63,37 +64,29 @@ class _HashedBytes:
         return data
 
 
-class _Codes:
-    """The codes of one ``q`` entry, a block of elements at a time (flat uint8)."""
+class _Frames:
+    """An entropy-coded stream (independent zstd frames of ``block`` decoded bytes each) read a
+    byte range of the decoded stream at a time, in order; the last frame decoded is kept for the
+    next range. ``itemsize`` set: each frame is a bit-shuffled block of a raw tensor, un-shuffled
+    as it is decoded."""
 
-    def __init__(self, handle: SafetensorsFile, name: str, entry: QuantizedEntry, label: str) -> None:
-        self._entry, self._label = entry, label
-        self._bytes = _HashedBytes(handle, name, torch.uint8, entry.nbytes, entry.sha256, label)
-        coding = entry.entropy
-        self._frames: list[tuple[int, int, int]] = []  # (coded offset, coded size, decoded length)
-        if coding is not None:
-            lengths = block_lengths(aligned_nbytes(entry.numel, entry.bits), coding.block)
-            if len(coding.blocks) != len(lengths) or sum(coding.blocks) != entry.nbytes:
-                raise PackError(f"{label}: malformed entropy-coded stream: block sizes do not add up to the stream")
-            offsets = np.cumsum([0, *coding.blocks[:-1]]).tolist()
-            self._frames = list(zip(offsets, coding.blocks, lengths, strict=True))
-            self._dctx = zstandard.ZstdDecompressor(max_window_size=max(coding.block, 1 << 10))
+    def __init__(self, stored: _HashedBytes, blocks: list[int], block: int, total: int, label: str, itemsize: int | None = None) -> None:
+        self._bytes, self._block, self._label, self._itemsize = stored, block, label, itemsize
+        lengths = block_lengths(total, block)
+        if len(blocks) != len(lengths) or sum(blocks) != stored.nbytes:
+            raise PackError(f"{label}: malformed entropy-coded stream: block sizes do not add up to the stream")
+        offsets = np.cumsum([0, *blocks[:-1]]).tolist()
+        self._frames = list(zip(offsets, blocks, lengths, strict=True))  # (coded offset, coded size, decoded length)
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=max(block, 1 << 10))
         self._cached: tuple[int, np.ndarray] | None = None  # (frame index, its decoded bytes)
 
-    def block(self, start: int, end: int) -> torch.Tensor:
-        entry = self._entry
-        if entry.entropy is None:
-            lo, hi = start * entry.bits // 8, (end * entry.bits + 7) // 8
-            return unpack_codes(self._bytes.read(lo, hi), entry.bits, end - start)
-        width = aligned_bits(entry.bits)
-        lo, hi = start * width // 8, (end * width + 7) // 8
-        size = entry.entropy.block
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Decoded bytes ``[lo, hi)``."""
+        if hi <= lo:
+            return np.zeros(0, dtype=np.uint8)
+        size = self._block
         parts = [self._frame(i)[max(lo - i * size, 0) : hi - i * size] for i in range(lo // size, (hi - 1) // size + 1)]
-        aligned = parts[0] if len(parts) == 1 else np.concatenate(parts)  # numpy: torch.cat of uint8 is slow here
-        try:
-            return codes_from_aligned(torch.from_numpy(aligned), entry.bits, end - start)
-        except StreamError as exc:
-            raise PackError(f"{self._label}: malformed entropy-coded stream: {exc}") from None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # numpy: torch.cat of uint8 is slow here
 
     def _frame(self, i: int) -> np.ndarray:
         if self._cached is not None and self._cached[0] == i:
@@ -109,8 +102,34 @@ class _Codes:
         if declared != length or not obj.eof or obj.unused_data or len(raw) != length:
             raise PackError(f"{self._label}: malformed entropy-coded stream: block {i} does not decode to {length} bytes")
         out = np.frombuffer(bytearray(raw), dtype=np.uint8)  # writable: torch takes it without a copy
+        if self._itemsize is not None:
+            out = unbitshuffle(out, self._itemsize)
         self._cached = (i, out)
         return out
+
+
+class _Codes:
+    """The codes of one ``q`` entry, a block of elements at a time (flat uint8)."""
+
+    def __init__(self, handle: SafetensorsFile, name: str, entry: QuantizedEntry, label: str) -> None:
+        self._entry, self._label = entry, label
+        self._bytes = _HashedBytes(handle, name, torch.uint8, entry.nbytes, entry.sha256, label)
+        coding = entry.entropy
+        self._frames = None
+        if coding is not None:
+            self._frames = _Frames(self._bytes, coding.blocks, coding.block, aligned_nbytes(entry.numel, entry.bits), label)
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        entry = self._entry
+        if self._frames is None:
+            lo, hi = start * entry.bits // 8, (end * entry.bits + 7) // 8
+            return unpack_codes(self._bytes.read(lo, hi), entry.bits, end - start)
+        width = aligned_bits(entry.bits)
+        aligned = self._frames.read(start * width // 8, (end * width + 7) // 8)
+        try:
+            return codes_from_aligned(torch.from_numpy(aligned), entry.bits, end - start)
+        except StreamError as exc:
+            raise PackError(f"{self._label}: malformed entropy-coded stream: {exc}") from None
 
 
 class StoredBlocks:
@@ -123,6 +142,7 @@ class StoredBlocks:
         self._label = label
         self._codes: _Codes | None = None
         self._raw: _HashedBytes | None = None
+        self._raw_frames: _Frames | None = None  # an entropy-coded raw entry's frames
         if isinstance(entry, QuantizedEntry) and handle is not None:
             scheme = get_scheme(entry.scheme)
             every_code = torch.arange(2**entry.bits, dtype=torch.int32).to(torch.uint8)
@@ -130,7 +150,13 @@ class StoredBlocks:
             self._codes = _Codes(handle, name, entry, label)
         elif isinstance(entry, RawEntry) and handle is not None:
             self._dtype = TORCH_DTYPES[entry.dtype]
-            self._raw = _HashedBytes(handle, name, self._dtype, entry.numel, entry.sha256, label)
+            coding = entry.entropy
+            if coding is None:
+                self._raw = _HashedBytes(handle, name, self._dtype, entry.numel, entry.sha256, label)
+            else:
+                self._raw = _HashedBytes(handle, name, torch.uint8, entry.nbytes, entry.sha256, label)
+                total = entry.numel * self._dtype.itemsize
+                self._raw_frames = _Frames(self._raw, coding.blocks, coding.block, total, label, self._dtype.itemsize)
         elif isinstance(entry, ConstEntry):
             self.table = torch.tensor([entry.value], dtype=torch.float32)
 
@@ -147,7 +173,10 @@ class StoredBlocks:
         """A raw entry's elements, stored dtype, checked finite (floats)."""
         assert self._raw is not None
         size = self._dtype.itemsize
-        data = self._raw.read(start * size, end * size).view(self._dtype)
+        if self._raw_frames is not None:
+            data = torch.from_numpy(self._raw_frames.read(start * size, end * size).copy()).view(self._dtype)
+        else:
+            data = self._raw.read(start * size, end * size).view(self._dtype)
         if data.is_floating_point() and not bool(torch.isfinite(data).all()):
             raise PackError(f"{self._label}: stored tensor contains NaN or Inf")
         return data

@@ -32,13 +32,14 @@ from tvq.pack.manifest import (
     Manifest,
     Method,
     QuantizedEntry,
+    RawEntry,
     TensorEntry,
     aux_key,
     manifest_checksum,
 )
 from tvq.pack.validate import validate_manifest
 from tvq.quant.coded import CodedTensor
-from tvq.quant.entropy import StreamError, aligned_nbytes, codes_from_aligned, decode
+from tvq.quant.entropy import StreamError, aligned_nbytes, codes_from_aligned, decode, decode_raw_bytes
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, get_scheme
 from tvq.vector import TaskVector
@@ -162,13 +163,27 @@ class Pack:
         if entry.kind == "const":
             return torch.full(tuple(entry.shape), entry.value, dtype=torch.float32)
         if entry.kind == "raw":
-            data = self._read_verified(rel, key, entry.sha256, TORCH_DTYPES[entry.dtype], entry.shape)
+            data = self._raw(rel, key, entry)
             if data.is_floating_point() and not bool(torch.isfinite(data).all()):
                 raise PackError(f"{where(self.path / rel, key)}: stored tensor contains NaN or Inf")
             return data  # a fresh buffer (SafetensorsFile reads, never maps): safe to hand out
         codes = self._codes(rel, key, entry)
         aux = self._aux(rel, key, entry)
         return get_scheme(entry.scheme).decode(codes, entry.bits, entry.params, aux).reshape(entry.shape)
+
+    def _raw(self, rel: str, key: str, entry: RawEntry) -> torch.Tensor:
+        """A raw tensor as stored (its own bytes), decoded first when entropy-coded (the sha256
+        covers the bytes on disk; the decoder checks the stream, see tvq.quant.entropy)."""
+        dtype = TORCH_DTYPES[entry.dtype]
+        coding = entry.entropy
+        if coding is None:
+            return self._read_verified(rel, key, entry.sha256, dtype, entry.shape)
+        data = self._read_verified(rel, key, entry.sha256, torch.uint8, [entry.nbytes])
+        try:
+            raw = decode_raw_bytes(data, coding.blocks, coding.block, entry.numel * dtype.itemsize, dtype.itemsize)
+        except StreamError as exc:
+            raise PackError(f"{where(self.path / rel, key)}: malformed entropy-coded stream: {exc}") from None
+        return raw.view(dtype).reshape(entry.shape)
 
     def _codes(self, rel: str, key: str, entry: QuantizedEntry) -> torch.Tensor:
         """The codes of one tensor, flat uint8: unpacked, after decoding them when entropy-coded

@@ -29,7 +29,7 @@ from tvq.pack.manifest import (
     TensorEntry,
 )
 from tvq.quant.bits import MAX_BITS, MIN_BITS
-from tvq.quant.entropy import MAX_BLOCK, MIN_BLOCK, aligned_nbytes
+from tvq.quant.entropy import BITSHUFFLE, MAX_BLOCK, MIN_BLOCK, aligned_nbytes
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import FLOAT32_MAX, SCHEMES, decode_problem
 
@@ -97,8 +97,23 @@ class _Checker:
         dtype = TORCH_DTYPES.get(e.dtype)
         if dtype is None:
             raise self.fail(what, f"unknown dtype {e.dtype!r}")
-        if e.nbytes != e.numel * dtype.itemsize:
-            raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} elements of {e.dtype} (expected {e.numel * dtype.itemsize})")
+        plain = e.numel * dtype.itemsize
+        if e.entropy is not None:
+            self._coded_raw(e, e.entropy, plain, dtype.itemsize, what)
+        elif e.nbytes != plain:
+            raise self.fail(what, f"nbytes {e.nbytes} for {e.numel} elements of {e.dtype} (expected {plain})")
+
+    def _coded_raw(self, e: RawEntry, coding: EntropyEntry, plain: int, itemsize: int, what: str) -> None:
+        """An entropy-coded raw tensor (tvq.quant.entropy.encode_raw_bytes): version 4, bit-shuffled
+        blocks of whole elements tiling the tensor's bytes, fewer stored bytes than plain."""
+        what = f"{what}: entropy"
+        if self.version < 4:
+            raise self.fail(what, f"entropy-coded raw tensors need pack format version 4, the manifest says {self.version}")
+        if coding.filter != BITSHUFFLE:
+            raise self.fail(what, f"a raw tensor is coded with filter {BITSHUFFLE!r}, got {coding.filter!r}")
+        self._blocks(e.nbytes, coding, plain, what)
+        if coding.block % itemsize:  # a power of two from 2^12 holds whole elements of every dtype today
+            raise self.fail(what, f"block {coding.block} is not a whole number of {itemsize}-byte elements")
 
     def _q(self, e: QuantizedEntry, what: str) -> None:
         scheme = SCHEMES.get(e.scheme)
@@ -133,18 +148,24 @@ class _Checker:
         what = f"{what}: entropy"
         if self.version < 3:
             raise self.fail(what, f"entropy-coded codes need pack format version 3, the manifest says {self.version}")
-        plain = packed_nbytes(e.numel, e.bits)
-        if not 0 < e.nbytes < plain:
-            raise self.fail(what, f"nbytes {e.nbytes}: coded codes take 1 to {plain - 1} bytes (fewer than the {plain} of plain packing)")
+        if coding.filter is not None:
+            raise self.fail(what, f"codes are coded byte-aligned, without a filter (got {coding.filter!r})")
+        self._blocks(e.nbytes, coding, aligned_nbytes(e.numel, e.bits), what, packed_nbytes(e.numel, e.bits))
+
+    def _blocks(self, nbytes: int, coding: EntropyEntry, decoded: int, what: str, plain: int | None = None) -> None:
+        """Frames of ``block`` decoded bytes tiling ``decoded`` bytes and the ``nbytes`` stored
+        ones, fewer than ``plain`` (the uncoded size; ``decoded`` when not given)."""
+        plain = decoded if plain is None else plain
+        if not 0 < nbytes < plain:
+            raise self.fail(what, f"nbytes {nbytes}: coded data takes 1 to {plain - 1} bytes (fewer than the {plain} uncoded)")
         block = coding.block
         if not MIN_BLOCK <= block <= MAX_BLOCK or block & (block - 1):
             raise self.fail(what, f"block {block} must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
-        expected = -(-aligned_nbytes(e.numel, e.bits) // block)
+        expected = -(-decoded // block)
         if len(coding.blocks) != expected:
-            decoded = aligned_nbytes(e.numel, e.bits)
             raise self.fail(what, f"{len(coding.blocks)} blocks for {decoded} decoded bytes in blocks of {block} (expected {expected})")
-        if any(size < 1 for size in coding.blocks) or sum(coding.blocks) != e.nbytes:
-            raise self.fail(what, f"block sizes must be positive and sum to nbytes {e.nbytes}, got {sum(coding.blocks)}")
+        if any(size < 1 for size in coding.blocks) or sum(coding.blocks) != nbytes:
+            raise self.fail(what, f"block sizes must be positive and sum to nbytes {nbytes}, got {sum(coding.blocks)}")
 
     def file_entry(self, rel: str, entry: FileEntry) -> None:
         self.file_name(rel, f"files.{rel[:80]!r}")

@@ -35,7 +35,8 @@ from tvq.quant.entropy import CODER, Coded
 class Stored(Protocol):
     """One encoded tensor, as an encoder hands it over (tvq.encode.StoredTensor): ``q`` (packed
     codes in ``data``, or entropy-coded ones with their record in ``entropy``, ``bits``,
-    ``scheme``, ``params``, ``aux`` arrays), ``raw`` (the tensor in ``data``) or ``const``
+    ``scheme``, ``params``, ``aux`` arrays), ``raw`` (the tensor in ``data``, or its entropy-coded
+    bytes with their record in ``entropy`` and the tensor's dtype in ``dtype``) or ``const``
     (``value``); ``sha256`` of ``data`` when already computed."""
 
     @property
@@ -58,6 +59,8 @@ class Stored(Protocol):
     def sha256(self) -> str | None: ...
     @property
     def entropy(self) -> Coded | None: ...
+    @property
+    def dtype(self) -> torch.dtype | None: ...
 
 
 class PackFileWriter:
@@ -83,16 +86,17 @@ class PackFileWriter:
         self._writer.add(key, data)
         digest = stored.sha256 or sha256_tensor(data)
         nbytes = data.numel() * data.element_size()
+        coded = stored.entropy
+        entropy = EntropyEntry(coder=CODER, filter=coded.filter, block=coded.block, blocks=list(coded.blocks)) if coded is not None else None
         if stored.kind == "raw":
-            return RawEntry(shape=stored.shape, dtype=dtype_name(data.dtype), nbytes=nbytes, sha256=digest)
+            dtype = stored.dtype if coded is not None and stored.dtype is not None else data.dtype
+            return RawEntry(shape=stored.shape, dtype=dtype_name(dtype), nbytes=nbytes, sha256=digest, entropy=entropy)
         if stored.bits is None or stored.scheme is None:
             raise ValueError(f"{key}: codes without their bits or scheme")
         aux = {}
         for name, arr in stored.aux.items():
             self._writer.add(aux_key(key, name), arr)
             aux[name] = AuxEntry(nbytes=arr.numel() * arr.element_size(), sha256=sha256_tensor(arr))
-        coded = stored.entropy
-        entropy = EntropyEntry(coder=CODER, block=coded.block, blocks=list(coded.blocks)) if coded is not None else None
         return QuantizedEntry(shape=stored.shape, bits=stored.bits, scheme=stored.scheme, params=stored.params, aux=aux, nbytes=nbytes,
                               sha256=digest, entropy=entropy)  # fmt: skip
 

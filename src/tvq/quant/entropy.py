@@ -1,4 +1,5 @@
-"""Lossless entropy coding of a quantized tensor's codes: a layout, bytes in and bytes out.
+"""Lossless entropy coding of a quantized tensor's codes and of exactly stored tensors: a layout,
+bytes in and bytes out.
 
 The codes are first laid out *byte-aligned*: bit-packed at the smallest width of 1, 2, 4 or 8
 bits that holds them (3-bit codes in 4-bit fields, 5- to 7-bit codes one per byte), so every
@@ -10,7 +11,16 @@ every zstd version), so a block decodes alone, with memory bounded by the block,
 be decoded in parallel or streamed. The frames are made with a fast parameter set that
 Huffman-codes the literals and takes only long matches (level 1, ``min_match`` 7): on the
 codes of real task vectors it is within 1-5 % of the order-0 entropy and decodes at ~1 GB/s
-(docs/pack-format.md, benchmarks/entropy_coding.py). No file I/O, no arithmetic on weights.
+(docs/pack-format.md, benchmarks/entropy_coding.py). zstd's optimal parser codes them 1-6 %
+smaller but 10-30x slower, too slow for the default's quantize time targets; it is opt-in
+(``strong``, `tvq quantize --entropy max`): the same frames to a reader, as fast to decode. No
+file I/O, no arithmetic on weights.
+
+Exactly stored (``raw``) tensors are coded the same way (format version 4): their bytes are cut
+into blocks of ``block`` bytes, each block *bit-shuffled* (:func:`bitshuffle`: bit planes of the
+elements, so the exponent bits and the zero low mantissa bits of a task vector's small deltas
+become long runs) and compressed as one independent zstd frame; decoding gives back the very
+bytes of the tensor.
 
 A stream from a stranger is checked before anything is allocated for it: each frame must
 declare exactly its block's length, fit its recorded size to the byte, and use a window no
@@ -21,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import torch
@@ -36,6 +46,15 @@ MAX_BLOCK: Final = 1 << 26
 RECORD_BYTES: Final = 128  # about what a coded tensor's record adds to the manifest (JSON, one block)
 BLOCK_RECORD_BYTES: Final = 12  # and each further block's coded size
 _LEVEL, _MIN_MATCH = 1, 7  # Huffman-coded literals, long matches only: near the entropy of iid codes, fast
+# `--entropy max`: the optimal parser finds the short repeats the fast one skips (text benchmark's
+# codes: 4.2 % smaller at INT2, 5.6 % RTVQ B3O2, 0.7 % INT3; strategies btopt..btultra2 within 0.2 %)
+_STRONG_LEVEL = 19
+BITSHUFFLE: Final = "bitshuffle"  # the filter of coded raw tensors (the only one)
+# Raw tensors are small (biases, norms: well under a block) or, under the paper's key rule,
+# large (embeddings): a slow, strong level for the former costs nothing, the fast one keeps
+# the latter's writes near disk speed (measured on the text benchmark's fp32 deltas: level 19
+# 0.729 of the bytes, level 3 0.746; zstd decodes every level at about the same speed).
+_RAW_LEVEL_SMALL, _RAW_LEVEL, _RAW_SMALL = 19, 3, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,7 @@ class Coded:
 
     block: int
     blocks: list[int]
+    filter: Literal["bitshuffle"] | None = None  # None: byte-aligned codes; "bitshuffle": a raw tensor's bytes
 
 
 class StreamError(ValueError):
@@ -126,17 +146,22 @@ def packed_from_aligned(aligned: torch.Tensor, bits: int, n: int) -> torch.Tenso
     return aligned if aligned_bits(bits) == bits else pack_codes(codes_from_aligned(aligned, bits, n), bits)
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    params = zstandard.ZstdCompressionParameters.from_level(
-        _LEVEL, min_match=_MIN_MATCH, write_checksum=False, write_content_size=True, write_dict_id=False, threads=0
-    )
+def _compressor(strong: bool = False, block: int = BLOCK) -> zstandard.ZstdCompressor:
+    """The frames' parameters: fast (level 1, long matches only), or zstd's optimal parser
+    (``strong``: level 19 sized to one block, so its window never exceeds what a reader allows)."""
+    flags = {"write_checksum": False, "write_content_size": True, "write_dict_id": False, "threads": 0}
+    if strong:
+        params = zstandard.ZstdCompressionParameters.from_level(_STRONG_LEVEL, source_size=block, **flags)
+    else:
+        params = zstandard.ZstdCompressionParameters.from_level(_LEVEL, min_match=_MIN_MATCH, **flags)
     return zstandard.ZstdCompressor(compression_params=params)
 
 
-def encode(aligned: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, Coded]:
-    """Code a byte-aligned stream: the coded bytes (flat uint8) and their record."""
+def encode(aligned: torch.Tensor, block: int = BLOCK, strong: bool = False) -> tuple[torch.Tensor, Coded]:
+    """Code a byte-aligned stream: the coded bytes (flat uint8) and their record (``strong``:
+    smaller frames from zstd's optimal parser, the same format, ~10-30x slower to write)."""
     data = memoryview(aligned.reshape(-1).contiguous().numpy().tobytes())
-    cctx = _compressor()
+    cctx = _compressor(strong, block)
     frames = [cctx.compress(data[start : start + block]) for start in range(0, len(data), block)]
     out = np.frombuffer(b"".join(frames), dtype=np.uint8).copy()
     return torch.from_numpy(out), Coded(block, [len(f) for f in frames])
@@ -177,3 +202,71 @@ def _frame(dctx: zstandard.ZstdDecompressor, frame: memoryview, length: int, i: 
     if not obj.eof or obj.unused_data or len(raw) != length:
         raise StreamError(f"block {i}: frame is truncated, too long or decodes to {len(raw)} bytes, expected {length}")
     return raw
+
+
+# -- exactly stored tensors: bit-shuffled blocks ---------------------------------------------
+def _transpose8(x: np.ndarray) -> np.ndarray:
+    """Transpose the 8x8 bit matrix in each little-endian uint64 (byte i, bit j -> byte j, bit i),
+    in place (Hacker's Delight 7-3); its own inverse."""
+    t = np.empty_like(x)
+    for shift, mask in ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)):
+        np.right_shift(x, np.uint64(shift), out=t)
+        t ^= x
+        t &= np.uint64(mask)
+        x ^= t
+        t <<= np.uint64(shift)
+        x ^= t
+    return x
+
+
+def bitshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:
+    """One block of elements of ``itemsize`` bytes (flat uint8, a whole number of elements) with
+    its bits regrouped: for the first ``m8`` elements (``m`` rounded down to a multiple of 8), for
+    each byte ``p`` of an element (little-endian) and each bit ``b`` of that byte, the bits ``b`` of
+    byte ``p`` of every element, 8 to a byte (element ``8c + i`` in bit ``i`` of byte ``c``); then
+    the bytes of the remaining ``m - m8`` elements as they are. Same length as ``data``."""
+    m = data.size // itemsize
+    m8 = m - m % 8
+    head = data[: m8 * itemsize].reshape(m8 // 8, 8, itemsize).transpose(2, 0, 1)  # plane, chunk, element
+    x = _transpose8(head.copy().view("<u8").reshape(itemsize, m8 // 8))
+    planes = x.view(np.uint8).reshape(itemsize, m8 // 8, 8).transpose(0, 2, 1)  # plane, bit, chunk
+    return np.concatenate([planes.reshape(-1), data[m8 * itemsize :]])
+
+
+def unbitshuffle(data: np.ndarray, itemsize: int) -> np.ndarray:
+    """The inverse of :func:`bitshuffle`: the block's element bytes."""
+    m = data.size // itemsize
+    m8 = m - m % 8
+    planes = data[: m8 * itemsize].reshape(itemsize, 8, m8 // 8).transpose(0, 2, 1)  # plane, chunk, bit
+    x = _transpose8(planes.copy().view("<u8").reshape(itemsize, m8 // 8))
+    elements = x.view(np.uint8).reshape(itemsize, m8 // 8, 8).transpose(1, 2, 0)  # chunk, element, plane
+    return np.concatenate([elements.reshape(-1), data[m8 * itemsize :]])
+
+
+def encode_raw_bytes(data: torch.Tensor, block: int = BLOCK, strong: bool = False) -> tuple[torch.Tensor, Coded]:
+    """Code the bytes of a tensor stored exactly: each block of ``block`` bytes bit-shuffled
+    (elements of ``data.element_size()`` bytes) and one zstd frame. The coded bytes (flat uint8)
+    and their record (``filter`` "bitshuffle"); ``strong``: the strong level for every block."""
+    itemsize = data.element_size()
+    if block % itemsize:
+        raise ValueError(f"block {block} is not a whole number of {itemsize}-byte elements")
+    flat = data.detach().reshape(-1).contiguous()
+    raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, dtype=np.uint8)
+    level = _RAW_LEVEL_SMALL if strong or raw.size <= _RAW_SMALL else _RAW_LEVEL
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True, write_dict_id=False)
+    frames = [cctx.compress(bitshuffle(raw[start : start + block], itemsize).tobytes()) for start in range(0, raw.size, block)]
+    out = np.frombuffer(b"".join(frames), dtype=np.uint8).copy()
+    return torch.from_numpy(out), Coded(block, [len(f) for f in frames], BITSHUFFLE)
+
+
+def decode_raw_bytes(stream: torch.Tensor, blocks: list[int], block: int, total: int, itemsize: int) -> torch.Tensor:
+    """The ``total`` bytes (flat uint8) of a tensor coded by :func:`encode_raw_bytes`; :class:`StreamError`
+    if the stream does not decode to them (see :func:`decode`)."""
+    if block % itemsize or total % itemsize:
+        raise StreamError(f"blocks of {block} bytes or {total} bytes in all are not whole {itemsize}-byte elements")
+    shuffled = decode(stream, blocks, block, total).numpy()
+    out = torch.empty(total, dtype=torch.uint8)
+    view = out.numpy()
+    for start in range(0, total, block):
+        view[start : start + block] = unbitshuffle(shuffled[start : start + block], itemsize)
+    return out

@@ -20,13 +20,14 @@ MSE search's clip factors alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tvq.errors import EncodeError
 from tvq.quant.affine import NOT_FINITE, affine_from_range
+from tvq.quant.chunks import CHUNK
 
 BINS = 1 << 16
 SAMPLE = 1 << 22  # values histogrammed per tensor at most (an evenly spaced sample beyond)
@@ -50,12 +51,45 @@ class ValueStats:
         sample of at most ``sample`` values (all of them when fewer), scaled to the whole."""
         flat = x.reshape(-1)
         lo, hi = (float(v) for v in torch.aminmax(flat)) if flat.numel() else (0.0, 0.0)
-        if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)):
-            raise EncodeError(NOT_FINITE)  # as the quantizers say it
+        _check_range(lo, hi)
+        step = sample_step(flat.numel(), sample)
+        return cls.of_sample(lo, hi, flat.numel(), [flat if step == 1 else flat[::step]], bins)
+
+    @classmethod
+    def streamed(cls, chunks: Callable[[int, int], torch.Tensor], numel: int, bins: int = BINS, sample: int = SAMPLE,
+                 chunk: int = CHUNK) -> ValueStats:  # fmt: skip
+        """``of`` of a tensor never held whole, the same numbers bit for bit: ``chunks(start,
+        end)`` gives its flat values in fp32 a chunk at a time. One pass takes the range and
+        keeps the evenly spaced sample (at most ``sample`` fp32 values); a tensor of at most
+        ``sample`` values is histogrammed whole, from a second pass over its chunks."""
+        step = sample_step(numel, sample)
+        kept = torch.empty(len(range(0, numel, step)), dtype=torch.float32) if step > 1 else None
+        lo = hi = 0.0
+        for start in range(0, numel, chunk):
+            values = chunks(start, min(start + chunk, numel))
+            c_lo, c_hi = (float(v) for v in torch.aminmax(values))
+            _check_range(c_lo, c_hi)
+            lo, hi = (c_lo, c_hi) if start == 0 else (min(lo, c_lo), max(hi, c_hi))
+            if kept is not None:  # the values at 0, step, 2·step, … of the whole tensor
+                first = -start % step
+                picked = values[first::step]
+                kept[(start + first) // step :][: picked.numel()] = picked
+        _check_range(lo, hi)
+        parts = [kept] if kept is not None else (chunks(s, min(s + chunk, numel)) for s in range(0, numel, chunk))
+        return cls.of_sample(lo, hi, numel, parts, bins)
+
+    @classmethod
+    def of_sample(cls, lo: float, hi: float, numel: int, parts: Iterable[torch.Tensor], bins: int = BINS) -> ValueStats:
+        """From the range of a tensor of ``numel`` values and its sample, given in parts: the
+        histogram of the sample (integer counts, so summed over parts in any split), scaled."""
         width = (hi - lo) / bins if hi > lo else 1.0
-        part = flat if flat.numel() <= sample else flat[:: flat.numel() // sample]
-        index = ((part.float() - lo) * (1.0 / width)).to(torch.int64).clamp_(0, bins - 1)
-        count = torch.bincount(index, minlength=bins).to(torch.float64) * (flat.numel() / max(part.numel(), 1))
+        counts = torch.zeros(bins, dtype=torch.int64)
+        sampled = 0
+        for part in parts:
+            index = ((part.float() - lo) * (1.0 / width)).to(torch.int64).clamp_(0, bins - 1)
+            counts += torch.bincount(index, minlength=bins)
+            sampled += part.numel()
+        count = counts.to(torch.float64) * (numel / max(sampled, 1))
         # values spread evenly inside a bin: Σx = n·c and Σx² = n·(c² + w²/12) (exact as w → 0)
         centre = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
         total, squares = count * centre, count * (centre * centre + width * width / 12)
@@ -63,7 +97,7 @@ class ValueStats:
         def prefix(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t.new_zeros(1), t.cumsum(0)])
 
-        return cls(lo, hi, flat.numel(), width, prefix(count), prefix(total), prefix(squares))
+        return cls(lo, hi, numel, width, prefix(count), prefix(total), prefix(squares))
 
     @property
     def constant(self) -> bool:
@@ -125,6 +159,16 @@ class ValueStats:
     def error(self, bits: int, clips: Sequence[float] = (1.0,)) -> float:
         """The least estimated error over ``clips`` (one clip factor: min–max)."""
         return min(self.affine_errors(bits, clips))
+
+
+def sample_step(numel: int, sample: int = SAMPLE) -> int:
+    """The stride of the evenly spaced sample of ``ValueStats.of``: 1 (all values) up to ``sample``."""
+    return 1 if numel <= sample else numel // sample
+
+
+def _check_range(lo: float, hi: float) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)):
+        raise EncodeError(NOT_FINITE)  # as the quantizers say it
 
 
 def mse_clips(grid: int) -> list[float]:

@@ -14,7 +14,7 @@ import torch
 
 from tvq.io.safetensors_writer import sha256_tensor
 from tvq.quant.chunks import Converted
-from tvq.quant.entropy import Coded, aligned_nbytes, decode, encode, packed_from_aligned, pays, to_aligned
+from tvq.quant.entropy import Coded, aligned_nbytes, decode, decode_raw_bytes, encode, encode_raw_bytes, packed_from_aligned, pays, to_aligned
 from tvq.quant.fused import QuantResult, encode_chunks
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, decoded_bound, get_scheme
@@ -33,7 +33,8 @@ class StoredTensor:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     value: float | None = None  # const
     sha256: str | None = None  # of ``data``, when hashed already (by the worker that made it)
-    entropy: Coded | None = None  # set when ``data`` holds the entropy-coded codes (tvq.quant.entropy)
+    entropy: Coded | None = None  # set when ``data`` holds entropy-coded codes or raw bytes (tvq.quant.entropy)
+    dtype: torch.dtype | None = None  # raw: the tensor's dtype, set when ``data`` holds its coded bytes
 
     def decode_problem(self) -> str | None:
         """Why this could decode to NaN/Inf, or None: a const's value, a q tensor's scheme
@@ -49,7 +50,8 @@ class StoredTensor:
         if self.kind == "const":
             return abs(float(self.value or 0.0))
         if self.kind == "raw":
-            return float(self.data.abs().max()) if self.data is not None and self.data.numel() else 0.0
+            data = self.raw()
+            return float(data.abs().max()) if data is not None and data.numel() else 0.0
         return decoded_bound(str(self.scheme), int(self.bits or 0), self.params, self.aux)
 
     def decoded(self) -> torch.Tensor:
@@ -58,7 +60,7 @@ class StoredTensor:
         if self.kind == "const" or self.data is None:
             return torch.full((n,), float(self.value or 0.0), dtype=torch.float32)
         if self.kind == "raw":
-            return self.data.reshape(-1).float()
+            return self.raw().reshape(-1).float()
         bits = int(self.bits or 0)
         return get_scheme(str(self.scheme)).decode(unpack_codes(self.packed(), bits, n), bits, self.params, self.aux)
 
@@ -72,14 +74,33 @@ class StoredTensor:
         aligned = decode(self.data, self.entropy.blocks, self.entropy.block, aligned_nbytes(n, bits))
         return packed_from_aligned(aligned, bits, n)
 
-    def entropy_coded(self) -> StoredTensor:
-        """Entropy-code a q tensor's codes, in place, where that makes the pack smaller, the
-        manifest's record of it included (run on the worker that made them, before hashing:
-        the writer then only writes)."""
-        if self.kind != "q" or self.data is None or self.entropy is not None or not self.data.numel():
+    def raw(self) -> torch.Tensor:
+        """A raw tensor as it was given (decoded first when entropy-coded)."""
+        if self.data is None:
+            raise ValueError("no stored data")
+        if self.entropy is None or self.dtype is None:
+            return self.data
+        total = math.prod(self.shape) * self.dtype.itemsize
+        raw = decode_raw_bytes(self.data, self.entropy.blocks, self.entropy.block, total, self.dtype.itemsize)
+        return raw.view(self.dtype).reshape(self.shape)
+
+    def entropy_coded(self, strong: bool = False) -> StoredTensor:
+        """Entropy-code a q tensor's codes or a raw tensor's bytes, in place, where that makes the
+        pack smaller, the manifest's record of it included (run on the worker that made them,
+        before hashing: the writer then only writes); ``strong``: zstd's optimal parser (same format)."""
+        if self.data is None or self.entropy is not None or not self.data.numel():
+            return self
+        if self.kind == "raw":
+            plain = self.data.numel() * self.data.element_size()
+            stream, coded = encode_raw_bytes(self.data, strong=strong)
+            if pays(stream.numel(), len(coded.blocks), plain):
+                self.dtype = self.data.dtype
+                self.data, self.entropy, self.sha256 = stream, coded, None
+            return self
+        if self.kind != "q":
             return self
         n, bits = math.prod(self.shape), int(self.bits or 0)
-        stream, coded = encode(to_aligned(self.data, bits, n))
+        stream, coded = encode(to_aligned(self.data, bits, n), strong=strong)
         if pays(stream.numel(), len(coded.blocks), self.data.numel()):
             self.data, self.entropy, self.sha256 = stream, coded, None
         return self

@@ -16,6 +16,14 @@ rate; with weights the survivors are fused as mergekit's generalized task arithm
 Σ_t w_t τ̃_t (``task_arithmetic``) or the weighted sign election of
 ``tvq.merge.weights.elect_and_fuse`` after TIES's trim (``ties``; ``aggregate=mean`` divides by
 the agreeing tasks' weights). One drop rate and unit weights are the paths above, bit for bit.
+
+By blocks (tvq.merge.blocks; ``base=task_arithmetic`` or ``average`` with ``rescale_mode=probability``):
+``torch.rand`` on the CPU draws one number per element, in order, so a block's drop mask is
+the next ``m`` draws of one generator per task seeded as the whole tensor's (``DareBlocks``):
+the same mask, and with the tasks added in order (``task_sum``) the same bytes, no extra pass.
+``rescale_mode=l1`` (per-tensor L1 norms before and after the drop) and ``base=ties`` (its
+top-k of the dropped vectors, whose global pre-pass reads whole transformed tensors) merge
+each tensor whole.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import torch
 from pydantic import Field, model_validator
 
 from tvq.merge.methods.ties import TiesStats, record_stats, task_trim, ties_tensor
-from tvq.merge.ops import TieRule, dare_, keep_count, tensor_seed, tie_seed
-from tvq.merge.registry import MergeMethod, MethodOptions, merge_method, tie_rule_field
+from tvq.merge.ops import TieRule, dare_, keep_count, task_sum, tensor_seed, tie_seed
+from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, linear_fuse, per_task
+from tvq.quant.coded import CodedTensor
 
 _TIES_ONLY = ("density", "scope", "tie_rule", "aggregate")
 _MASK_CHUNK = 1 << 20  # entries of each task masked at once (weighted DARE+TIES)
@@ -73,6 +82,8 @@ class Dare(MergeMethod):
     Options = DareOptions
     options: DareOptions
     stats: TiesStats | None = None
+    block_prepasses = False  # its block merger only carries the random state: no pass of its own
+    blocks_when = "base=task_arithmetic or average, rescale_mode=probability"
 
     def __init__(self, options: DareOptions, tasks: list[str], task: str | None = None) -> None:
         super().__init__(options, tasks, task)
@@ -107,16 +118,31 @@ class Dare(MergeMethod):
         o = self.options
         return keep_count(o.density, math.prod(shape)) if o.scope == "tensor" and o.tie_rule == "exact" else None
 
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        """Elementwise after the drop (whose draws a block continues): every tensor larger than
+        a block streams, but with ``base=ties`` or ``rescale_mode=l1`` (per-tensor statistics of
+        the dropped vectors)."""
+        o = self.options
+        return o.base != "ties" and not (o.rescale and o.rescale_mode == "l1")
+
+    def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
+        return DareBlocks(self, key)
+
+    def fuse(self, taus: torch.Tensor) -> torch.Tensor:
+        """``base=average`` or ``task_arithmetic`` of the dropped vectors (tasks added in order)."""
+        o = self.options
+        if o.base == "average":
+            return task_sum(taus).div_(len(taus))
+        if self.weighted:
+            return linear_fuse(taus, self.weights, False).mul_(o.lam)
+        return task_sum(taus).mul_(o.lam)
+
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         for task, row in zip(self.tasks, taus, strict=True):
             self._drop(task, key, row)
-        if o.base == "average":
-            return taus.mean(dim=0)
-        if o.base == "task_arithmetic":
-            if self.weighted:
-                return linear_fuse(taus, self.weights, False).mul_(o.lam)
-            return taus.sum(dim=0).mul_(o.lam)
+        if o.base != "ties":
+            return self.fuse(taus)
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("DARE+TIES with scope=global needs prepare() before merge_tensor()")
         if self.weighted:
@@ -136,6 +162,40 @@ class Dare(MergeMethod):
             part = flat[:, start : start + _MASK_CHUNK]
             part.masked_fill_(~trim.merge_mask(part, start), 0.0)
         return elect_and_fuse(taus, self.weights, o.aggregate == "mean").mul_(o.lam)
+
+
+class DareBlocks(BlockMerger):
+    """DARE of one tensor block by block (blocks in order): task t's drop mask continues one
+    generator seeded like ``dare_``'s on the whole tensor (one ``torch.rand`` draw per element,
+    in order), so every element is dropped and rescaled as in ``Dare.merge_tensor``."""
+
+    method: Dare
+
+    def __init__(self, method: Dare, key: str) -> None:
+        super().__init__(method, key)
+        seed = method.options.seed
+        self.generators = [torch.Generator().manual_seed(tensor_seed(seed, task, key)) for task in method.tasks]
+        self.next = 0
+
+    def merge_tensor(self, start: int, taus: torch.Tensor) -> torch.Tensor:
+        if start != self.next:
+            raise RuntimeError(f"'{self.key}': DARE's blocks must come in order (block at {start}, expected {self.next})")
+        self.next = start + taus.shape[1]
+        rescale = self.method.options.rescale
+        for task, row, gen in zip(self.method.tasks, taus, self.generators, strict=True):
+            rate = self.method.drop_rates[task]
+            if rate <= 0:  # as ``dare_``: no draws
+                continue
+            if rate >= 1:
+                row.zero_()
+                continue
+            row.masked_fill_(torch.rand(row.shape, generator=gen) < rate, 0.0)
+            if rescale:
+                row.div_(1.0 - rate)
+        return self.method.fuse(taus)
+
+    def merge_coded(self, start: int, coded: list[CodedTensor]) -> torch.Tensor | None:
+        return None  # the dense block: the drop is per element
 
 
 class DareTiesOptions(DareOptions):

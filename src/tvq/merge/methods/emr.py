@@ -9,6 +9,16 @@ Everything but λ_t is per tensor, so the unified pack is written in one streami
 the rescalers appended last; a single task's model needs λ_t first (a pre-pass). A task
 whose mask is empty gets λ_t = 0 (the reference would divide by zero).
 
+By blocks (tvq.merge.blocks): given the elected sign, everything is elementwise, so a tensor
+larger than a block is read, elected, masked and written a block of elements at a time, in
+the unified pack (``unified.<key>`` appended piece by piece; each task's mask row spilled to an
+unlinked temporary file at its offset and appended from it, since the rows are task-major)
+and in a task's model (``block_merger``, after the rescaler's pre-pass, which streams by
+blocks too). The same bytes as whole tensors: the sign is elected from ``task_sum`` (tasks
+added in order, not torch's size-dependent reduction order), and the per-tensor sums behind
+λ_t are ``ChunkSums`` (fixed chunks by flat index, so independent of the block size and of
+the thread count). No extra pass is needed, so every tensor larger than a block streams.
+
 Unified pack: one safetensors file with ``unified.<key>`` (fp32), ``masks.<key>`` (uint8
 ``[T, ceil(n/8)]``: each task's mask bit-packed with ``pack_codes(..., 1)``), ``rescalers``
 (fp32 ``[T]``), and string metadata ``format=tvq-emr``, ``version=2``, ``tasks`` (JSON list),
@@ -23,12 +33,16 @@ tensor is hashed before use. Version-1 packs (no checksums) still read, with a w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import safe_open
@@ -40,7 +54,10 @@ from tvq.io.safetensors_writer import (
     DTYPE_NAMES,
     StreamingSafetensorsWriter,
     sha256_tensor,
+    tensor_bytes,
 )
+from tvq.merge.blocks import block_elements, model_blocks, tensor_blocks
+from tvq.merge.ops import task_sum
 from tvq.merge.registry import MergeMethod, merge_method
 from tvq.merge.source import TaskSource
 from tvq.pack.manifest import manifest_checksum
@@ -57,23 +74,72 @@ MAX_ELEMENTS = 1 << 36  # per tensor: bounds every allocation a header can ask f
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def emr_tensor(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(τ_uni, masks [T, *shape] bool, mean|τ_t| [T], mean|m_t ⊙ τ_uni| [T]) for one tensor."""
+SUM_CHUNK = 1 << 15  # elements per float64 partial sum: at::internal::GRAIN_SIZE, so torch sums a chunk in one thread
+_SPILL_READ = 1 << 24  # bytes of spilled mask rows read back at once
+
+
+class ChunkSums:
+    """Per row, the sum of fp32 values that arrive in consecutive pieces (each row's in element
+    order): every chunk of ``SUM_CHUNK`` elements (by flat index) is summed by torch in float64
+    and the chunk sums are added in order, so the total has the same bits however the values
+    are split into pieces (a whole tensor, or blocks of any size) and whatever the thread count
+    (a longer torch sum splits by thread count)."""
+
+    def __init__(self, rows: int) -> None:
+        self.totals = [0.0] * rows
+        self.tails: list[torch.Tensor | None] = [None] * rows
+
+    def add(self, row: int, values: torch.Tensor) -> None:
+        values = values.reshape(-1)
+        tail = self.tails[row]
+        if tail is not None:
+            need = SUM_CHUNK - tail.numel()
+            tail, values = torch.cat([tail, values[:need]]), values[need:]
+            if tail.numel() < SUM_CHUNK:
+                self.tails[row] = tail
+                return
+            self._chunk(row, tail)
+        full = values.numel() - values.numel() % SUM_CHUNK
+        for chunk in values[:full].split(SUM_CHUNK):
+            self._chunk(row, chunk)
+        self.tails[row] = values[full:].clone() if full < values.numel() else None
+
+    def _chunk(self, row: int, chunk: torch.Tensor) -> None:
+        self.totals[row] += float(chunk.sum(dtype=torch.float64))
+
+    def finish(self) -> torch.Tensor:
+        """The totals (float64 ``[rows]``), the last partial chunks included."""
+        for row, tail in enumerate(self.tails):
+            if tail is not None:
+                self._chunk(row, tail)
+                self.tails[row] = None
+        return torch.tensor(self.totals, dtype=torch.float64)
+
+
+def emr_block(taus: torch.Tensor, before: ChunkSums | None = None, after: ChunkSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ_uni, masks ``[T, ...]`` bool) of a stack of elements (a whole tensor or a block: every
+    operation is elementwise once the sign is elected); adds |τ_t| to ``before`` and
+    |m_t ⊙ τ_uni| to ``after`` (row t), the sums behind the rescalers."""
     rows = len(taus)
-    flag = torch.where(taus.mean(dim=0) > 0, 1.0, -1.0)
+    flag = torch.where(task_sum(taus).div_(rows) > 0, 1.0, -1.0)  # mean_t τ_t > 0, tasks added in order
     masks = torch.empty(taus.shape, dtype=torch.bool)
     magnitude = torch.zeros_like(flag)
-    before = torch.empty(rows, dtype=torch.float64)
-    after = torch.empty(rows, dtype=torch.float64)
     for t in range(rows):  # one task at a time: temporaries stay at one tensor
         masks[t] = (taus[t] * flag) > 0
         kept = taus[t].abs()
-        before[t] = kept.sum(dtype=torch.float64)
+        if before is not None:
+            before.add(t, kept)
         torch.maximum(magnitude, kept.mul_(masks[t]), out=magnitude)
-    for t in range(rows):
-        after[t] = (magnitude * masks[t]).sum(dtype=torch.float64)
-    n = max(flag.numel(), 1)
-    return magnitude.mul_(flag), masks, before / n, after / n
+    if after is not None:
+        for t in range(rows):
+            after.add(t, magnitude * masks[t])
+    return magnitude.mul_(flag), masks
+
+
+def _means(before: ChunkSums, after: ChunkSums, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor's mean|τ_t| and mean|m_t ⊙ τ_uni| (``[T]`` float64) from its sums over ``n`` elements."""
+    n = max(n, 1)
+    return before.finish() / n, after.finish() / n
 
 
 def rescalers(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -91,18 +157,35 @@ class EMR(MergeMethod):
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         if self.task is None:
             return
-        before = torch.zeros(len(self.tasks), dtype=torch.float64)
+        rows = len(self.tasks)
+        before = torch.zeros(rows, dtype=torch.float64)
         after = torch.zeros_like(before)
-        for key in tqdm(source.keys, desc="emr: rescalers (pre-pass)", unit="tensor", disable=not progress):
-            _, _, b, a = emr_tensor(source.stack(key))
+        sums: tuple[ChunkSums, ChunkSums] | None = None
+        current = ""
+        for key, _, block in model_blocks(source, desc="emr: rescalers (pre-pass)", progress=progress):
+            if sums is None or key != current:
+                if sums is not None:  # the previous tensor is complete: its means, in key order
+                    b, a = _means(*sums, source.numel(current))
+                    before += b
+                    after += a
+                sums, current = (ChunkSums(rows), ChunkSums(rows)), key
+            emr_block(block, *sums)
+            del block  # before the next block is read
+        if sums is not None:
+            b, a = _means(*sums, source.numel(current))
             before += b
             after += a
         self.scale = float(rescalers(before, after)[self.tasks.index(self.task)])
 
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        """A task's model merges by blocks: λ_t comes from the pre-pass, the rest is elementwise
+        (no extra pass per tensor, so every tensor larger than a block streams)."""
+        return self.task is not None
+
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         if self.task is None:
             raise ConfigError("emr writes a unified pack, or one task's model with --task NAME")
-        unified, masks, _, _ = emr_tensor(taus)
+        unified, masks = emr_block(taus)
         return unified.mul_(masks[self.tasks.index(self.task)]).mul_(self.scale)
 
     def write_pack(self, source: TaskSource, out: Path, progress: bool = False) -> None:
@@ -120,12 +203,9 @@ class EMR(MergeMethod):
             before = torch.zeros(t, dtype=torch.float64)
             after = torch.zeros_like(before)
             for key in tqdm(keys, desc="emr: unified pack", unit="tensor", disable=not progress):
-                unified, masks, b, a = emr_tensor(source.stack(key))
+                b, a = self._write_tensor(writer, source, key, out)
                 before += b
                 after += a
-                writer.add(f"unified.{key}", unified)
-                writer.add(f"masks.{key}", torch.stack([pack_codes(m.reshape(-1).to(torch.uint8), 1) for m in masks]))
-                del unified, masks  # before the next tensor's are built
             writer.add("rescalers", rescalers(before, after))
             for key in stats:  # each task's own statistics, exactly (tiny: one vector per norm layer)
                 writer.add(f"stats.{key}", torch.stack([source.tensor(task, key) for task in self.tasks]))
@@ -133,6 +213,52 @@ class EMR(MergeMethod):
         except BaseException:
             writer.abort()
             raise
+
+    def _write_tensor(self, writer: _ChecksummedWriter, source: TaskSource, key: str, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unified.<key>`` and ``masks.<key>``, whole or (larger than a block, every input
+        readable by blocks) a block at a time; returns the tensor's mean|τ_t| and mean|m_t ⊙ τ_uni|."""
+        t, n = len(self.tasks), source.numel(key)
+        sums = ChunkSums(t), ChunkSums(t)
+        if n <= block_elements() or source.blocks(key) is None:
+            unified, masks = emr_block(source.stack(key), *sums)
+            writer.add(f"unified.{key}", unified)
+            writer.add(f"masks.{key}", torch.stack([pack_codes(m.reshape(-1).to(torch.uint8), 1) for m in masks]))
+            del unified, masks  # before the next tensor's are built
+            return _means(*sums, n)
+        row = packed_nbytes(n, 1)
+        with tempfile.TemporaryFile(dir=out.parent, prefix=".emr-masks-") as spill:
+
+            def pieces() -> Iterator[torch.Tensor]:
+                for start, block in tensor_blocks(source, key):  # starts are multiples of 8: whole mask bytes
+                    unified, masks = emr_block(block, *sums)
+                    del block
+                    for i, mask in enumerate(masks):
+                        _write_at(spill, tensor_bytes(pack_codes(mask.to(torch.uint8), 1)), i * row + start // 8)
+                    del masks
+                    yield unified
+                    del unified  # written: not held while the next block is merged
+
+            writer.add_chunks(f"unified.{key}", torch.float32, source.shape(key), pieces())
+            writer.add_chunks(f"masks.{key}", torch.uint8, (t, row), _read_back(spill, t * row))
+        return _means(*sums, n)
+
+
+def _write_at(fh: IO[bytes], data: memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        done = os.pwrite(fh.fileno(), view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _read_back(fh: IO[bytes], size: int) -> Iterator[torch.Tensor]:
+    """The spilled mask rows, in file order, ``_SPILL_READ`` bytes at a time."""
+    at = 0
+    while at < size:
+        data = os.pread(fh.fileno(), min(_SPILL_READ, size - at), at)
+        if not data:
+            raise OSError(f"{fh.name}: the spilled EMR masks end at byte {at} of {size}")
+        at += len(data)
+        yield torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _entry(dtype: str, shape: list[int], sha256: str) -> dict[str, Any]:
@@ -161,6 +287,17 @@ class _ChecksummedWriter(StreamingSafetensorsWriter):
     def add(self, name: str, tensor: torch.Tensor) -> None:
         super().add(name, tensor)
         self._sums[name] = _entry(DTYPE_NAMES[tensor.dtype], list(tensor.shape), sha256_tensor(tensor))
+
+    def add_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | list[int], chunks: Iterable[torch.Tensor]) -> None:
+        digest = hashlib.sha256()
+
+        def hashed() -> Iterator[torch.Tensor]:
+            for chunk in chunks:
+                digest.update(tensor_bytes(chunk))
+                yield chunk
+
+        super().add_chunks(name, dtype, shape, hashed())
+        self._sums[name] = _entry(DTYPE_NAMES[dtype], list(shape), digest.hexdigest())
 
     def close(self) -> int:
         self._metadata = sealed_metadata(self._tasks, self._sums, self._version)
@@ -366,6 +503,65 @@ class EMRPack:
     def task_vector(self, task: str) -> TaskVector:
         self._index(task)
         return TaskVector([*self.keys, *self.stat_keys], lambda key: self.task_tensor(task, key), name=task)
+
+    def task_blocks(self, task: str, key: str) -> EMRTaskBlocks | None:
+        """λ_t (m_t ⊙ τ_uni) of one tensor by element blocks read in order (None for a running
+        statistic: read whole); each stored tensor's sha256 is checked before its last block is returned."""
+        if key in self._stat_set:
+            return None
+        return EMRTaskBlocks(self, self._index(task), key)
+
+    def _check_sum(self, name: str, digest: Any) -> None:
+        if self._sums is not None and digest.hexdigest() != self._sums[name]:
+            raise PackError(f"{where(self.path, name)}: checksum mismatch (EMR pack corrupted or tampered)")
+
+
+class EMRTaskBlocks:
+    """One task's τ of one tensor of a unified pack, a block of elements at a time (blocks in
+    order, starting at multiples of 8: whole mask bytes): only the block's unified elements
+    and mask bytes are decoded. ``unified.<key>`` is hashed as it is read; ``masks.<key>`` is
+    hashed in file order (the other tasks' rows are read for that alone, before the first
+    block and after the last); both are checked before the last block is returned, so a
+    tampered pack writes no output (outputs are atomic)."""
+
+    def __init__(self, pack: EMRPack, index: int, key: str) -> None:
+        self.pack, self.index, self.key = pack, index, key
+        self.n = pack.numel(key)
+        self.row = packed_nbytes(self.n, 1)
+        self.scale = float(pack.rescalers[index])
+        self.unified_sum, self.masks_sum = hashlib.sha256(), hashlib.sha256()
+        self.next = 0
+
+    def _hash_masks(self, start: int, end: int) -> None:
+        """Feed mask bytes ``[start, end)`` of the whole ``[T, row]`` tensor to its hash."""
+        if self.pack._sums is None:  # version 1: nothing to check against
+            return
+        for at in range(start, end, _SPILL_READ):
+            self.masks_sum.update(tensor_bytes(self._read(f"masks.{self.key}", at, min(_SPILL_READ, end - at))))
+
+    def _read(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        try:
+            return self.pack._file.read_bytes(name, offset, nbytes)
+        except TvqError as exc:
+            raise PackError(_one_line(exc)) from None
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        if start != self.next or start % 8 or not start < end <= self.n:
+            raise RuntimeError(f"'{self.key}': EMR blocks must come in order from multiples of 8 (got [{start}, {end}))")
+        if start == 0:
+            self._hash_masks(0, self.index * self.row)
+        self.next = end
+        first, last = start // 8, packed_nbytes(end, 1)
+        unified = self._read(f"unified.{self.key}", start * 4, (end - start) * 4).view(torch.float32)
+        packed = self._read(f"masks.{self.key}", self.index * self.row + first, last - first)
+        self.unified_sum.update(tensor_bytes(unified))
+        self.masks_sum.update(tensor_bytes(packed))
+        if end == self.n:
+            self._hash_masks((self.index + 1) * self.row, len(self.pack.tasks) * self.row)
+            self.pack._check_sum(f"unified.{self.key}", self.unified_sum)
+            self.pack._check_sum(f"masks.{self.key}", self.masks_sum)
+        mask = unpack_codes(packed, 1, end - start).bool()
+        return (unified * mask).mul_(self.scale)
 
 
 def open_emr(path: str | Path) -> EMRPack:

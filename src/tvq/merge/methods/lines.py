@@ -7,6 +7,9 @@ code hard-codes L = 24 (right for ViT-L/14, wrong for ViT-B/32); here L is the r
 blocks, read from the tensor names: a block stack is a name prefix followed by an integer
 index (``encoder.layer.3.``, ``visual.transformer.resblocks.11.``, ``model.layers.0.``), and
 each stack (e.g. an encoder and a decoder) gets its own L. ``num_blocks`` overrides L.
+A key's scale comes from the names alone, so tensors larger than a block merge by blocks
+(tvq.merge.blocks) with the same bytes: the tasks are added in order (``task_sum``), not in
+torch's reduction order, which changes with the tensor's size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from pydantic import Field
 
 from tvq.errors import ConfigError
+from tvq.merge.ops import task_sum
 from tvq.merge.registry import MergeMethod, MethodOptions, merge_method
 from tvq.merge.source import TaskSource
 
@@ -67,5 +71,8 @@ class Lines(MergeMethod):
         alpha = o.alpha if o.alpha is not None else 1.0 / len(self.tasks)
         self.scales = depth_scales(source.keys, alpha, o.beta, o.num_blocks)
 
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        return True  # elementwise given the key's scale: every tensor larger than a block streams
+
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        return taus.sum(dim=0).mul_(self.scales[key])
+        return task_sum(taus).mul_(self.scales[key])

@@ -2,6 +2,8 @@
 
 Reference (danielm1405/magmax ``merge_max_abs``): tasks are scanned in order with ``>=``, so
 on equal magnitudes the later task wins; the merged vector is applied with λ = 0.5.
+Each element depends only on its T values, so tensors larger than a block merge by blocks
+(tvq.merge.blocks) with the same bytes and no extra pass.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ class MagMaxOptions(MethodOptions):
 class MagMax(MergeMethod):
     Options = MagMaxOptions
     options: MagMaxOptions
+
+    def merges_by_blocks(self, key: str, numel: int) -> bool:
+        return True  # elementwise: every tensor larger than a block streams
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         last = taus.shape[0] - 1

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 
 from tvq.errors import ConfigError
+from tvq.execute import memory_limit
 from tvq.merge.blocks import model_blocks
 from tvq.merge.coded import (
     combination_values,
@@ -49,15 +50,16 @@ from tvq.merge.ops import (
     ALL_TIES,
     TieRule,
     Trim,
+    cuts_trim,
     dropped_ties,
+    element_hash,
     global_select,
-    hash_order_cut,
     keep_count,
     row_cut,
     row_trim,
     tie_cuts,
-    tie_hashes,
     tie_seed,
+    tied_cut,
     ties_merge,
     trimmed_sum,
 )
@@ -73,6 +75,19 @@ TIES_BY_BLOCKS = True  # large tensors merge by blocks (tvq.merge.blocks); False
 # TVQ4 pack of the 1.1B Llama when every tensor streamed), so only the tensors that would
 # dominate the merge's memory (embeddings, vocabulary matrices) pay for streaming.
 WHOLE_TENSOR_BYTES = 512 << 20
+
+
+def whole_tensor_bytes() -> int:
+    """The working set above which a tensor streams: ``WHOLE_TENSOR_BYTES``, or less under a
+    memory limit (a quarter of it, the executor's own budget), so a merge under a cgroup cap
+    trades speed for finishing instead of being killed."""
+    return min(WHOLE_TENSOR_BYTES, memory_limit() // 4)
+
+
+# A tensor merged by blocks keeps the entries its exact tie rule drops as one bit per element and
+# task up to this many bytes (32 MiB for a 4-task 65.5 M-element Llama embedding); above it, each
+# pass finds and hashes them again.
+MARK_BYTES = 64 << 20
 
 
 class TiesOptions(MethodOptions):
@@ -212,8 +227,11 @@ def streamed_trim(passes: BlockPasses, key: str, n: int, counts: Sequence[int], 
     the same thresholds, tie cuts and kept counts as ``row_cut`` on the whole tensor, from code
     histograms (``code_select``: every input coded) or an exact radix select over the blocks
     (``global_select``) and, for the exact rule, the hash-order cut among the tied entries
-    (``tie_cuts``); a few passes, no copy of the tensor."""
+    (``tie_cuts``); a few passes, no copy of the tensor. The entries the exact rule drops are
+    marked on the way, a bit per element and task (``Trim.dropped``, at most ``MARK_BYTES``),
+    so the later passes do not hash them again."""
     rows = len(counts)
+    dropped: dict[int, torch.Tensor] = {}
     thresholds = torch.tensor([0.0 if k >= n else float("inf") for k in counts])
     hash_cut, index_cut = [ALL_TIES] * rows, [_ANY_INDEX] * rows
     kept: list[int | None] = [min(k, n) for k in counts]
@@ -233,10 +251,13 @@ def streamed_trim(passes: BlockPasses, key: str, n: int, counts: Sequence[int], 
         def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, torch.Tensor]]:
             return map(lambda item: (key, *item), passes.dense())  # one tensor: every pass reads it
 
-        cuts = tie_cuts(stream, lambda t, name: tie_seed(tasks[t], name), thresholds, short) if short else {}
+        hashed = [t for t in short if float(thresholds[t]) != 0]
+        if len(hashed) * ((n + 7) // 8) <= MARK_BYTES:
+            dropped = {t: torch.zeros((n + 7) // 8, dtype=torch.uint8) for t in hashed}
+        cuts = tie_cuts(stream, lambda t, name: tie_seed(tasks[t], name), thresholds, short, dropped) if short else {}
         for t, (cut, _, index) in cuts.items():
             hash_cut[t], index_cut[t] = cut, index
-    return Trim(thresholds, hash_cut, index_cut, [tie_seed(task, key) for task in tasks], kept)
+    return Trim(thresholds, hash_cut, index_cut, [tie_seed(task, key) for task in tasks], kept, dropped)
 
 
 def code_select(parts: Parts, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -330,8 +351,7 @@ def task_trim(taus: torch.Tensor, densities: Sequence[float], seeds: Sequence[in
     """``row_trim`` with a density per task (per tensor): task t keeps ``keep_count(densities[t], n)``."""
     flat = taus.reshape(taus.shape[0], -1)
     n = flat.shape[1]
-    cuts = [row_cut(row, keep_count(d, n), seed, rule) for row, d, seed in zip(flat, densities, seeds, strict=True)]
-    return Trim(torch.stack([c[0] for c in cuts]), [c[1] for c in cuts], [c[2] for c in cuts], list(seeds), [c[3] for c in cuts])
+    return cuts_trim([row_cut(row, keep_count(d, n), seed, rule) for row, d, seed in zip(flat, densities, seeds, strict=True)], seeds)
 
 
 @merge_method("ties", aliases=("ties_merging",))
@@ -362,7 +382,7 @@ class Ties(MergeMethod):
             record_stats(self, self.stats, source)
 
     def merges_by_blocks(self, key: str, numel: int) -> bool:
-        return TIES_BY_BLOCKS and (len(self.tasks) + 3) * numel * 4 > WHOLE_TENSOR_BYTES
+        return TIES_BY_BLOCKS and (len(self.tasks) + 3) * numel * 4 > whole_tensor_bytes()
 
     def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
         """The tensor's trim and majority sign from passes over its blocks (scope=tensor) or the
@@ -408,9 +428,9 @@ class Ties(MergeMethod):
         """TIES once per combination of codes: the per-tensor thresholds (k-th largest |τ̂_t|)
         and majority sign come exactly from code histograms, then ``ties_merge`` runs on the
         combinations, so every element gets the bytes the dense path gives it. With the exact
-        rule, which of the entries tied at a cut-off are kept depends on their index: a task
-        whose tied entries do not all fit gets a copy of each tied code for the dropped ones
-        (same value, never kept), chosen by the dense path's hash order."""
+        rule, which of the entries tied at a cut-off are kept depends on their index: the entries
+        a task drops (the dense path's hash order, found once per task by ``coded_trim``) move
+        to a code it does not keep (``split_ties``) before the joint index is made."""
         if not worth_coding(coded) or self.density is None or self.weighted:
             return None  # per-task weights or densities: the dense path
         o = self.options
@@ -421,15 +441,19 @@ class Ties(MergeMethod):
         if self.stats is not None:
             trim = self.stats.trim(key)
         else:
-            joint = joint_index(coded)
-            per_combination = torch.bincount(joint, minlength=combination_count(coded))
-            trim = coded_trim(coded, marginal_counts(per_combination, coded), self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
+            if o.tie_rule == "keep_ties":  # no code moves: the joint histogram gives each task's
+                joint = joint_index(coded)
+                per_combination = torch.bincount(joint, minlength=combination_count(coded))
+                counts = marginal_counts(per_combination, coded)
+            else:  # codes may move: the joint index is made once, after
+                counts = [torch.bincount(c.index, minlength=c.values) for c in coded]
+            trim = coded_trim(coded, counts, self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
             self.record_kept(key, trim.kept, n)
         split = [split_ties(c, trim, t) for t, c in enumerate(coded)]
         if any(new is not old for (new, _), old in zip(split, coded, strict=True)):
             coded = [c for c, _ in split]
             if not worth_coding(coded):
-                return None  # the copies of the tied codes made the table larger than the tensor
+                return None  # copies of the tied codes made the table larger than the tensor
             joint = per_combination = None
         joint = joint_index(coded) if joint is None else joint
         combos = combination_values(coded)
@@ -469,14 +493,15 @@ def coded_thresholds(coded: list[CodedTensor], counts: list[torch.Tensor], densi
 
 def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: float, seeds: list[int], tie_rule: str) -> Trim:
     """Per-tensor top-k from codes: the dense ``row_trim`` (same thresholds, same tie cut, same
-    counts), with the histograms standing in for passes over the values."""
+    counts, same ``Trim.dropped``), with the histograms standing in for passes over the values."""
     n = coded[0].index.numel()
     k = keep_count(density, n)
     thresholds = coded_thresholds(coded, counts, density)
     hash_cut: list[int] = []
     index_cut: list[int] = []
     kept: list[int | None] = []
-    for c, count, thr, seed in zip(coded, counts, thresholds, seeds, strict=True):
+    dropped: dict[int, torch.Tensor] = {}
+    for t, (c, count, thr, seed) in enumerate(zip(coded, counts, thresholds, seeds, strict=True)):
         mag = c.table.abs()
         above = int(count[mag > thr].sum())
         tied = int(count[mag == thr].sum())
@@ -486,27 +511,82 @@ def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: fl
         elif tie_rule == "keep_ties" or above + tied == k:
             kept.append(above + tied)
         else:
-            where = tied_entries(c, torch.nonzero(mag == thr).squeeze(1))
-            cut, index = hash_order_cut(tie_hashes(seed, where, float(thr)), where, k - above)
+            cut, index, drop = coded_tied_cut(c, torch.nonzero(mag == thr).squeeze(1), seed, float(thr), k - above)
+            if drop is not None:
+                dropped[t] = drop
             kept.append(k)
         hash_cut.append(cut)
         index_cut.append(index)
-    return Trim(thresholds, hash_cut, index_cut, seeds, kept)
+    return Trim(thresholds, hash_cut, index_cut, seeds, kept, dropped)
 
 
-def tied_entries(c: CodedTensor, codes: torch.Tensor) -> torch.Tensor:
+def coded_tied_cut(c: CodedTensor, codes: torch.Tensor, seed: int, threshold: float, need: int) -> tuple[int, int, torch.Tensor | None]:
+    """``tied_cut`` of the elements whose code is one of ``codes`` (the cut-off's), a chunk
+    of elements at a time: each tied entry is found and hashed once, and the scratch is a
+    chunk's (on a busy machine, fresh tensor-sized buffers cost more than the arithmetic).
+
+    Pass 1 hashes the chunk's tied entries, keeps them (flat index and hash - 2^31, both
+    int32: the hash's order survives the shift) and counts the hashes' high halves; the
+    bucket holding the ``need``-th hash is then sorted alone, and the entries past the cut
+    are marked in a bool mask of the elements (``Trim.dropped``). Below 2^32 elements the
+    hash is a bijection of the index (``element_hash``): no two tied entries share a hash, so
+    (hash, index) order is hash order and nothing past the cut has the cut's hash."""
+    n = c.index.numel()
+    if threshold == 0 or n > _HASHED_MAX:
+        return tied_cut(tied_entries(c, codes), seed, threshold, need, n)
+    found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for start in range(0, n, _CUT_CHUNK):
+        where = tied_entries(c, codes, start, start + _CUT_CHUNK)
+        if not where.numel():
+            continue
+        hashes = element_hash(seed, where)
+        hist += torch.bincount(hashes >> 16, minlength=1 << 16)
+        found.append((start, where.sub_(start).to(torch.int32), hashes.sub_(_HALF).to(torch.int32)))
+    cum = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)))  # first bin reaching the count
+    rank = need - (int(cum[bucket]) - int(hist[bucket]))
+    low, high = (bucket << 16) - _HALF, ((bucket + 1) << 16) - _HALF
+    bucket_hashes, bucket_index = [], []
+    for start, where, hashes in found:
+        inside = (hashes >= low).logical_and_(hashes < high)
+        bucket_hashes.append(hashes[inside])
+        bucket_index.append(where[inside].long() + start)
+    in_bucket = torch.cat(bucket_hashes)
+    at = int(torch.sort(in_bucket, stable=True).indices[rank - 1])
+    cut, index = int(in_bucket[at]), int(torch.cat(bucket_index)[at])
+    dropped = torch.zeros(n, dtype=torch.bool)
+    for start, where, hashes in found:
+        dropped[start : start + _CUT_CHUNK][where] = hashes > cut
+    return cut + _HALF, index, dropped
+
+
+_CUT_CHUNK = 1 << 20
+_HALF = 1 << 31
+_HASHED_MAX = 1 << 32  # flat indices below it hash without collisions (``element_hash``)
+
+
+def tied_entries(c: CodedTensor, codes: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
     """Flat indices (ascending) of the elements whose code is one of ``codes`` (one or two: the
-    codes of equal |value|)."""
-    hit = c.index == int(codes[0])
+    codes of equal |value|), of those in ``[start, end)``."""
+    part = c.index[start:end]
+    hit = part == int(codes[0])
     for code in codes[1:].tolist():
-        hit |= c.index == code
-    return torch.nonzero(hit).squeeze(1)
+        hit |= part == code
+    where = torch.nonzero(hit).squeeze(1)
+    return where.add_(start) if start else where
 
 
 def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[CodedTensor, torch.Tensor]:
     """Task t's codes (of elements from flat index ``start``) with the tied entries the trim
-    drops moved to copies of their codes, and which codes of the result are kept (|value| >=
-    threshold, copies never)."""
+    drops moved to a code the trim does not keep, and which codes of the result are kept
+    (|value| >= threshold).
+
+    Where a dropped entry goes: to the table's first code of a smaller |value| (the merged
+    value of an entry that task t does not keep does not depend on t's value, so the lookup
+    table keeps its size and gives the same bytes), else to a copy of its code (same value,
+    never kept). The dropped entries are ``trim.dropped[t]`` when the trim has them, else the
+    tied entries ``dropped_ties`` picks."""
     mag = c.table.abs()
     keep = mag >= trim.thresholds[t]
     if trim.hash_cut[t] >= ALL_TIES or float(trim.thresholds[t]) == 0.0:  # zeros: no value changes (``Trim.merge_mask``)
@@ -514,8 +594,20 @@ def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[Code
     tied_codes = torch.nonzero(mag == trim.thresholds[t]).squeeze(1)
     if not tied_codes.numel():  # global scope: the cut-off value lies in other tensors
         return c, keep
-    where = tied_entries(c, tied_codes)
-    drop = where[dropped_ties(where + start, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
+    known = trim.dropped_in(t, start, start + c.index.numel())
+    if known is not None:
+        drop = known
+    else:
+        where = tied_entries(c, tied_codes)
+        drop = where[dropped_ties(where + start, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
+    spare = torch.nonzero(~keep).squeeze(1)
+    if spare.numel():
+        index = c.index.clone()
+        if drop.dtype == torch.bool:
+            index.masked_fill_(drop, int(spare[0]))
+        else:
+            index[drop] = int(spare[0])
+        return CodedTensor(c.table, index), keep
     copy_of = torch.full((c.values,), -1, dtype=torch.int64)
     copy_of[tied_codes] = torch.arange(c.values, c.values + tied_codes.numel())
     index = c.index.to(torch.int32)
