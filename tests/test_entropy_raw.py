@@ -17,11 +17,11 @@ import torch
 import zstandard
 from safetensors.torch import load_file, save_file
 
+from test_entropy_pack import _resign_tensor  # one way to re-sign a tampered tensor
 from tvq import QuantizeOptions, open_pack, quantize
 from tvq.encode.incremental import add_tasks
 from tvq.errors import PackError
 from tvq.io.dtypes import TORCH_DTYPES
-from tvq.io.safetensors_writer import sha256_tensor
 from tvq.merge import load_task_vectors
 from tvq.merge.engine import merge_state_dict
 from tvq.pack.manifest import manifest_checksum
@@ -285,23 +285,6 @@ def test_coded_raw_entries_are_validated_when_read(attacked: Path, change, probl
     assert "\n" not in str(err.value) and "manifest" in str(err.value) and "head.bias" in str(err.value)
 
 
-def _resign(pack: Path, rel: str, key: str, data: torch.Tensor) -> None:
-    """Store ``data`` as the tensor's bytes and re-sign file and manifest, as anyone can."""
-    file = pack / rel
-    tensors = load_file(file)
-    tensors[key] = data
-    save_file(tensors, file)
-    raw = file.read_bytes()
-
-    def resign(m: dict) -> None:
-        m["files"][rel].update(bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest())
-        e = m["files"][rel]["tensors"][key]
-        e.update(sha256=sha256_tensor(data), nbytes=data.numel())
-        e["entropy"]["blocks"][-1] += data.numel() - sum(e["entropy"]["blocks"])
-
-    _tamper(pack, resign)
-
-
 @pytest.mark.parametrize("attack", ["garbage", "truncated", "bomb", "flipped"])
 def test_malformed_raw_streams_are_one_line_errors_naming_file_and_tensor(attacked: Path, attack: str) -> None:
     rel, key, entry = _first_coded_raw(_manifest(attacked))
@@ -316,7 +299,7 @@ def test_malformed_raw_streams_are_one_line_errors_naming_file_and_tensor(attack
     else:  # a frame claiming far more bytes than its block
         frame = zstandard.ZstdCompressor().compress(bytes(1 << 24))
         bad = torch.frombuffer(bytearray(frame[: min(len(frame), entry["nbytes"])]), dtype=torch.uint8).clone()
-    _resign(attacked, rel, key, bad)
+    _resign_tensor(attacked, rel, key, bad)
     pack = open_pack(attacked)
     task = next(t.name for t in pack.manifest.tasks if t.file == rel)
     try:

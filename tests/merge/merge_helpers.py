@@ -78,3 +78,21 @@ def tiny_bert_inputs(root: Path, seed: int, files: dict[str, str]) -> dict:
         save_file({k: (v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in state.items()}, ft[name])
     pack = make_pack({"pre_path": pre, "ft_paths": {"a": ft["a"], "b": ft["b"]}}, root / "pack", bits=4)
     return {"root": root, "pre": pre, "ft": ft, "pack": pack, "state": state}
+
+
+def spy_block_writes(monkeypatch, block: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """Merge by blocks of ``block`` elements from now on; the returned list fills with the names
+    of the tensors the output writer receives piece by piece (merged by blocks, not whole)."""
+    import tvq.merge.blocks as blocks_module
+    from tvq.io.safetensors_writer import StreamingSafetensorsWriter
+
+    monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", block)
+    pieces: list[str] = []
+    original = StreamingSafetensorsWriter.add_chunks
+
+    def spy(self, name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pieces.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "add_chunks", spy)
+    return pieces

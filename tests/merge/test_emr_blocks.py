@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from test_merge_blocks import WHOLE, _model, write_inputs
 
-import tvq.merge.blocks as blocks_module
-from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.merge import load_task_vectors, merge, open_emr
 from tvq.merge.methods.emr import SUM_CHUNK, ChunkSums
+
+from merge_helpers import spy_block_writes
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,7 @@ def many(tmp_path_factory):
 
 def emr_bytes(monkeypatch, block, out, task=None, *, pre, packs=(), finetuned=None):
     """The bytes of EMR's unified pack (``task`` None) or of a task's model, and the tensors written by pieces."""
-    monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", block)
-    pieces: list[str] = []
-    original = StreamingSafetensorsWriter.add_chunks
-
-    def spy(self, name, *args, **kwargs):
-        pieces.append(name)
-        return original(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(StreamingSafetensorsWriter, "add_chunks", spy)
+    pieces = spy_block_writes(monkeypatch, block)
     reader, vectors = load_task_vectors(pre, packs=list(packs), finetuned=finetuned)
     merge("emr", reader, vectors, out, task=task, overwrite=True)
     return out.read_bytes(), pieces
@@ -139,15 +131,7 @@ def test_chunk_sums_do_not_depend_on_the_split():
 def _task_model_bytes(monkeypatch, block, unified, pre, task, out):
     from tvq.merge import emr_task_model
 
-    monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", block)
-    pieces: list[str] = []
-    original = StreamingSafetensorsWriter.add_chunks
-
-    def spy(self, name, *args, **kwargs):
-        pieces.append(name)
-        return original(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(StreamingSafetensorsWriter, "add_chunks", spy)
+    pieces = spy_block_writes(monkeypatch, block)
     emr_task_model(unified, pre, task, out, overwrite=True)
     return out.read_bytes(), pieces
 

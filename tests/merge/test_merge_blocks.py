@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 import tvq.merge.blocks as blocks_module
 from tvq import QuantizeOptions, quantize
 from tvq.errors import PackError
-from tvq.io.safetensors_writer import StreamingSafetensorsWriter
 from tvq.merge import load_task_vectors, merge
 from tvq.pack.reader import open_pack
 from tvq.quant import entropy
+
+from merge_helpers import spy_block_writes
 
 WHOLE = 1 << 40  # a block larger than any tensor: every tensor merged whole (the old path)
 
@@ -104,15 +105,7 @@ METHODS = [
 
 
 def _merged_bytes(monkeypatch, block: int, method: str, options: dict, out, *, pre, packs=(), finetuned=None, dtype="same"):
-    monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", block)
-    pieces: list[str] = []
-    original = StreamingSafetensorsWriter.add_chunks
-
-    def spy(self, name, *args, **kwargs):
-        pieces.append(name)
-        return original(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(StreamingSafetensorsWriter, "add_chunks", spy)
+    pieces = spy_block_writes(monkeypatch, block)
     reader, vectors = load_task_vectors(pre, packs=list(packs), finetuned=finetuned)
     merge(method, reader, vectors, out, options, dtype=dtype, overwrite=True)
     return out.read_bytes(), pieces
