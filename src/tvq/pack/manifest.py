@@ -55,23 +55,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class EntropyEntry(_Strict):
+class _OmitsAbsent(_Strict):
+    """A model with fields newer versions added: each of ``OPTIONAL`` is left out of the JSON when
+    None, so what older tvq writes stays byte for byte what it wrote."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        for name in self.OPTIONAL:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+class EntropyEntry(_OmitsAbsent):
     """How a tensor is entropy-coded (tvq.quant.entropy): a ``q`` tensor's codes laid out
     byte-aligned (no ``filter``), or a ``raw`` tensor's bytes (``filter: "bitshuffle"``, version
     4), cut into blocks of ``block`` bytes, each one zstd frame of ``blocks[i]`` bytes (their sum
     is the entry's ``nbytes``, the bytes on disk)."""
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("filter",)
+
     coder: Literal["zstd"]
     filter: Literal["bitshuffle"] | None = None  # raw tensors only; left out of the JSON when absent (codes, version 3)
     block: int
     blocks: list[int]
-
-    @model_serializer(mode="wrap")
-    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("filter") is None:
-            out.pop("filter", None)
-        return out
 
 
 class AuxEntry(_Strict):
@@ -223,7 +233,7 @@ class FileEntry(_Strict):
     tensors: dict[str, TensorEntry]
 
 
-class Method(_Strict):
+class Method(_OmitsAbsent):
     """How the pack was made: the paper's four loaders map onto target + residual."""
 
     target: Literal["task_vector", "finetuned"]
@@ -239,14 +249,7 @@ class Method(_Strict):
     # tensor. Optional (older packs lack them) and left out of the JSON when absent, as rel_error_quantized
     allocation: Literal["anchored", "free"] | None = None
     anchor_bits: int | None = None
-
-    @model_serializer(mode="wrap")
-    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        for name in ("allocation", "anchor_bits"):
-            if out.get(name) is None:
-                out.pop(name, None)
-        return out
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("allocation", "anchor_bits")
 
     @property
     def label(self) -> str:
@@ -268,7 +271,7 @@ class InputRef(_Strict):
     fp32_bytes: int
 
 
-class TaskEntry(_Strict):
+class TaskEntry(_OmitsAbsent):
     name: str
     file: str
     source: InputRef
@@ -281,12 +284,7 @@ class TaskEntry(_Strict):
     # error correction, and every task added to an existing pack); None for TVQ/FQ.
     reference: Literal["avg", "quantized_base"] | None = None
 
-    @model_serializer(mode="wrap")
-    def _optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("rel_error_quantized") is None:
-            out.pop("rel_error_quantized", None)
-        return out
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("rel_error_quantized",)
 
 
 class Manifest(_Strict):
