@@ -13,6 +13,13 @@ squared error, Fisher-weighted error (``--fisher``), the |τ|-weighted sign agre
 
 Prints two Markdown tables. Packs whose codes equal a fixed scheme's are evaluated once; the
 accuracies are kept in ``OUT/accuracy.json``, so a rerun only recomputes the proxies.
+
+``--estimates`` instead checks the allocation's pricing (issue 15, part 2): it analyses the run with
+the bench's ``budget-*`` options (RTVQ + EC, MSE grid; candidate anchors across families), writes
+the named fixed schemes as the anchored allocation would write them, and prints each one's estimate
+beside its measured size on disk (``--entropy max`` for the optimal parser):
+
+    python benchmarks/allocation_anchor.py --run RUN --out DIR --estimates ["TVQ INT2,TVQ INT3,RTVQ B3O2"]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 
 from tvq.bench.evaluate import BenchRun, open_run, read_state_dict
 from tvq.bench.fisher import diagonal_fisher
+from tvq.encode import budget as allocation_budget
 from tvq.encode.budget import quantize_within_budget
 from tvq.encode.options import QuantizeOptions
 from tvq.encode.pipeline import quantize
@@ -142,6 +150,25 @@ def within_budgets(rows: list[tuple[str, str, Path]], scores: dict[str, dict[str
     return f"{agree}/{agree + disagree}"
 
 
+def estimates(run: BenchRun, out: Path, names: list[str], entropy: str) -> None:
+    """Estimate vs written bytes of fixed schemes, as the anchored allocation prices and writes them."""
+    finetuned = {t: run.finetuned_path(t) for t in run.tasks}
+    options = QuantizeOptions(residual=True, base_bits=3, bits=2, error_correction=True, quantizer="mse", entropy=entropy).validated()  # type: ignore[arg-type]
+    table, fixed, n_params = allocation_budget.analyse(run.pretrained_path, finetuned, options, progress=False, cross=True)
+    found = {a.name: a for a in allocation_budget.anchors(table, options)}
+    per = 8 / (n_params * len(finetuned))
+    print(f"exact tensors, headers and files (estimate): {fixed:,} bytes\n")
+    print("| fixed scheme | estimate (bytes) | written (bytes) | estimate / written | bits/param written |\n|---|---|---|---|---|")
+    for name in names:
+        anchor = found[name]
+        path = out / f"est-{entropy}-{name.replace(' ', '_').replace('[', '').replace(']', '')}"
+        if not (path / "manifest.json").is_file():
+            quantize(run.pretrained_path, finetuned, path, allocation_budget.fixed_scheme(options, anchor), progress=False, overwrite=True)
+        written = pack_summary(path)["total_bytes"]
+        estimate = fixed + anchor.nbytes
+        print(f"| {name} | {estimate:,} | {written:,} | {estimate / written - 1:+.1%} | {written * per:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a benchmark run folder (tvq bench build)")
@@ -149,10 +176,21 @@ def main() -> None:
     parser.add_argument("--fisher", action="store_true", help="also the Fisher-weighted error (diagonal Fisher on validation data)")
     parser.add_argument("--no-merge", action="store_true", help="individual accuracy only")
     parser.add_argument("--fisher-allocation", action="store_true", help="with --fisher: also allocate anchored with Fisher sensitivity")
+    parser.add_argument(
+        "--estimates",
+        nargs="?",
+        const="TVQ INT2,TVQ INT3,RTVQ B3O2,RTVQ B2O1 [mse]",
+        default=None,
+        help="instead: estimate vs written bytes of these fixed schemes (comma-separated, as `tvq info` names them)",
+    )
+    parser.add_argument("--entropy", default="auto", choices=("auto", "max"), help="with --estimates: the packs' entropy coding")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = open_run(args.run)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.estimates is not None:
+        estimates(run, args.out, args.estimates.split(","), args.entropy)
+        return
     fisher = fisher_of(run, args.out / "fisher.json") if args.fisher else None
     exact = {t: TaskVector.from_checkpoints(run.pretrained_path, run.finetuned_path(t), name=t) for t in run.tasks}
     rows = build(run, args.out, fisher if args.fisher_allocation else None)

@@ -632,7 +632,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base**mult)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """run.py's command line (also parsed by ``benchmarks/scaling.py`` for the same step settings)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/work/bench_llm"), help="models, packs, outputs, results")
     ap.add_argument("--skip-generate", action="store_true", help="do not generate missing models")
@@ -667,6 +668,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tvq-threads", type=int, default=2, help="tvq quantize/merge --threads N (0: tool default)")
     ap.add_argument("--tag", default="", help="suffix of results-<tag>.json/.md")
+    return ap
+
+
+def child_environment(args: argparse.Namespace) -> dict[str, str]:
+    """Environment added to every step, both tools: OMP_WAIT_POLICY and each ``--env KEY=VALUE``."""
+    env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_wait_policy == "passive" else {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def write_mergekit_configs(cfg_dir: Path, models: Path, tasks: list[str]) -> None:
+    """``mergekit_ta.yml`` and ``mergekit_ties.yml`` (read by the mergekit steps of ``build_steps``)."""
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    for method, short in (("task_arithmetic", "ta"), ("ties", "ties")):
+        (cfg_dir / f"mergekit_{short}.yml").write_text(mergekit_config(method, models, tasks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.workdir = args.workdir.resolve()
 
@@ -701,9 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("/usr/bin/time") is None and not Path("/usr/bin/time").exists():
         ap.error("/usr/bin/time missing: apt-get install time")
     cfg_dir = args.workdir / "configs"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    for method, short in (("task_arithmetic", "ta"), ("ties", "ties")):
-        (cfg_dir / f"mergekit_{short}.yml").write_text(mergekit_config(method, models, tasks))
+    write_mergekit_configs(cfg_dir, models, tasks)
     log_dir = args.workdir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -711,12 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tvq LLM benchmark — {started:%Y-%m-%d %H:%M} UTC, workdir {args.workdir}, cache {args.cache}", flush=True)
     if not have_merge:
         print("note: `tvq merge` is not available yet; merge steps skipped", flush=True)
-    child_env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_wait_policy == "passive" else {}
-    for item in args.env:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            ap.error(f"--env {item!r}: expected KEY=VALUE")
-        child_env[key] = value
+    try:
+        child_env = child_environment(args)
+    except ValueError as err:
+        ap.error(str(err))
     results: list[Measurement] = []
     fidelity: dict[str, dict[str, float]] = {}
     all_steps = {s.name: s for s in build_steps(args, tasks, have_merge, args.workdir)}

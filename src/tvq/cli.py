@@ -75,6 +75,10 @@ def quantize_cmd(
     executor: Annotated[str, typer.Option(help="local, or ray (tensors spread over a Ray cluster; same output).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
     threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors encoded concurrently (torch single-threaded in each).")] = 2,
+    device: Annotated[
+        str,
+        typer.Option(help="cpu, cuda or cuda:N: where the min–max TVQ/RTVQ math runs (same codes; inputs read and hashed on the host)."),
+    ] = "cpu",
 ) -> None:
     """Quantize task vectors (or fine-tuned weights) into a bit-packed pack."""
     from tvq.config import load_quantize_config
@@ -117,6 +121,7 @@ def quantize_cmd(
         unsafe_pickle=unsafe_pickle,
         progress=progress,
         executor=make_executor(executor, address, threads),
+        device=device,
     )
     if budget_bits is not None or budget_bytes is not None:
         from tvq.encode.budget import quantize_within_budget

@@ -169,6 +169,13 @@ def register(app: typer.Typer, handles_errors) -> None:
         ] = "local",
         address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
         threads: Annotated[int, typer.Option(min=1, help="Local executor: tensors merged concurrently (torch single-threaded in each).")] = 2,
+        device: Annotated[
+            str,
+            typer.Option(
+                help="cpu, cuda or cuda:N: where large tensors merge, block by block (same bytes; methods that cannot, and small "
+                "tensors, merge on the host)."
+            ),
+        ] = "cpu",
     ) -> None:
         """Merge task vectors (from packs and/or FP32 checkpoints) into one model, streaming."""
         from tvq.cli_support import console, parse_named_paths, print_line
@@ -259,6 +266,7 @@ def register(app: typer.Typer, handles_errors) -> None:
                     task=task, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                     inputs=[pretrained, *packs, *fts.values()], executor=None if writes_pack else make_executor(executor, address, threads),
                     unsafe_pickle=unsafe_pickle, norm_stats=norm_stats, out_kind=out_kind, extra_files=extra,  # type: ignore[arg-type]
+                    device=device,
                 )  # fmt: skip
         for w in caught:
             if issubclass(w.category, NormStatsWarning):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from test_merge_blocks import WHOLE, _model, write_inputs
 
 from tvq.merge import load_task_vectors, merge, open_emr
-from tvq.merge.methods.emr import SUM_CHUNK, ChunkSums
+from tvq.merge.ops import SUM_CHUNK, ChunkSums
 
 from merge_helpers import spy_block_writes
 

@@ -13,7 +13,7 @@ from tvq.execute import LocalExecutor
 from tvq.merge import load_task_vectors, merge
 from tvq.merge.adamerging import AdaMergingResult
 
-from merge_helpers import make_ckpts, make_pack
+from merge_helpers import make_ckpts, make_pack, spy_block_writes
 
 METHODS = [
     ("task_arithmetic", {}),
@@ -59,6 +59,21 @@ def test_threads_and_shipped_jobs_give_identical_bytes(inputs, tmp_path, method,
     threads = merged_bytes(inputs, tmp_path / "threads.safetensors", method, options, LocalExecutor(threads=3))
     shipped = merged_bytes(inputs, tmp_path / "shipped.safetensors", method, options, PicklingExecutor())
     assert serial == threads == shipped
+
+
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "tensor"}), ("consensus", {})],
+                         ids=["task_arithmetic", "ties", "consensus"])
+def test_remote_executors_stream_large_tensors_on_the_driver(inputs, tmp_path, monkeypatch, method, options):
+    """With a remote executor, tensors larger than a block merge by blocks on the driver (not
+    whole on a worker), the rest on the workers: the same bytes as local threads."""
+    import tvq.merge.methods.ties as ties_module
+
+    monkeypatch.setattr(ties_module, "WHOLE_TENSOR_BYTES", 0)  # TIES streams every tensor larger than a block
+    local = merged_bytes(inputs, tmp_path / "local.safetensors", method, options)
+    pieces = spy_block_writes(monkeypatch, 16)
+    shipped = merged_bytes(inputs, tmp_path / "shipped.safetensors", method, options, PicklingExecutor())
+    assert {"embed.weight", "encoder.layer.0.attn.weight"} <= set(pieces) and "encoder.layer.0.attn.bias" not in pieces
+    assert shipped == local
 
 
 def test_prepared_state_travels_with_the_method(inputs, tmp_path):

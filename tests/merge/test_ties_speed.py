@@ -7,11 +7,24 @@ brute-force order (|τ| descending, hash, index) and the bytes against the dense
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tvq.merge.methods import ties as ties_module
-from tvq.merge.methods.ties import Ties, TiesOptions, coded_tied_cut, coded_trim, split_ties, tied_entries
+from tvq.merge.methods.ties import (
+    CodeHasher,
+    Ties,
+    TiesOptions,
+    WindowCut,
+    coded_tie_cuts,
+    coded_tied_cut,
+    coded_trim,
+    hashed_dropped,
+    moved_codes,
+    split_ties,
+    tied_entries,
+)
 from tvq.merge.ops import (
     ALL_TIES,
     Trim,
@@ -184,3 +197,180 @@ def test_one_tensors_tie_cut_marks_the_entries_it_drops() -> None:
     for t in range(2):
         assert cuts[t][0] == whole.hash_cut[t] and cuts[t][2] == whole.index_cut[t]
         assert torch.equal(torch.nonzero(bits_between(marks[t], 0, 30_000)).squeeze(1), whole.dropped[t].long())
+
+
+# --- issue 19, part 2: the one-pass cuts (``WindowCut``, NumPy hashes) give the radix cut's bytes
+
+
+@pytest.mark.parametrize("seed", [0, 0xFFFFFFFF, 12_345_678_901_234_567, (1 << 64) - 1])
+def test_the_numpy_hasher_is_element_hash(seed: int) -> None:
+    for chunk in (1 << 16, 1_000, 7):
+        hasher = CodeHasher(seed, [0], chunk)
+        for start in (0, 1 << 16, 3 << 16, 123, 1 << 20, (1 << 32) - chunk):  # aligned runs take a shortcut
+            for m in sorted({chunk, chunk // 2 + 1, 1}):
+                got = hasher.hashes(start, m).astype(np.int64)
+                assert np.array_equal(got, element_hash(seed, torch.arange(start, start + m)).numpy()), (chunk, start, m)
+
+
+def _cut_cases(c: CodedTensor):
+    """(codes, threshold, need) for the most frequent codes' |values| and a few needs each."""
+    mag = c.table.abs()
+    for code in torch.argsort(torch.bincount(c.index, minlength=c.values), descending=True)[:5].tolist():
+        codes = torch.nonzero(mag == mag[code]).squeeze(1)
+        tied = tied_entries(c, codes)
+        if not 1 < tied.numel() < c.index.numel() or float(mag[code]) == 0:
+            continue
+        for need in sorted({1, 2, tied.numel() // 3, tied.numel() // 2, tied.numel() - 1}):
+            yield codes, tied, float(mag[code]), need
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 1_000])
+@pytest.mark.parametrize("window", ["guessed", "missed"])
+def test_the_window_cut_is_the_radix_cut(monkeypatch, chunk: int, window: str) -> None:
+    """One pass with a guessed window, or (a window that misses the cut) the radix fallback:
+    the same cut and the same dropped entries as ``tied_cut`` over the tied entries."""
+    monkeypatch.setattr(ties_module, "_HASH_CHUNK", chunk)
+    if window == "missed":
+        monkeypatch.setattr(ties_module.WindowCut, "finish", lambda self: None)
+    for symmetric in (True, False):
+        c = _coded(7, 40_013, 4, symmetric)
+        seed = tie_seed("a", "w")
+        for codes, tied, threshold, need in _cut_cases(c):
+            cut, index, _ = tied_cut(tied, seed, threshold, need, c.index.numel())
+            got_cut, got_index, got_dropped = coded_tied_cut(c, codes, seed, threshold, need)
+            assert (got_cut, got_index) == (cut, index)
+            assert got_dropped is not None and got_dropped.dtype == torch.bool
+            assert torch.equal(torch.nonzero(got_dropped).squeeze(1), tied[dropped_ties(tied, seed, cut, index, threshold)])
+
+
+def test_a_narrow_window_still_finds_or_refuses_the_cut(monkeypatch) -> None:
+    """With no slack the window often misses: ``finish`` must then say so, never guess."""
+    monkeypatch.setattr(ties_module, "_WINDOW_SIGMAS", 0.0)
+    monkeypatch.setattr(ties_module, "_WINDOW_SLACK", 1)
+    c = _coded(8, 30_011, 3)
+    seed = tie_seed("b", "w")
+    outcomes = set()
+    for codes, tied, threshold, need in _cut_cases(c):
+        window = WindowCut(seed, codes.tolist(), tied.numel(), need, 4_096)
+        dropped = torch.empty(c.index.numel(), dtype=torch.bool)
+        for start in range(0, c.index.numel(), 4_096):
+            window.feed(start, c.index[start : start + 4_096], dropped[start : start + 4_096])
+        found = window.finish()
+        outcomes.add(found is not None)
+        if found is not None:
+            cut, index, _ = tied_cut(tied, seed, threshold, need, c.index.numel())
+            assert found[:2] == (cut, index)
+    assert outcomes == {True, False}
+
+
+@pytest.mark.parametrize("hash_cut_at", [0.0, 0.3, 0.9])
+def test_hashed_dropped_is_dropped_ties_with_any_index_cut(hash_cut_at: float) -> None:
+    """The split of a block without marks (global cuts, or marks over ``MARK_BYTES``) hashes in
+    NumPy: entries at the cut's own hash are kept or dropped by the index cut, as ``dropped_ties``."""
+    c = _coded(9, 20_000, 4)
+    seed = tie_seed("c", "w")
+    codes = torch.tensor([5, 10])
+    tied = tied_entries(c, codes)
+    hashes = element_hash(seed, tied)
+    cut_entry = int(torch.argsort(hashes)[int(hash_cut_at * (tied.numel() - 1))])
+    cut, at = int(hashes[cut_entry]), int(tied[cut_entry])
+    for index_cut in (-1, at - 1, at, at + 1, (1 << 62) - 1):
+        for start in (0, 777, 12_345):
+            part = c.index[start:]
+            expected = torch.zeros(part.numel(), dtype=torch.bool)
+            inside = tied[tied >= start]
+            expected[inside[dropped_ties(inside, seed, cut, index_cut)] - start] = True
+            assert torch.equal(hashed_dropped(part, start, codes.tolist(), seed, cut, index_cut), expected), (index_cut, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_moved_codes_is_a_masked_fill(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    index = torch.randint(0, 32, (10_001,), generator=g).to(dtype)
+    drop = torch.rand(10_001, generator=g) < 0.3
+    for spare in (0, 3, 31):
+        assert torch.equal(moved_codes(index, drop, spare), index.clone().masked_fill_(drop, spare))
+
+
+@pytest.mark.parametrize("block", [8_000, 1_000, 4_104])
+def test_coded_tie_cuts_by_blocks_are_tie_cuts_with_the_same_marks(block: int) -> None:
+    """A tensor read by blocks of codes: one pass gives ``tie_cuts``'s cuts (non-zero cut-offs,
+    and a cut-off of 0 in index order) and its marks."""
+    n = 30_000
+    coded = [_coded(s, n, b) for s, b in ((11, 3), (12, 4), (13, 2))]
+    coded.append(CodedTensor(torch.tensor([0.0, 0.5]), (torch.rand(n, generator=torch.Generator().manual_seed(5)) < 0.1).to(torch.uint8)))
+    taus = torch.stack([c.table[c.index.long()] for c in coded])
+    seeds = [tie_seed(t, "w") for t in ("a", "b", "c", "d")]
+    whole = row_trim(taus, 0.2, seeds, "exact")
+    need = {t: int(keep_count(0.2, n) - (taus[t].abs() > whole.thresholds[t]).sum()) for t in range(4)}
+    tied = {t: int((taus[t].abs() == whole.thresholds[t]).sum()) for t in range(4)}
+    need = {t: k for t, k in need.items() if k < tied[t]}
+    assert float(whole.thresholds[3]) == 0 and 3 in need  # one task cut at 0
+
+    def parts():
+        return iter([[CodedTensor(c.table, c.index[s : s + block]) for c in coded] for s in range(0, n, block)])
+
+    hashed = [t for t in need if float(whole.thresholds[t]) != 0]
+    marks = {t: torch.zeros((n + 7) // 8, dtype=torch.uint8) for t in hashed}
+    cuts = coded_tie_cuts(parts, need, tied, whole.thresholds, seeds, marks)
+    assert cuts is not None
+    for t in need:
+        assert cuts[t] == (whole.hash_cut[t], whole.index_cut[t]), t
+    for t in hashed:
+        assert torch.equal(torch.nonzero(bits_between(marks[t], 0, n)).squeeze(1), whole.dropped[t].long())
+
+
+@pytest.mark.parametrize("tables", ["shared", "scaled"])
+def test_coded_exact_ties_recount_the_moved_combinations_only_when_the_majority_matters(monkeypatch, tables: str) -> None:
+    """Tasks with the same table (``shared``) have kept entries that cancel (v + -v = 0): the
+    majority sign then decides them and the moved joint histogram is counted again; with
+    ``scaled`` tables no kept entries cancel and the first histogram's sign is as good."""
+    n = 60_007
+    coded = []
+    for s in range(3):
+        c = _coded(20 + s, n, 4)
+        coded.append(CodedTensor(c.table * (1 if tables == "shared" else 1 + 0.1 * s), c.index))
+    calls = []
+    original = ties_module.majority_matters
+
+    def spy(*args):
+        calls.append(original(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(ties_module, "majority_matters", spy)
+    tasks = ["t0", "t1", "t2"]
+    for options in ({"scope": "tensor"}, {"scope": "tensor", "aggregate": "sum", "lambda": -0.5}):
+        got = Ties(TiesOptions(**options), tasks).merge_coded("w", coded)
+        assert got is not None
+        dense = Ties(TiesOptions(**options), tasks).merge_tensor("w", torch.stack([c.table[c.index.long()] for c in coded]))
+        assert torch.equal(got, dense.reshape(-1))
+    assert calls and all(calls) == (tables == "shared") and any(calls) == (tables == "shared")
+
+
+@pytest.mark.parametrize("window", ["guessed", "missed"])
+def test_coded_exact_ties_move_dropped_entries_in_the_joint_index(monkeypatch, window: str) -> None:
+    """The whole-tensor coded path moves each task's dropped entries in the joint index as its
+    cut is found (``JointMove``); when a window misses, the pass is undone and the radix cut
+    moves them: the dense path's bytes either way."""
+    monkeypatch.setattr(ties_module, "_HASH_CHUNK", 4_096)
+    if window == "missed":
+        monkeypatch.setattr(ties_module.WindowCut, "finish", lambda self: None)
+    n = 50_021
+    coded = [CodedTensor(_coded(30 + s, n, b).table * (1 + 0.1 * s), _coded(30 + s, n, b).index) for s, b in ((0, 4), (1, 3), (2, 4))]
+    tasks = ["t0", "t1", "t2"]
+    moved_sets = []
+    original = ties_module.coded_trim
+
+    def spy(*args):
+        trim = original(*args)
+        moved_sets.append(set(args[6]) if len(args) > 6 else None)
+        return trim
+
+    monkeypatch.setattr(ties_module, "coded_trim", spy)
+    for density in (0.05, 0.2, 0.5):
+        options = {"scope": "tensor", "density": density}
+        got = Ties(TiesOptions(**options), tasks).merge_coded("w", coded)
+        assert got is not None
+        dense = Ties(TiesOptions(**options), tasks).merge_tensor("w", torch.stack([c.table[c.index.long()] for c in coded]))
+        assert torch.equal(got, dense.reshape(-1)), density
+    assert any(moved_sets)

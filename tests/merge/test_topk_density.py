@@ -360,7 +360,15 @@ def test_coded_merge_splits_the_tied_codes_and_gives_the_dense_bytes(packs: dict
         coded_calls.append((key, out is not None))
         return out
 
+    real_trim = ties_module.coded_trim
+
+    def moving(*args):  # scope=tensor: the dropped entries move in the joint index instead (``JointMove``)
+        out = real_trim(*args)
+        split.extend(True for _ in (args[6] if len(args) > 6 else ()))
+        return out
+
     monkeypatch.setattr(ties_module, "split_ties", spy)
+    monkeypatch.setattr(ties_module, "coded_trim", moving)
     monkeypatch.setattr(Ties, "merge_coded", counting)
     coded = merge_state_dict("ties", pre, vectors, options)
     dense = merge_state_dict("ties", pre, _dense(vectors), options)

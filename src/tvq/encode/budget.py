@@ -16,11 +16,23 @@ Fisher information measured on data by the benchmark.
 
 That error is not a faithful proxy of accuracy (issue 15: at TVQ INT2's size the free choice
 merged worse than TVQ INT2 itself), so the default allocation is *anchored*: every tensor
-starts at the largest fixed scheme of the pack's family whose estimated size fits (TVQ INT b:
-the paper's min–max at one width; RTVQ: the pair base b + 1, offsets b), and only the bytes
-left over buy upgrades (wider widths, the MSE grid where asked), chosen by the same search
-restricted to them. At a fixed scheme's own size the pack is that scheme, code for code; in
-between it is the smaller one plus upgrades. ``allocation="free"`` is the unrestricted choice.
+starts at one fixed scheme whose estimated size fits, and only the bytes left over buy upgrades
+(wider widths; the MSE grid where asked, on an anchor of the requested family), chosen by the
+same search restricted to them. The
+candidate anchors span families, whatever family was asked: the paper's min–max TVQ INT b at
+every width (for RTVQ and TVQ requests alike), the requested grid at every width, and for RTVQ
+the pairs base b + 1 / offsets b on min–max and on the requested grid. Of those that fit, the
+one with the widest per-task codes wins; at equal width TVQ min–max first, then TVQ on the
+requested grid, then RTVQ min–max, then RTVQ on the requested grid (``anchor_rank``): on both
+benchmarks RTVQ B3O2+EC merged 1.5–5.2 points below TVQ INT2 with TIES, Consensus, DELLA and
+MagMax (README), and TVQ INT b is the cheaper of the two, leaving bytes for upgrades. At a
+fixed scheme's own size the pack is that scheme, code for code; in between it is the smaller
+one plus upgrades. ``allocation="free"`` is the unrestricted choice within the requested family.
+
+Every candidate is priced as the encoder writes it: codes entropy-coded where that pays (from
+their order-0 entropy, ``tvq.quant.entropy.estimated_bytes``), the exactly stored tensors coded
+by the coder itself before any analysis (format 4 codes them too; they are few and small under
+the default key rule), and each stored tensor's header and manifest entry from its key.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from tvq.encode.checks import KeyInputs, check_average
+from tvq.encode.key import encode_kept
 from tvq.encode.options import BitPlan, QuantizeOptions
 from tvq.encode.pipeline import QuantizeReport, quantize
 from tvq.errors import CheckpointError, ConfigError, EncodeError, where
@@ -50,20 +63,26 @@ from tvq.quant.entropy import estimated_bytes
 from tvq.quant.error_model import SAMPLE, ValueStats, mse_clips
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
-from tvq.quant.selection import TensorRole, tensor_role
+from tvq.quant.selection import KeyRule, TensorRole, tensor_role
 from tvq.vector import check_compatible
 
-# First guess of the bytes per stored tensor taken by its safetensors header entry and its
-# manifest entry (measured at ~450 on real packs). quantize_within_budget() measures the
-# real pack and tightens the plan if the guess was short.
-ENTRY_OVERHEAD = 512
+# The bytes of one stored tensor beyond its data: its safetensors header entry (the writer reserves
+# len(json.dumps(key)) + 120, tvq.io.safetensors_writer) and its manifest entry (the key and about
+# 200 bytes for a raw tensor, 245 for quantized codes, 24 more for an MSE clip), plus the record of
+# an entropy-coded one (~65 for codes, ~85 for a raw tensor's: its filter and dtype); measured on
+# the vision run's format-4 packs (benchmarks/allocation_anchor.py --estimates).
+ENTRY_OVERHEAD = 512  # the old flat guess, kept for callers pricing a tensor without its key
+HEADER_ENTRY = 128  # the reserved header room (122) and the manifest line's quotes, indent, separators
+MANIFEST_ENTRY = {"raw": 196, "q": 250, "const": 170}
+CODED_RECORD = {"raw": 85, "q": 65, "const": 0}
 HISTOGRAM_SCHEMES = ("minmax", "mse")  # the grids tvq.quant.error_model prices from one pass
 FILE_OVERHEAD = 1024
 ALLOCATIONS = ("anchored", "free")
-# An anchor is tried while its estimate is at most this much over the budget: the entropy-aware
-# estimate runs a few % over the coder (tests/test_allocate.py), and a fixed scheme's own measured
-# size must select it. The written pack is measured; one that does not fit falls back a width.
-ANCHOR_SLACK = 0.1
+# An anchor is tried while its estimate is at most this much over the budget: the estimate lands
+# within a few % of the written pack (benchmarks/allocation_anchor.py --estimates), and a fixed
+# scheme's own measured size must select it. The written pack is measured; one that does not fit
+# falls back to the next anchor that is smaller.
+ANCHOR_SLACK = 0.08
 # A pack that is its anchor alone records the budget and allocation (a few dozen bytes of
 # manifest) when the estimate leaves this much; else it is written as the bare fixed scheme.
 RECORD_ROOM = 512
@@ -105,27 +124,37 @@ def _clips(scheme: str) -> list[float]:
     return mse_clips(QuantSpec(2, estimator=RangeEstimator.MSE).grid) if scheme == "mse" else [1.0]
 
 
+def entry_bytes(key: str, kind: str = "q", coded: bool = False, scheme: str | None = None) -> int:
+    """The bytes one stored tensor ``key`` adds beyond its data: header and manifest entry, and
+    (``coded``) its entropy coding's record; an MSE-clipped grid records its clip factor too."""
+    return 2 * len(key) + HEADER_ENTRY + MANIFEST_ENTRY[kind] + (CODED_RECORD[kind] if coded else 0) + (24 if scheme == "mse" else 0)
+
+
 def _priced(stats: ValueStats, bits: int, scheme: str, options: QuantizeOptions) -> tuple[float, int]:
     """(squared error, bytes on disk) of one tensor at ``bits`` with ``scheme`` (min–max or MSE
-    clip), its codes priced as the encoder will store them: entropy-coded where that pays."""
+    clip), its codes priced as the encoder will store them: entropy-coded where that pays, with
+    the manifest's record of the coding."""
     numel = stats.numel
     error, entropy_bits, p_max = stats.best(bits, _clips(scheme))
     if stats.constant:
         return error, 0
-    nbytes = estimated_bytes(entropy_bits, numel, bits, p_max) if options.entropy != "off" else packed_nbytes(numel, bits)
-    return error, nbytes
+    plain = packed_nbytes(numel, bits)
+    if options.entropy == "off":
+        return error, plain
+    nbytes = estimated_bytes(entropy_bits, numel, bits, p_max)
+    return error, nbytes + (CODED_RECORD["q"] if nbytes < plain else 0)
 
 
-def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions) -> tuple[torch.Tensor, int]:
-    """The RTVQ base as the encoder would store it and its bytes (entry included); for the MSE
+def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions, entry: int = ENTRY_OVERHEAD) -> tuple[torch.Tensor, int]:
+    """The RTVQ base as the encoder would store it and its bytes (``entry`` included); for the MSE
     grid with the clip factor the error model finds (the encoder searches a sample for it:
     the same factor but for near ties)."""
     if options.quantizer not in HISTOGRAM_SCHEMES:
         hat = fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
-        return hat, _code_bytes(beta, bits, options) + ENTRY_OVERHEAD
+        return hat, _code_bytes(beta, bits, options) + entry
     flat = beta.reshape(-1)
     stats = ValueStats.of(flat)
-    nbytes = _priced(stats, bits, options.quantizer, options)[1] + ENTRY_OVERHEAD
+    nbytes = _priced(stats, bits, options.quantizer, options)[1] + entry + (24 if options.quantizer == "mse" else 0)
     if stats.constant:
         return beta.clone(), nbytes
     if options.quantizer == "minmax":
@@ -140,26 +169,34 @@ def _schemes(options: QuantizeOptions) -> tuple[str, ...]:
     return ("mse", "minmax") if options.quantizer == "mse" else (options.quantizer,)
 
 
-def _grid_costs(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: QuantizeOptions) -> dict[tuple[str, int], tuple[float, int]]:
-    """(scheme, width) -> (Σ squared error, Σ bytes with entries) over the tensors ``xs``. The
-    paper's min–max and the MSE-clipped grids are estimated for every width and clip factor
+def _grid_costs(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: QuantizeOptions,
+                entry: int = ENTRY_OVERHEAD) -> dict[tuple[str, int], tuple[float, int]]:  # fmt: skip
+    """(scheme, width) -> (Σ squared error, Σ bytes with ``entry`` each) over the tensors ``xs``.
+    The paper's min–max and the MSE-clipped grids are estimated for every width and clip factor
     from one pass over each tensor (``tvq.quant.error_model``), with the entropy of their codes;
     the other schemes quantize once per width and are priced packed."""
     if options.quantizer in HISTOGRAM_SCHEMES:
-        return _stats_costs([ValueStats.of(x) for x in xs], bits_list, options)
+        return _stats_costs([ValueStats.of(x) for x in xs], bits_list, options, entry)
     opts = options.scheme_options()
     return {(options.quantizer, b): (sum(float((fake_quantize_with(x, options.quantizer, b, **opts) - x).pow(2).sum()) for x in xs),
-                                     sum(_code_bytes(x, b, options) + ENTRY_OVERHEAD for x in xs)) for b in bits_list}  # fmt: skip
+                                     sum(_code_bytes(x, b, options) + entry for x in xs)) for b in bits_list}  # fmt: skip
 
 
-def _stats_costs(stats: list[ValueStats], bits_list: tuple[int, ...], options: QuantizeOptions) -> dict[tuple[str, int], tuple[float, int]]:
-    """``_grid_costs`` of the histogram grids, from the tensors' statistics."""
+def _stats_costs(stats: list[ValueStats], bits_list: tuple[int, ...], options: QuantizeOptions, entry: int = ENTRY_OVERHEAD,
+                 schemes: tuple[str, ...] | None = None) -> dict[tuple[str, int], tuple[float, int]]:  # fmt: skip
+    """``_grid_costs`` of the histogram grids (``schemes``, default the options'), from the tensors' statistics."""
     out = {}
-    for scheme in _schemes(options):
+    for scheme in schemes or _schemes(options):
         for b in bits_list:
             priced = [_priced(st, b, scheme, options) for st in stats]
-            out[scheme, b] = (sum(e for e, _ in priced), sum(n + ENTRY_OVERHEAD for _, n in priced))
+            out[scheme, b] = (sum(e for e, _ in priced), sum(n + entry + (24 if scheme == "mse" else 0) for _, n in priced))
     return out
+
+
+def cross_schemes(options: QuantizeOptions) -> tuple[str, ...]:
+    """The TVQ grids priced beside an RTVQ (or another grid's TVQ) request, as candidate anchors:
+    the paper's min–max, and the MSE grid where asked."""
+    return ("minmax", "mse") if options.quantizer == "mse" else ("minmax",)
 
 
 def check_budget(budget_bits: float | None, budget_bytes: int | None) -> None:
@@ -209,17 +246,24 @@ class Floor:
 
 
 def file_overheads(T: int, residual: bool) -> int:
-    """The guessed bytes of the pack's files and manifest beyond their entries (generous)."""
-    return FILE_OVERHEAD * (T + (1 if residual else 0)) + 8192
+    """The bytes of the pack's files and manifest beyond their tensors' entries: each file's header
+    prefix (264 bytes) and task record in the manifest (~300 with its paths), the method and the
+    digests; measured 1.4-2.8 KB beyond the entries' model on the text and vision packs."""
+    return 1024 + 512 * (T + (1 if residual else 0))
 
 
 def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8),
-             base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8), unchanged: frozenset[str] = frozenset()) -> Floor:  # fmt: skip
+             base_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8), unchanged: frozenset[str] = frozenset(),
+             exact: int | None = None, cross: bool = False) -> Floor:  # fmt: skip
     """The least bytes a pack of ``T`` tasks can take, from the checkpoints' metadata; the
-    tensors in ``unchanged`` (no task changed them) cost no codes."""
+    tensors in ``unchanged`` (no task changed them) cost no codes. ``exact``: the measured bytes
+    of the exactly stored tensors (``exact_bytes``; else their plain size, which entropy coding
+    only shrinks). ``cross``: the anchored allocation may write TVQ for an RTVQ request, so the
+    least pack has no base."""
     fewest = min(_candidate_bits(options, candidates))
-    fewest_base = min(_candidate_bits(options, base_candidates)) if options.residual else None
-    fixed = file_overheads(T, options.residual)
+    residual = options.residual and not (cross and options.target == "task_vector")
+    fewest_base = min(_candidate_bits(options, base_candidates)) if residual else None
+    fixed = file_overheads(T, residual) + (exact or 0)
     entries = fewest_bits = n_params = 0
     for key in pretrained.keys():  # noqa: SIM118 -- a reader, not a dict
         meta = pretrained.meta(key)
@@ -228,15 +272,36 @@ def floor_of(pretrained: CheckpointReader, T: int, options: QuantizeOptions, can
             continue
         n_params += meta.numel
         if role.exact:
-            fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + ENTRY_OVERHEAD)
+            if exact is None:
+                fixed += T * (meta.numel * (4 if options.target == "task_vector" else meta.dtype.itemsize) + entry_bytes(key, "raw"))
             continue
-        entries += (T + (1 if fewest_base is not None else 0)) * ENTRY_OVERHEAD
+        entries += (T + (1 if fewest_base is not None else 0)) * entry_bytes(key)
         if key in unchanged:
             continue
         fewest_bits += T * _bytes_at(False, meta.numel, fewest, options)
         if fewest_base is not None:
             fewest_bits += _bytes_at(False, meta.numel, fewest_base, options)
     return Floor(fixed, entries, fewest_bits, n_params)
+
+
+def exact_bytes(pretrained: CheckpointReader, readers: Mapping[str, CheckpointReader], options: QuantizeOptions) -> int:
+    """The bytes the exactly stored tensors (kept ones, running statistics) take in the pack, entries
+    included: each stored as the encoder stores it (``tvq.encode.key.encode_kept``) and coded by the
+    coder itself where that pays (format 4), so the allocation prices them as written. One pass over
+    those tensors only (biases and norms under the default key rule), before any analysis."""
+    total = 0
+    for key in pretrained.keys():  # noqa: SIM118 -- a reader, not a dict
+        role = tensor_role(key, pretrained.meta(key), options.key_rule)
+        if role == TensorRole.SKIP or not role.exact:
+            continue
+        inputs = KeyInputs(key, pretrained.get(key), Path(pretrained.path), {n: (r.get(key), Path(r.path)) for n, r in readers.items()})
+        zero = role == TensorRole.KEEP and options.key_rule == KeyRule.PAPER and options.target == "task_vector"
+        for stored in encode_kept(inputs, keep_finetuned=options.target == "finetuned", zero_constant=zero).stored.values():
+            if options.entropy != "off":
+                stored.entropy_coded(strong=options.entropy == "max")
+            data = 0 if stored.data is None else stored.data.numel() * stored.data.element_size()
+            total += data + entry_bytes(key, stored.kind, stored.entropy is not None)
+    return total
 
 
 def unchanged_keys(pretrained: CheckpointReader, readers: Mapping[str, CheckpointReader], options: QuantizeOptions) -> frozenset[str]:
@@ -284,10 +349,16 @@ def analyse(
     sensitivity: dict[str, float] | None = None,
     progress: bool = True,
     threads: int = 1,
+    cross: bool = False,
+    exact: int | None = None,
 ) -> tuple[dict[str, list[Option]], int, int]:
     """Per quantized tensor, the (bytes, weighted error) of each candidate width.
 
     Returns (options per key, bytes of everything not allocated, number of float params).
+    ``cross``: also price TVQ on the min–max grid (and MSE, asked for) beside an RTVQ or another
+    grid's TVQ request (options with no base, their ``scheme`` set), as candidate anchors
+    (``anchors``). ``exact``: the bytes of the exactly stored tensors, measured already
+    (``exact_bytes``; measured here when not given).
     A tensor no candidate can encode (NaN/Inf inputs, an fp32 overflow) is a CheckpointError
     naming the file and the tensor, as quantizing it would be. ``threads`` > 1 analyses that
     many tensors at once (the same table).
@@ -301,13 +372,16 @@ def analyse(
     T = len(readers)
     bits_list = _candidate_bits(options, candidates)
     base_list = _candidate_bits(options, base_candidates) if options.residual else ()
-    floor = floor_of(pre, T, options, candidates, base_candidates)
+    if exact is None:
+        exact = exact_bytes(pre, readers, options)
+    floor = floor_of(pre, T, options, candidates, base_candidates, exact=exact)
     keys = [k for k in sorted(pre.keys()) if _allocated(tensor_role(k, pre.meta(k), options.key_rule))]
+    cross_bits = tuple(b for b in candidates if b in get_scheme("minmax").bits) if cross and options.target == "task_vector" else ()
 
     def options_of_key(key: str) -> list[Option]:
         weight = 1.0 if sensitivity is None else float(sensitivity.get(key, 1.0))
         try:  # a tensor no candidate can encode: the error names the file that caused it
-            return _key_options(key, pre, readers, options, bits_list, base_list, weight)
+            return _key_options(key, pre, readers, options, bits_list, base_list, weight, cross_bits)
         except EncodeError as exc:
             raise _unencodable(key, pre, readers, exc, options.residual) from None
 
@@ -331,34 +405,47 @@ def _allocated(role: TensorRole) -> bool:
 
 
 def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], options: QuantizeOptions,
-                 bits_list: tuple[int, ...], base_list: tuple[int, ...], weight: float) -> list[Option]:  # fmt: skip
-    """One tensor's candidate options. TVQ and FQ on the histogram grids stream: each task's
-    values are summarised (``ValueStats.streamed``) a chunk at a time from the stored inputs, as
-    the encoder reads them, so no full-size fp32 copy exists and memory does not grow with the
-    tensor; the numbers are those of the whole tensors, bit for bit."""
+                 bits_list: tuple[int, ...], base_list: tuple[int, ...], weight: float,
+                 cross_bits: tuple[int, ...] = ()) -> list[Option]:  # fmt: skip
+    """One tensor's candidate options (and, ``cross_bits``, TVQ's min–max ones beside them: see
+    ``analyse``). TVQ and FQ on the histogram grids stream: each task's values are summarised
+    (``ValueStats.streamed``) a chunk at a time from the stored inputs, as the encoder reads
+    them, so no full-size fp32 copy exists and memory does not grow with the tensor; the
+    numbers are those of the whole tensors, bit for bit."""
     opts_for_key: list[Option] = []
+    entry = entry_bytes(key)
+
+    def cross_options(stats: list[ValueStats]) -> list[Option]:
+        costs = _stats_costs(stats, cross_bits, options, entry, schemes=cross_schemes(options)) if cross_bits else {}
+        return [Option(b, None, nbytes, weight * err, scheme) for (scheme, b), (err, nbytes) in costs.items()]
+
     if not options.residual and options.quantizer in HISTOGRAM_SCHEMES:
         pre_t = pre.get(key) if options.target == "task_vector" else None
         stats = [_streamed_stats(r.get(key), pre_t) for r in readers.values()]
-        for (scheme, b), (err, nbytes) in _stats_costs(stats, bits_list, options).items():
+        for (scheme, b), (err, nbytes) in _stats_costs(stats, bits_list, options, entry).items():
             opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
         return opts_for_key
     p32 = pre.get(key).float()
     fts = [r.get(key).float() for r in readers.values()]
     if not options.residual:
         xs = fts if options.target == "finetuned" else [t - p32 for t in fts]
-        for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options).items():
+        for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options, entry).items():
             opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
-        return opts_for_key
+        return opts_for_key + (cross_options([ValueStats.of(x) for x in xs]) if options.target == "task_vector" else [])
     taus = [t - p32 for t in fts]
+    opts_for_key += cross_options([ValueStats.of(t) for t in taus])
     avg = mean_of(fts)
     beta = avg - p32
-    bases = {bb: _base_estimate(beta, bb, options) for bb in base_list}
+    bases = {bb: _base_estimate(beta, bb, options, entry) for bb in base_list}
     if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
+        # a min–max pair writes its base on min–max too: priced so (its offsets' error is measured from
+        # the requested grid's base, close enough to rank, and the written pack is measured)
+        beta_stats = ValueStats.of(beta.reshape(-1)) if options.quantizer == "mse" else None
         for bb, (beta_hat, base_bytes) in bases.items():
             offsets = [t - beta_hat for t in taus]
-            for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options).items():
-                opts_for_key.append(Option(b, bb, base_bytes + nbytes, weight * err, scheme))
+            minmax_base = base_bytes if beta_stats is None else _priced(beta_stats, bb, "minmax", options)[1] + entry
+            for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options, entry).items():
+                opts_for_key.append(Option(b, bb, (minmax_base if scheme == "minmax" else base_bytes) + nbytes, weight * err, scheme))
         return opts_for_key
     # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
     opts = options.scheme_options()
@@ -370,7 +457,7 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
             e_off = fake_quantize_with(off, options.quantizer, b, **opts) - off
             for bb in base_list:
                 pair_error[bb, b] += float((e_base[bb] + e_off).pow(2).sum())
-    costs = _grid_costs(offsets, bits_list, options)
+    costs = _grid_costs(offsets, bits_list, options, entry)
     off_bytes = {b: costs[options.quantizer, b][1] for b in bits_list}
     for bb, (_, base_bytes) in bases.items():
         opts_for_key += [Option(b, bb, base_bytes + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
@@ -458,10 +545,11 @@ Analysis = tuple[dict[str, list[Option]], int, int]  # what ``analyse`` returns
 
 @dataclass(frozen=True)
 class Anchor:
-    """A fixed scheme of the pack's family: one option per tensor, all at one width (pair)."""
+    """A fixed scheme: one option per tensor, all at one width (RTVQ: one pair) on one grid."""
 
     bits: int
-    base_bits: int | None
+    base_bits: int | None  # None: TVQ (or FQ); else RTVQ's base width
+    grid: str
     selection: dict[str, Option]
     candidates: dict[str, list[Option]]  # per tensor, its anchor option and the upgrades (``upgrades``)
 
@@ -469,57 +557,74 @@ class Anchor:
     def nbytes(self) -> int:
         return sum(o.nbytes for o in self.selection.values())
 
+    @property
+    def name(self) -> str:
+        """As ``tvq info`` names the scheme, e.g. ``TVQ INT2`` or ``RTVQ B3O2 [mse]``."""
+        scheme = f"TVQ INT{self.bits}" if self.base_bits is None else f"RTVQ B{self.base_bits}O{self.bits}"
+        return scheme + ("" if self.grid == "minmax" else f" [{self.grid}]")
+
 
 def anchor_grids(options: QuantizeOptions) -> tuple[str, ...]:
-    """The anchor's grid, in order of preference: for TVQ asked for MSE, the paper's min–max
-    (TVQ INT b; the MSE grid is then an upgrade: at 2 bits it kept far fewer zeros and merged
-    worse, issue 15); otherwise the pack's own quantizer, as ``tvq quantize --bits b`` writes."""
-    return ("minmax", options.quantizer) if options.quantizer == "mse" and not options.residual else (options.quantizer,)
+    """The anchors' grids, in order of preference: the paper's min–max first (at 2 bits the MSE
+    grid kept far fewer zeros and merged worse, issue 15), then the pack's own quantizer."""
+    return ("minmax", options.quantizer) if options.quantizer != "minmax" else ("minmax",)
 
 
 def _grid(option: Option, options: QuantizeOptions) -> str:
     return option.scheme or options.quantizer
 
 
+def anchor_rank(anchor: Anchor, options: QuantizeOptions) -> tuple[int, int, int]:
+    """The order anchors are preferred in: the widest per-task codes first; at one width TVQ
+    before RTVQ (RTVQ's dense base removes the zeros that TIES, Consensus, DELLA and MagMax trim
+    on: B3O2+EC merged 1.5–5.2 points below TVQ INT2 with them on both benchmarks, README), and
+    within a family the paper's min–max before the requested grid."""
+    grids = anchor_grids(options)
+    return (-anchor.bits, 0 if anchor.base_bits is None else 1, grids.index(anchor.grid) if anchor.grid in grids else len(grids))
+
+
 def anchors(table: dict[str, list[Option]], options: QuantizeOptions) -> list[Anchor]:
-    """Every fixed scheme the analysis priced for all tensors, largest first: TVQ at each width
-    on the anchor grid; RTVQ pairs (base b + 1, offsets b), the default pairing of ``--bits b``."""
+    """Every fixed scheme the analysis priced for all tensors, most preferred first (``anchor_rank``):
+    TVQ at each width on each anchor grid; RTVQ pairs (base b + 1, offsets b, the default pairing
+    of ``--bits b``) on each, where the options are RTVQ. With ``analyse(cross=True)`` the TVQ
+    ones are there whatever family was asked."""
     widths = sorted({o.bits for opts in table.values() for o in opts}, reverse=True)
     out = []
     for b in widths:
-        base = min(8, b + 1) if options.residual else None
-        selection = {}
-        for key, opts in table.items():
-            found = _on_anchor(opts, b, base, options)
-            if found is None:
-                break
-            selection[key] = found
-        else:
-            out.append(Anchor(b, base, selection, upgrades(table, selection, options)))
-    return sorted(out, key=lambda a: a.nbytes, reverse=True)
+        for base in (None, min(8, b + 1)) if options.residual else (None,):
+            for grid in anchor_grids(options):
+                selection = {}
+                for key, opts in table.items():
+                    found = next((o for o in opts if o.bits == b and o.base_bits == base and _grid(o, options) == grid), None)
+                    if found is None:
+                        break
+                    selection[key] = found
+                else:
+                    anchor = Anchor(b, base, grid, selection, {})
+                    out.append(replace(anchor, candidates=upgrades(table, anchor, options)))
+    return sorted(out, key=lambda a: anchor_rank(a, options))
 
 
-def _on_anchor(opts: list[Option], bits: int, base: int | None, options: QuantizeOptions) -> Option | None:
-    """The option of one tensor at the anchor's widths, on the most preferred grid priced."""
-    at = [o for o in opts if o.bits == bits and o.base_bits == base]
-    for grid in anchor_grids(options):
-        for o in at:
-            if _grid(o, options) == grid:
-                return o
-    return None
-
-
-def upgrades(table: dict[str, list[Option]], anchor: dict[str, Option], options: QuantizeOptions) -> dict[str, list[Option]]:
-    """Per tensor, its anchor option and what bytes can buy over it: never a narrower width (nor
-    base), the anchor's grid or, asked for, the MSE one; costing more and erring less."""
-    allowed = {_grid(o, options) for o in anchor.values()} | ({"mse"} if options.quantizer == "mse" else set())
+def upgrades(table: dict[str, list[Option]], anchor: Anchor, options: QuantizeOptions) -> dict[str, list[Option]]:
+    """Per tensor, its anchor option and what bytes can buy over it: the anchor's family (TVQ or
+    RTVQ), never a narrower width (nor base), the anchor's grid or, asked for, the MSE one (only
+    within the requested family: MSE-clipped codes keep far fewer zeros, and the methods that trim
+    by magnitude merged worse from them, issue 15); costing more and erring less."""
+    requested = (anchor.base_bits is not None) == options.residual
+    allowed = {anchor.grid} | ({"mse"} if options.quantizer == "mse" and requested else set())
     out = {}
     for key, opts in table.items():
-        a = anchor[key]
-        better = [o for o in opts if o.bits >= a.bits and (o.base_bits or 0) >= (a.base_bits or 0) and _grid(o, options) in allowed
+        a = anchor.selection[key]
+        better = [o for o in opts if (o.base_bits is None) == (a.base_bits is None) and o.bits >= a.bits
+                  and (o.base_bits or 0) >= (a.base_bits or 0) and _grid(o, options) in allowed
                   and o.nbytes > a.nbytes and o.error < a.error]  # fmt: skip
         out[key] = [a, *better]
     return out
+
+
+def requested_family(table: dict[str, list[Option]], options: QuantizeOptions) -> dict[str, list[Option]]:
+    """The options of the requested family only (the free choice cannot mix TVQ into an RTVQ pack)."""
+    return {k: [o for o in opts if (o.base_bits is not None) == options.residual] for k, opts in table.items()}
 
 
 def total_budget(n_params: int, T: int, budget_bits: float | None, budget_bytes: int | None) -> int:
@@ -533,7 +638,8 @@ def total_budget(n_params: int, T: int, budget_bits: float | None, budget_bytes:
 def plan_from(analysis: Analysis, T: int, budget_bits: float | None, budget_bytes: int | None, shortfall: int = 0,
               anchor: Anchor | None = None) -> BitPlan:  # fmt: skip
     """The bit plan whose pack fits ``budget_bits`` per parameter per task (or bytes), ``shortfall``
-    bytes spared: the anchor plus the upgrades the rest buys, or (no anchor) the free choice."""
+    bytes spared: the anchor plus the upgrades the rest buys, or (no anchor) the free choice
+    (``analysis`` holding the requested family's options only: ``requested_family``)."""
     table, fixed, n_params = analysis
     budget = total_budget(n_params, T, budget_bits, budget_bytes)
     left = budget - fixed - shortfall
@@ -559,31 +665,33 @@ def is_anchor(plan: BitPlan, anchor: Anchor | None) -> bool:
 
 
 def anchor_ladder(analysis: Analysis, T: int, options: QuantizeOptions, budget_bits: float | None, budget_bytes: int | None) -> list[Anchor]:
-    """The anchors worth writing, largest first: those whose estimate, less the generous guess of
-    the files' overheads, is within ``ANCHOR_SLACK`` of the budget (the codes' estimate errs a
-    few %; the written pack decides)."""
+    """The anchors worth writing, most preferred first: those whose estimate is within
+    ``ANCHOR_SLACK`` of the budget (the written pack decides)."""
     table, fixed, n_params = analysis
     budget = total_budget(n_params, T, budget_bits, budget_bytes)
-    least = fixed - file_overheads(T, options.residual)
-    return [a for a in anchors(table, options) if least + a.nbytes <= budget * (1 + ANCHOR_SLACK)]
+    return [a for a in anchors(table, options) if fixed + a.nbytes <= budget * (1 + ANCHOR_SLACK)]
+
+
+def anchor_options(options: QuantizeOptions, anchor: Anchor) -> QuantizeOptions:
+    """The caller's options (a copy) in the anchor's family, widths and grid: TVQ INT b for an
+    RTVQ request where a TVQ anchor won, and the other way round."""
+    residual = anchor.base_bits is not None
+    return replace(options, residual=residual, error_correction=options.error_correction and residual, bits=anchor.bits,
+                   base_bits=anchor.base_bits, quantizer=anchor.grid, bit_plan=None)  # fmt: skip
 
 
 def fixed_scheme(options: QuantizeOptions, anchor: Anchor) -> QuantizeOptions:
     """The options of the anchor's fixed scheme, no plan: a pack that buys no upgrade is written
     exactly as ``tvq quantize --bits b`` writes it (same bytes, so it fits a budget of its size)."""
-    grids = {_grid(o, options) for o in anchor.selection.values()}
-    grid = grids.pop() if len(grids) == 1 else options.quantizer
-    base = anchor.base_bits if options.residual else options.base_bits
-    return replace(options, bits=anchor.bits, base_bits=base, quantizer=grid, bit_plan=None)
+    return anchor_options(options, anchor)
 
 
 def _headline(options: QuantizeOptions, plan: BitPlan, anchor: Anchor | None) -> QuantizeOptions:
-    """The options that write ``plan``, with the method's headline widths: the anchor's, or the
-    most common ones."""
-    planned = replace(options, bit_plan=plan)
+    """The options that write ``plan``, with the method's headline widths: the anchor's (in its
+    family and grid), or the most common ones."""
     if anchor is not None:
-        planned.bits, planned.base_bits = anchor.bits, anchor.base_bits if options.residual else options.base_bits
-        return planned
+        return replace(anchor_options(options, anchor), bit_plan=plan)
+    planned = replace(options, bit_plan=plan)
     if plan.bits:
         planned.bits = Counter(plan.bits.values()).most_common(1)[0][0]
     if plan.base_bits:
@@ -606,34 +714,40 @@ def quantize_within_budget(
     progress: bool = True,
     average_out: str | Path | None = None,
     executor: Executor | None = None,
+    device: str | torch.device | None = None,
 ) -> QuantizeReport:
     """Allocate, write, measure: the pack's bytes on disk end at or under the budget. The
     caller's ``options`` are not changed (the plan is in the pack: tvq.encode.incremental.options_of).
 
-    ``allocation="anchored"`` writes the largest fixed scheme that fits plus upgrades (a pack that
+    ``allocation="anchored"`` writes the most preferred fixed scheme that fits (``anchor_rank``: the
+    widest per-task codes, TVQ min–max first, whatever family was asked) plus upgrades (a pack that
     is only its anchor and still does not fit falls back to the next smaller anchor; below the
-    smallest one the choice is free); ``"free"`` chooses every tensor's width by the error alone."""
+    smallest one the choice is free); ``"free"`` chooses every tensor's width by the error alone,
+    within the requested family."""
     check_budget(budget_bits, budget_bytes)
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation={allocation!r} is unknown: choose {' or '.join(ALLOCATIONS)}")
     options = options.validated()
     pre, T = open_checkpoint(pretrained), len(finetuned)
-    check_feasible(floor_of(pre, T, options), T, budget_bits, budget_bytes, pretrained, codes=False)  # metadata: instant
+    readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
+    for reader in readers.values():
+        check_compatible(pre, reader)
+    cross = allocation == "anchored"  # TVQ anchors for any family: the least pack then has no RTVQ base
+    # the exactly stored tensors as written (coded): metadata alone cannot bound a coded tensor from below
+    exact = exact_bytes(pre, readers, options)
+    check_feasible(floor_of(pre, T, options, exact=exact, cross=cross), T, budget_bits, budget_bytes, pretrained, codes=False)
     if options.entropy == "off":
         # packed codes bound the size from below: one comparison pass finds the tensors no task changed (no codes);
         # entropy-coded codes of a skewed tensor can take far less than a bit each, so then the analysis prices them
-        readers = {n: open_checkpoint(p) for n, p in finetuned.items()}
-        for reader in readers.values():
-            check_compatible(pre, reader)
         unchanged = unchanged_keys(pre, readers, options)
-        check_feasible(floor_of(pre, T, options, unchanged=unchanged), T, budget_bits, budget_bytes, pretrained)
+        check_feasible(floor_of(pre, T, options, unchanged=unchanged, exact=exact, cross=cross), T, budget_bits, budget_bytes, pretrained)
     threads = executor.threads if isinstance(executor, LocalExecutor) else 1  # a cluster's executor: the analysis runs here
-    analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress, threads=threads)
+    analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress, threads=threads, cross=cross, exact=exact)
     ladder = anchor_ladder(analysis, T, options, budget_bits, budget_bytes) if allocation == "anchored" else []
 
     def write(planned: QuantizeOptions, attempt: int) -> QuantizeReport:
         return quantize(pretrained, finetuned, out, planned, overwrite=overwrite or attempt > 0, unsafe_pickle=unsafe_pickle,
-                        progress=progress, average_out=average_out, executor=executor)  # fmt: skip
+                        progress=progress, average_out=average_out, executor=executor, device=device)  # fmt: skip
 
     return _fit(analysis, ladder, options, T, budget_bits, budget_bytes, write, out)
 
@@ -641,11 +755,13 @@ def quantize_within_budget(
 def _fit(analysis: Analysis, ladder: list[Anchor], options: QuantizeOptions, T: int, budget_bits: float | None, budget_bytes: int | None,
          write: Callable[[QuantizeOptions, int], QuantizeReport], out: str | Path) -> QuantizeReport:  # fmt: skip
     """Plan, write, measure until the pack fits: an overshoot spares its bytes from the next plan;
-    an anchor alone that overshoots is written bare (no budget record), then the next one down."""
+    an anchor alone that overshoots is written bare (no budget record), then the next one that is
+    smaller; with none left, the free choice within the requested family."""
+    free = (requested_family(analysis[0], options), analysis[1], analysis[2])
     shortfall, bare = 0, False
     for attempt in range(MAX_WRITES):
         anchor = ladder[0] if ladder else None
-        plan = plan_from(analysis, T, budget_bits, budget_bytes, shortfall, anchor)
+        plan = plan_from(analysis if anchor is not None else free, T, budget_bits, budget_bytes, shortfall, anchor)
         assert plan.budget_bytes is not None  # plan_from sets it
         pure = anchor is not None and is_anchor(plan, anchor)
         if pure and anchor is not None and not bare:  # room for its record, by the estimate?
@@ -655,8 +771,8 @@ def _fit(analysis: Analysis, ladder: list[Anchor], options: QuantizeOptions, T: 
             return report
         if pure and not bare:  # the fixed scheme with its record does not fit: bare, as `tvq quantize` writes it
             bare = True
-        elif pure:  # the fixed scheme itself does not fit: the next smaller one
-            ladder.pop(0)
+        elif pure and anchor is not None:  # the fixed scheme itself does not fit: the next one that is smaller
+            ladder[:] = [a for a in ladder if a.nbytes < anchor.nbytes]
             bare = False
         shortfall += report.bytes_written - plan.budget_bytes + 1024
     raise ConfigError(f"{out}: could not fit the budget of {plan.budget_bytes:,} bytes ({report.bytes_written:,} written)")

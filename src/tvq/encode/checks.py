@@ -81,6 +81,10 @@ class KeyInputs:
             if t.is_floating_point() and not bool(torch.isfinite(t.float() - self.pre.float()).all()):
                 raise CheckpointError(f"{where(path, self.key)}: task vector overflows float32")
 
+    def on(self, device: torch.device) -> KeyInputs:
+        """These inputs, as stored, on ``device`` (the files they name stay)."""
+        return KeyInputs(self.key, self.pre.to(device), self.pre_path, {n: (t.to(device), p) for n, (t, p) in self.fts.items()})
+
     def where_first(self) -> str:
         path = next(iter(self.fts.values()))[1] if self.fts else self.pre_path
         return where(path, self.key)

@@ -41,6 +41,7 @@ class KeyJob:
     base_pack: str | None = None  # adding tasks to this RTVQ pack: reuse its stored deq(Q(β))
     unsafe_pickle: bool = False
     digest_algorithm: str = DEFAULT_ALGORITHM  # of the inputs' content hashes (tvq.io.content_hash)
+    device: str = "cpu"  # where the streamed min–max math runs (tvq.device); reading, hashing, writing stay on the host
 
     @property
     def streams(self) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tvq.device import DEVICE_CHUNK, on_host
 from tvq.encode.checks import KeyInputs, check_average, check_fp32_range, check_stored
 from tvq.encode.fq import encode_fq
 from tvq.encode.job import BASE, PRETRAINED, KeyCodes, KeyJob, KeyResult, resolve, tensor_digest
@@ -64,10 +65,14 @@ def encode(job: KeyJob, inputs: KeyInputs, average: torch.Tensor | None) -> KeyC
     q = options.quantizer_for(job.key)
     if options.target == "finetuned":
         return encode_fq(inputs, q)
+    chunk = None
+    if not on_host(device := torch.device(job.device)) and job.streams:  # elementwise math only: the same codes there
+        inputs, chunk = inputs.on(device), DEVICE_CHUNK
+        average = None if average is None else average.to(device)
     if options.residual:
         return encode_rtvq(inputs, q, options.quantizer_for(job.key, base=True), options.error_correction, job.streams,
-                           average=average, base_pack=job.base_pack)  # fmt: skip
-    return encode_tvq(inputs, q, job.streams)
+                           average=average, base_pack=job.base_pack, chunk=chunk)  # fmt: skip
+    return encode_tvq(inputs, q, job.streams, chunk)
 
 
 def encode_kept(inputs: KeyInputs, keep_finetuned: bool, zero_constant: bool = False) -> KeyCodes:

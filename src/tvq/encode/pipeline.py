@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from tvq.device import parse_device
 from tvq.encode.checks import check_finite
 from tvq.encode.job import BASE, PRETRAINED, KeyJob, KeyResult, Source
 from tvq.encode.key import encode_key
@@ -171,13 +172,17 @@ def quantize(
     expect_digests: dict[str, str] | None = None,
     executor: Executor | None = None,
     digest_algorithm: str = DEFAULT_ALGORITHM,
+    device: str | torch.device | None = None,
 ) -> QuantizeReport:
     """Write a pack of quantized task vectors (and, optionally, the averaged fine-tuned model).
 
     Inputs are paths or already-open readers. ``expect_digests`` (task -> content hash)
     makes the write fail, leaving nothing behind, if an input is not the expected one.
     Inputs are hashed with ``digest_algorithm`` (or that of the expected digests).
+    ``device`` (cpu, cuda, cuda:N) is where the streamed min–max math runs (tvq.device): the same
+    pack, error statistics aside.
     """
+    compute = str(parse_device(device))
     options = options.validated()
     check_task_names(finetuned)
     out = Path(out)
@@ -206,7 +211,7 @@ def quantize(
         digest_algorithm = algorithm_of(next(iter(expect_digests.values())))
     jobs = [
         KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle,
-               digest_algorithm=digest_algorithm)
+               digest_algorithm=digest_algorithm, device=compute)
         for k in keys
     ]
 

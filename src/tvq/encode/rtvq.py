@@ -51,7 +51,7 @@ def encode_residual(
     avg = Converted(average, chunk) if average is not None else Mean(finetuned, chunk)
     base = None
     if base_hat is None:
-        beta = scratch(n)
+        beta = scratch(n, pretrained.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             torch.sub(avg(start, end), pre(start, end), out=beta[start:end])
@@ -60,7 +60,7 @@ def encode_residual(
         except EncodeError as exc:
             raise exc.at(base=True) from None
         base_hat = beta
-    hat = Converted(base_hat, chunk)
+    hat = Converted(base_hat.to(pretrained.device), chunk)
     reference = avg if base is not None and not error_correction else Elementwise(torch.add, hat, pre, chunk)
     thetas = [operand(t, exact_fp64, chunk) for t in finetuned]
     xs = [AsFloat32(difference(theta, reference, chunk), chunk) for theta in thetas]
@@ -71,11 +71,11 @@ def encode_residual(
 
 
 def encode_rtvq(inputs: KeyInputs, q: Quantizer, base_q: Quantizer, error_correction: bool, streams: bool, *,
-                average: torch.Tensor | None = None, base_pack: str | None = None) -> KeyCodes:  # fmt: skip
+                average: torch.Tensor | None = None, base_pack: str | None = None, chunk: int | None = None) -> KeyCodes:  # fmt: skip
     """Every task's offset of one tensor, and the base unless it comes from ``base_pack``."""
     base_hat = stored_base(base_pack, inputs.key) if base_pack is not None else None
     base, offsets = encode_residual(inputs.thetas, inputs.pre, q.spec, base_q.spec, error_correction,
-                                    CHUNK if streams else STAT_CHUNK, average=average, base_hat=base_hat,
+                                    chunk or (CHUNK if streams else STAT_CHUNK), average=average, base_hat=base_hat,
                                     exact_fp64=not streams)  # fmt: skip
     out = stored_codes(inputs, offsets, q.scheme)
     if base is not None:

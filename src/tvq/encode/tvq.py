@@ -55,9 +55,9 @@ def encode_differences(
     return encode_chunks(xs, subtrahend.numel(), spec, measure=measure, chunk=chunk)
 
 
-def encode_tvq(inputs: KeyInputs, q: Quantizer, streams: bool) -> KeyCodes:
-    """Every task's τ_t of one tensor."""
-    chunk = CHUNK if streams else STAT_CHUNK
+def encode_tvq(inputs: KeyInputs, q: Quantizer, streams: bool, chunk: int | None = None) -> KeyCodes:
+    """Every task's τ_t of one tensor (``chunk``: elements per chunk, None: the convention's)."""
+    chunk = chunk or (CHUNK if streams else STAT_CHUNK)
     codes = encode_differences(inputs.thetas, inputs.pre, q.spec, chunk=chunk, exact_fp64=not streams)
     return stored_codes(inputs, codes, q.scheme)
 

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from tvq.device import on_host
 from tvq.errors import TvqError
 from tvq.io.readers import MemoryReader, SafetensorsReader, element_reader
 from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod
@@ -35,6 +36,7 @@ from tvq.pack.blocks import ALIGN, values
 from tvq.quant.coded import CodedTensor
 
 BLOCK_ELEMENTS = 1 << 22  # elements per block: 16 MiB per task in fp32
+DEVICE_MIN_ELEMENTS = 1 << 16  # on a GPU, tensors larger than this merge there (as one block when no larger than a block)
 _EXACT = (torch.bfloat16, torch.float16, torch.float32)  # convert to fp32 exactly inside add_
 
 
@@ -113,6 +115,7 @@ class BlockMerge:
     source: TaskSource
     block: int | None = None  # elements per block (None: ``BLOCK_ELEMENTS``); rounded up to ``ALIGN``
     prepass_bytes: int = 0  # input bytes the methods' per-tensor pre-passes read (``block_merger``)
+    device: torch.device | None = None  # where each block is merged (tvq.device; None: the host)
 
     @property
     def elements(self) -> int:
@@ -126,7 +129,8 @@ class BlockMerge:
         return {k for k in keys if self._streams(k)}
 
     def _streams(self, key: str) -> bool:
-        return (n := self.source.numel(key)) > self.elements and self.method.merges_by_blocks(key, n) and self.source.blocks(key) is not None
+        smallest = self.elements if on_host(self.device) else min(self.elements, DEVICE_MIN_ELEMENTS)
+        return (n := self.source.numel(key)) > smallest and self.method.merges_by_blocks(key, n) and self.source.blocks(key) is not None
 
     def stream(self, key: str, dtype: torch.dtype | None) -> Chunked:
         """``key``'s merged tensor θ_pre + δ, cast to ``dtype`` (None: θ_pre's), by blocks."""
@@ -145,7 +149,11 @@ class BlockMerge:
         merger = self.method.block_merger(key, n, BlockPasses(partial(self._prepass, key), partial(self._parts, key)))
         for start in range(0, n, step):
             end = min(start + step, n)
-            yield merged_value(key, self._merge(merger, readers, start, end), pre.get_elements(key, start, end), dtype)
+            base = pre.get_elements(key, start, end)
+            if on_host(self.device):
+                yield merged_value(key, self._merge(merger, readers, start, end), base, dtype)
+            else:
+                yield merged_value(key, self._merge_on_device(merger, readers, start, end), base.to(self.device), dtype).cpu()
 
     def _prepass(self, key: str) -> Iterator[tuple[int, torch.Tensor]]:
         """A fresh pass over ``key``'s blocks for a method's per-tensor statistics (counted read)."""
@@ -161,6 +169,18 @@ class BlockMerge:
         n, step = self.source.numel(key), self.elements
         for start in range(0, n, step):
             yield [reader.read(start, min(start + step, n)) for reader in readers]
+
+    def _merge_on_device(self, merger: BlockMerger, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
+        """δ of elements ``[start, end)`` on ``device``: each task's codes (one byte per element)
+        or values move there and decode into the ``[T, n]`` stack, which the method merges there."""
+        stack = torch.empty((len(readers), end - start), device=self.device)
+        for i, reader in enumerate(readers):
+            part = reader.read(start, end)
+            if isinstance(part, CodedTensor):
+                torch.index_select(part.table.to(self.device), 0, part.index.to(self.device).to(torch.int32), out=stack[i])
+            else:
+                stack[i] = part
+        return merger.merge_tensor(start, stack).reshape(-1)
 
     def _merge(self, merger: BlockMerger, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
         """δ of elements ``[start, end)``: from every task's codes where all are coded and the

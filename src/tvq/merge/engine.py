@@ -35,6 +35,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm import tqdm
 
+from tvq.device import parse_device
 from tvq.errors import ConfigError, PackError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
@@ -122,10 +123,16 @@ class LocalWork:
 
 @dataclass(frozen=True)
 class RemoteWork:
-    """What a remote job carries: input paths, and the prepared method pickled once by the driver."""
+    """What a remote job carries: input paths, and the prepared method pickled once by the driver.
+    ``blocks`` stays on the driver (never shipped): tensors larger than a block stream there, by
+    blocks, as with local threads, instead of being merged whole on a worker."""
 
     inputs: MergeInputs
     method: bytes
+    blocks: BlockMerge | None = field(default=None, compare=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"inputs": self.inputs, "method": self.method, "blocks": None}
 
     def open(self) -> tuple[CheckpointReader, Deltas]:
         source = self.inputs.open()
@@ -174,7 +181,7 @@ def iter_model(
     keys = pretrained.keys()
     chosen = set(statistics.keys) if statistics is not None else set()
     merged_keys = float_keys - chosen
-    blocks = work.blocks if isinstance(work, LocalWork) else None
+    blocks = work.blocks
     streamed = blocks.plan(merged_keys) if blocks is not None else set()
     jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in merged_keys - streamed)
     merged = (executor or LocalExecutor()).map(merge_key, jobs)
@@ -204,11 +211,13 @@ def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
     return deltas
 
 
-def method_work(method: MergeMethod, source: TaskSource, executor: Executor | None, unsafe_pickle: bool = False) -> LocalWork | RemoteWork:
-    """Jobs for ``executor``: live objects in process, paths and the pickled method when remote."""
+def method_work(method: MergeMethod, source: TaskSource, executor: Executor | None, unsafe_pickle: bool = False,
+                device: torch.device | None = None) -> LocalWork | RemoteWork:  # fmt: skip
+    """Jobs for ``executor``: live objects in process, paths and the pickled method when remote.
+    ``device``: where the tensors merged by blocks are merged (the others are small: the host)."""
     if getattr(executor, "remote", False):
-        return RemoteWork(MergeInputs.of(source, unsafe_pickle), pickle.dumps(method))
-    return LocalWork(source.pretrained, method_deltas(method, source), BlockMerge(method, source))
+        return RemoteWork(MergeInputs.of(source, unsafe_pickle), pickle.dumps(method), BlockMerge(method, source, device=device))
+    return LocalWork(source.pretrained, method_deltas(method, source), BlockMerge(method, source, device=device))
 
 
 def pass_bytes(source: TaskSource) -> int:
@@ -288,6 +297,7 @@ def merge(
     out_kind: OutKind = "auto",
     card: bool = True,
     extra_files: Mapping[str, str] | None = None,
+    device: str | torch.device | None = None,
 ) -> MergeReport:
     """Merge ``task_vectors`` into ``pretrained`` with ``method`` and write the result to ``out``.
 
@@ -309,8 +319,11 @@ def merge(
     for one merged model, the task's own with ``task``; see ``tvq.merge.statistics``).
     ``statistics`` says which tensors they are: None detects them by name, a module adds its
     normalization layers' buffers, a list of keys is taken as it is (``[]``: none, every float
-    tensor merged as before).
+    tensor merged as before). ``device`` (cpu, cuda, cuda:N): where tensors larger than a block
+    are merged, block by block (tvq.device; the same bytes for the methods that support it:
+    ``MergeMethod.on_device``).
     """
+    compute = parse_device(device)
     pre = as_reader(pretrained)
     source = TaskSource(pre, task_vectors, statistics=statistics)
     m = build_method(method, options, source.tasks, task)
@@ -343,11 +356,11 @@ def merge(
         plan = merge_plan(m, pretrained, task_vectors, dtype, norm_stats)
         files = {**card_files(plan, task_records(_origins(task_vectors)), loadable=folder is not None,
                               mergekit_text=files.pop(MERGEKIT_FILE, None)), **files}  # fmt: skip
-    work = method_work(m, source, executor, unsafe_pickle)
+    work = method_work(m, source, executor, unsafe_pickle, compute if m.runs_on_device() else None)
     report = write_model(pre, work, set(source.keys), out, label, source.tasks,
                          dtype=dtype_, hf_from=folder, max_shard_size=shard_bytes, progress=progress,
                          executor=executor, overwrite=overwrite, statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
-    prepasses = work.blocks.prepass_bytes if isinstance(work, LocalWork) and work.blocks is not None else 0
+    prepasses = work.blocks.prepass_bytes if work.blocks is not None else 0
     report.bytes_read = prepared + pass_bytes(source) + prepasses + (stats.bytes_read if stats is not None else 0)
     report.kept = m.kept_density(source)
     return report

@@ -38,6 +38,47 @@ _NO_INDEX = -1
 _ANY_INDEX = (1 << 62) - 1
 
 
+SUM_CHUNK = 1 << 15  # elements per float64 partial sum: at::internal::GRAIN_SIZE, so torch sums a chunk in one thread
+
+
+class ChunkSums:
+    """Per row, the sum of fp32 values that arrive in consecutive pieces (each row's in element
+    order): every chunk of ``SUM_CHUNK`` elements (by flat index) is summed by torch in float64
+    and the chunk sums are added in order, so the total has the same bits however the values
+    are split into pieces (a whole tensor, or blocks of any size) and whatever the thread count
+    (a longer torch sum splits by thread count)."""
+
+    def __init__(self, rows: int) -> None:
+        self.totals = [0.0] * rows
+        self.tails: list[torch.Tensor | None] = [None] * rows
+
+    def add(self, row: int, values: torch.Tensor) -> None:
+        values = values.reshape(-1)
+        tail = self.tails[row]
+        if tail is not None:
+            need = SUM_CHUNK - tail.numel()
+            tail, values = torch.cat([tail, values[:need]]), values[need:]
+            if tail.numel() < SUM_CHUNK:
+                self.tails[row] = tail
+                return
+            self._chunk(row, tail)
+        full = values.numel() - values.numel() % SUM_CHUNK
+        for chunk in values[:full].split(SUM_CHUNK):
+            self._chunk(row, chunk)
+        self.tails[row] = values[full:].clone() if full < values.numel() else None
+
+    def _chunk(self, row: int, chunk: torch.Tensor) -> None:
+        self.totals[row] += float(chunk.sum(dtype=torch.float64))
+
+    def finish(self) -> torch.Tensor:
+        """The totals (float64 ``[rows]``), the last partial chunks included."""
+        for row, tail in enumerate(self.tails):
+            if tail is not None:
+                self._chunk(row, tail)
+                self.tails[row] = None
+        return torch.tensor(self.totals, dtype=torch.float64)
+
+
 def task_sum(taus: torch.Tensor) -> torch.Tensor:
     """Σ_t τ_t over ``[T, ...]``, added in task order: ((τ_0 + τ_1) + τ_2) + …
 
@@ -311,7 +352,7 @@ def row_trim(taus: torch.Tensor, density: float, seeds: Sequence[int], rule: str
 
 def trimmed_sum(taus: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Σ_t τ_t over the kept entries (one scratch buffer for all tasks)."""
-    total = torch.zeros(taus.shape[1:])
+    total = torch.zeros(taus.shape[1:], device=taus.device)
     buf = torch.empty_like(total)
     for row, k in zip(taus, keep, strict=True):
         total += torch.where(k, row, _ZERO, out=buf)
@@ -332,7 +373,7 @@ def ties_merge(taus: torch.Tensor, keep: KeepMask, majority: float | None, aggre
     not ~5 copies of the tensor; the elected sign is kept as int8."""
     flat = taus.reshape(taus.shape[0], -1)
     n = flat.shape[1]
-    sign = torch.empty(n, dtype=torch.int8)
+    sign = torch.empty(n, dtype=torch.int8, device=taus.device)
     masks: list[torch.Tensor] = []  # a one-chunk tensor keeps its mask for the second pass
     for start in range(0, n, _TIES_CHUNK):
         part = flat[:, start : start + _TIES_CHUNK]
@@ -342,7 +383,7 @@ def ties_merge(taus: torch.Tensor, keep: KeepMask, majority: float | None, aggre
     if majority is None:
         majority = float(torch.sign(sign.sum(dtype=torch.int64)))
     sign[sign == 0] = int(majority)
-    out = torch.empty(n, dtype=taus.dtype)
+    out = torch.empty(n, dtype=taus.dtype, device=taus.device)
     for start in range(0, n, _TIES_CHUNK):
         part = flat[:, start : start + _TIES_CHUNK]
         end = start + part.shape[1]
@@ -387,10 +428,10 @@ def rows_topk(mag: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def disjoint_merge(taus: torch.Tensor, keep: torch.Tensor, sign: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
     """Keep each trimmed τ_t only where it agrees with the elected sign; mean (or sum) over those tasks."""
-    total = torch.zeros(sign.shape, dtype=taus.dtype)
-    count = torch.zeros(sign.shape, dtype=torch.int16)
-    buf = torch.empty(sign.shape, dtype=taus.dtype)
-    agree = torch.empty(sign.shape, dtype=torch.bool)
+    total = torch.zeros(sign.shape, dtype=taus.dtype, device=taus.device)
+    count = torch.zeros(sign.shape, dtype=torch.int16, device=taus.device)
+    buf = torch.empty(sign.shape, dtype=taus.dtype, device=taus.device)
+    agree = torch.empty(sign.shape, dtype=torch.bool, device=taus.device)
     for row, k in zip(taus, keep, strict=True):
         # same sign as the election: row·sign > 0 (sign is exactly ±1 or 0, so no underflow)
         torch.gt(torch.mul(row, sign, out=buf), 0, out=agree)

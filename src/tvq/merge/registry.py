@@ -143,6 +143,10 @@ class MergeMethod(ABC):
     # per-tensor statistics, reductions over tasks in a fixed order): packs can then be
     # merged from codes through a lookup table, with the same bytes (tvq.merge.coded)
     elementwise: ClassVar[bool] = False
+    # whether its blocks merge on a GPU (``--device cuda``) with the same bytes as on the host,
+    # checked by benchmarks/device.py on one; the others merge on the host whatever --device says
+    # (``runs_on_device`` may narrow it by options)
+    on_device: ClassVar[bool] = False
     # whether merging by blocks costs extra passes over a tensor's blocks (per-tensor statistics);
     # None: a method that overrides ``block_merger`` is taken to (``memory_note``)
     block_prepasses: ClassVar[bool | None] = None
@@ -212,6 +216,10 @@ class MergeMethod(ABC):
             return None
         lut = self.merge_tensor(key, combination_values(coded))
         return lookup(lut, joint_index(coded))
+
+    def runs_on_device(self) -> bool:
+        """Whether ``--device`` moves this merge's blocks (``on_device``, under these options)."""
+        return self.on_device
 
     def merges_by_blocks(self, key: str, numel: int) -> bool:
         """Whether ``merge_tensor`` (and ``merge_coded``) may run on ``key`` (``numel`` elements) a block of elements at

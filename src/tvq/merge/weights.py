@@ -8,6 +8,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from tvq.device import divide_
 from tvq.errors import ConfigError
 
 PerTask = float | dict[str, float]  # one value for every task, or one per task (naming every task)
@@ -27,27 +28,27 @@ def per_task(value: PerTask, tasks: list[str], name: str, method: str) -> list[f
 def linear_fuse(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Σ_t w_t δ_t over ``[T, *shape]`` in task order, divided by Σ_t w_t with ``normalize``
     (unless that is ~0, as mergekit)."""
-    total = torch.zeros(deltas.shape[1:])
+    total = torch.zeros(deltas.shape[1:], device=deltas.device)
     buf = torch.empty_like(total)
     for w, delta in zip(weights.tolist(), deltas, strict=True):
         total += torch.mul(delta, w, out=buf)
     divisor = float(weights.sum())
     if not normalize or abs(divisor) < 1e-8:
         return total
-    return total.div_(divisor)
+    return divide_(total, divisor)
 
 
 def elect_and_fuse(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """mergekit's sum consensus on ``[T, *shape]``: elect sign(Σ_t w_t δ_t) (≥ 0 elects +),
     sum the weighted deltas of that sign, divided by the summed weights of those tasks."""
-    total = torch.zeros(deltas.shape[1:])
+    total = torch.zeros(deltas.shape[1:], device=deltas.device)
     buf = torch.empty_like(total)
     for w, delta in zip(weights.tolist(), deltas, strict=True):
         total += torch.mul(delta, w, out=buf)
     positive = total >= 0
     total.zero_()
-    divisor = torch.zeros(deltas.shape[1:])
-    agree = torch.empty(deltas.shape[1:], dtype=torch.bool)
+    divisor = torch.zeros(deltas.shape[1:], device=deltas.device)
+    agree = torch.empty(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
     for w, delta in zip(weights.tolist(), deltas, strict=True):
         torch.mul(delta, w, out=buf)
         torch.where(positive, buf > 0, buf < 0, out=agree)

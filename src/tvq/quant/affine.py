@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from tvq.device import divide_, divisor_for
 from tvq.errors import EncodeError
 from tvq.quant.chunks import CHUNK
 
@@ -286,7 +287,7 @@ def quantize_into(x: torch.Tensor, qp: QParams, out: torch.Tensor, start: int = 
         return out
     if qp.mapping is MappingType.SYMMETRIC:
         levels = int(qp.scalars["offset"])
-        return torch.div(x, qp.scalars["step"], out=out).round_().clamp_(-levels, levels).add_(levels)
+        return torch.div(x, divisor_for(x, qp.scalars["step"]), out=out).round_().clamp_(-levels, levels).add_(levels)
     if qp.mapping is MappingType.TERNARY:
         thr = qp.scalars["threshold"]
         return out.fill_(1).masked_fill_(x < -thr, 0).masked_fill_(x > thr, 2)
@@ -299,7 +300,7 @@ def dequantize_(q: torch.Tensor, qp: QParams, start: int = 0) -> torch.Tensor:
         return q.fill_(qp.constant)
     if qp.mapping is MappingType.ASYMMETRIC and qp.block_size is None:
         ops = qp.fp32
-        return q.sub_(ops["zero_point"]).div_(ops["scale"])
+        return divide_(q.sub_(ops["zero_point"]), ops["scale"])
     if qp.mapping is MappingType.ASYMMETRIC:
         ops = qp.fp32
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from tvq.device import divide_
+
 CHUNK = 1 << 18  # elements: 1 MiB fp32 buffers stay in cache; smaller chunks spend more time in Python
 STAT_CHUNK = 1 << 20  # elements summed per fp32 dot product by ``sq_error``
 
@@ -23,6 +25,7 @@ class ChunkSource:
     """Chunks of something, in ``dtype``; the last chunk is cached (shared operands cost one pass)."""
 
     dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")  # of the inputs: chunks are computed where they live
 
     def __init__(self, chunk: int) -> None:
         self._chunk = chunk
@@ -33,7 +36,7 @@ class ChunkSource:
     def __call__(self, start: int, end: int) -> torch.Tensor:
         if self._last != (start, end) or self._value is None:
             if self._buf is None or self._buf.numel() < end - start:
-                self._buf = torch.empty(max(self._chunk, end - start), dtype=self.dtype)
+                self._buf = torch.empty(max(self._chunk, end - start), dtype=self.dtype, device=self.device)
             self._value = self.compute(start, end, self._buf[: end - start])
             self._last = (start, end)
         return self._value
@@ -51,7 +54,7 @@ class View(ChunkSource):
     def __init__(self, t: torch.Tensor) -> None:
         super().__init__(0)
         self.flat = t.reshape(-1)
-        self.dtype = t.dtype
+        self.dtype, self.device = t.dtype, t.device
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         return self.flat[start:end]
@@ -64,6 +67,7 @@ class Converted(ChunkSource):
     def __init__(self, t: torch.Tensor, chunk: int = CHUNK) -> None:
         super().__init__(chunk)
         self.flat = t.reshape(-1)
+        self.device = t.device
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         if self.flat.dtype == torch.float32:
@@ -80,6 +84,7 @@ class AsFloat32(ChunkSource):
     def __init__(self, source: ChunkSource, chunk: int = CHUNK) -> None:
         super().__init__(chunk)
         self.source = source
+        self.device = source.device
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         if self.source.dtype == torch.float32:
@@ -100,6 +105,7 @@ class Elementwise(ChunkSource):
         super().__init__(chunk)
         self.op, self.a, self.b = op, a, b
         self.dtype = torch.promote_types(a.dtype, b.dtype)
+        self.device = a.device
 
     def compute(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         return self.op(self.a(start, end), self.b(start, end), out=out)
@@ -119,6 +125,7 @@ class Mean(ChunkSource):
     def __init__(self, tensors: Sequence[torch.Tensor], chunk: int = CHUNK) -> None:
         super().__init__(chunk)
         self.flats = [t.reshape(-1) for t in tensors]
+        self.device = tensors[0].device
         self.identical = all(torch.equal(t, tensors[0]) for t in tensors[1:])
 
     def compute(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
@@ -127,12 +134,12 @@ class Mean(ChunkSource):
         out.zero_()
         for flat in self.flats:
             out += flat[start:end]  # mixed-dtype in-place add converts exactly, like t.float()
-        return out.div_(len(self.flats))
+        return divide_(out, len(self.flats))
 
 
 def mean_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The fp32 mean of whole tensors (``Mean`` as one chunk), shaped like them."""
-    out = torch.empty(tensors[0].shape, dtype=torch.float32)
+    out = torch.empty(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     Mean(tensors, 0).compute(0, out.numel(), out.view(-1))
     return out
 
@@ -141,7 +148,7 @@ def materialize(source: Chunks, n: int, chunk: int = CHUNK) -> torch.Tensor:
     """A source's whole flat fp32 tensor: the tensor itself when the source views an fp32 one."""
     if isinstance(source, Converted) and source.flat.dtype == torch.float32:
         return source.flat
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device=getattr(source, "device", None))
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         out[start:end] = source(start, end)
@@ -164,7 +171,7 @@ def sq_error(tau: torch.Tensor, *parts: torch.Tensor) -> tuple[float, float]:
     summed in double (the manifest's rel_error is a statistic). No parts means τ̂ = τ exactly."""
     flat = tau.reshape(-1)
     flats = [p.reshape(-1) for p in parts]
-    buf = torch.empty(min(STAT_CHUNK, flat.numel()), dtype=torch.float32) if parts else None
+    buf = torch.empty(min(STAT_CHUNK, flat.numel()), dtype=torch.float32, device=flat.device) if parts else None
     err = ref = 0.0
     for start in range(0, flat.numel(), STAT_CHUNK):
         t = flat[start : start + STAT_CHUNK]
@@ -184,12 +191,13 @@ SCRATCH_MAX = 1 << 24  # elements, 64 MiB fp32 per thread: a 1B model's MLP matr
 _scratch = threading.local()
 
 
-def scratch(n: int) -> torch.Tensor:
+def scratch(n: int, device: torch.device | None = None) -> torch.Tensor:
     """An fp32 work buffer of ``n`` elements, reused by this thread's next call: fresh pages
     cost a fault and a zeroing pass each time (`clear_page_erms` was ~5% of RTVQ quantize's
-    CPU samples). Bigger tensors get a fresh buffer, so a thread keeps at most 64 MiB."""
-    if n > SCRATCH_MAX:
-        return torch.empty(n, dtype=torch.float32)
+    CPU samples). Bigger tensors get a fresh buffer, so a thread keeps at most 64 MiB. On a
+    GPU, a fresh buffer (its caching allocator reuses the memory)."""
+    if n > SCRATCH_MAX or (device is not None and device.type != "cpu"):
+        return torch.empty(n, dtype=torch.float32, device=device)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n:
         buf = _scratch.buf = torch.empty(n, dtype=torch.float32)

@@ -91,9 +91,10 @@ def encode_chunks(
         params = _stream_params(xs, n, spec, chunk)
     else:
         xs, params = _whole_params(xs, n, spec, chunk)
-    packed = [None if p.constant is not None else torch.empty(packed_nbytes(n, p.bits), dtype=torch.uint8) for p in params]
+    device = xs[0](0, min(chunk, n)).device  # where the sources compute (the first chunk is cached)
+    packed = [None if p.constant is not None else torch.empty(packed_nbytes(n, p.bits), dtype=torch.uint8, device=device) for p in params]
     sq_err, sq_ref = [0.0] * len(xs), [0.0] * len(xs)
-    q_buf = torch.empty(min(chunk, max(n, 1)), dtype=torch.float32)
+    q_buf = torch.empty(min(chunk, max(n, 1)), dtype=torch.float32, device=device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         q = q_buf[: end - start]
@@ -111,7 +112,7 @@ def encode_chunks(
                 err, ref = measure.error(t, start, end, x, q)
                 sq_err[t] += err
                 sq_ref[t] += ref
-    return [QuantResult(packed[t], params[t], sq_err[t], sq_ref[t]) for t in range(len(xs))]
+    return [QuantResult(None if p is None else p.cpu(), params[t], sq_err[t], sq_ref[t]) for t, p in enumerate(packed)]
 
 
 def _stream_params(xs: Sequence[Chunks], n: int, spec: QuantSpec, chunk: int) -> list[QParams]:

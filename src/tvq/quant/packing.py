@@ -26,7 +26,7 @@ def _padded(flat: torch.Tensor, multiple: int) -> torch.Tensor:
     pad = (-flat.numel()) % multiple
     if not pad:
         return flat
-    out = torch.zeros(flat.numel() + pad, dtype=torch.uint8)
+    out = torch.zeros(flat.numel() + pad, dtype=torch.uint8, device=flat.device)
     out[: flat.numel()] = flat
     return out
 
@@ -40,7 +40,7 @@ def _pack_bytewise(codes: torch.Tensor, bits: int) -> torch.Tensor:
     uint8 ops, the obvious way, are 2-5x slower in torch)."""
     per = 8 // bits
     n = codes.numel()
-    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8, device=codes.device)
     for start in range(0, n, _BYTE_CHUNK * per):
         part = codes[start : start + _BYTE_CHUNK * per]
         if part.numel() % per:
@@ -60,7 +60,7 @@ def _unpack_bytewise(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`_pack_bytewise`: column s of ``[bytes, 8/b]`` is (byte >> s·b) & mask,
     one strided write per column (1.8x faster than a broadcast shift then a mask)."""
     per, mask = 8 // bits, (1 << bits) - 1
-    out = torch.empty(packed.numel(), per, dtype=torch.uint8)
+    out = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
     for s in range(per):
         column = out[:, s]
         if s == 0:
@@ -83,7 +83,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 _FLOAT_GROUPS = {1: 8, 2: 4, 3: 8, 4: 2}  # codes per group whose packed value is < 2^24, exact in fp32
-_FLOAT_WEIGHTS: dict[int, torch.Tensor] = {}
+_FLOAT_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}  # per width and device
 
 
 def pack_float_codes(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
@@ -98,9 +98,9 @@ def pack_float_codes(q: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     if per is None or q.numel() % per:
         out.copy_(pack_codes(q.to(torch.int16), bits))
         return
-    weights = _FLOAT_WEIGHTS.get(bits)
+    weights = _FLOAT_WEIGHTS.get((bits, q.device))
     if weights is None:
-        weights = _FLOAT_WEIGHTS.setdefault(bits, torch.tensor([float(1 << (s * bits)) for s in range(per)]))
+        weights = _FLOAT_WEIGHTS.setdefault((bits, q.device), torch.tensor([float(1 << (s * bits)) for s in range(per)], device=q.device))
     group_values = torch.mv(q.view(-1, per), weights)
     if per * bits == 8:  # one byte per group
         out.copy_(group_values.to(torch.int16))  # fp32 -> int16 -> uint8 beats fp32 -> uint8 in torch
@@ -124,7 +124,7 @@ def _pack_grouped(codes: torch.Tensor, bits: int) -> torch.Tensor:
     are the group's bytes in the little-endian stream (2-7x faster than int64 shift-and-sum)."""
     n = codes.numel()
     groups = (n + 7) // 8
-    out = torch.empty(groups, bits, dtype=torch.uint8)
+    out = torch.empty(groups, bits, dtype=torch.uint8, device=codes.device)
     for start in range(0, groups, _GROUP_CHUNK):
         part = codes[start * 8 : (start + _GROUP_CHUNK) * 8]
         if part.numel() % 8:
@@ -148,10 +148,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return _unpack_bytewise(packed, bits, n)
     groups = (n + 7) // 8
     padded = _padded(packed, bits).view(groups, bits)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     mask = (1 << bits) - 1
-    out = torch.empty(groups, 8, dtype=torch.uint8)
+    out = torch.empty(groups, 8, dtype=torch.uint8, device=packed.device)
     for start in range(0, groups, _GROUP_CHUNK):
         part = padded[start : start + _GROUP_CHUNK].to(torch.int64)
         word = (part << byte_shifts).sum(dim=1, keepdim=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tvq.device import divide_
 from tvq.merge.ops import task_sum
 from tvq.merge.registry import MergeMethod, merge_method
 
@@ -13,6 +14,7 @@ class Average(MergeMethod):
     """The uniform mean of the fine-tuned models; no options."""
 
     elementwise = True
+    on_device = True
 
     def merge_tensor(self, key: str, taus: torch.Tensor) -> torch.Tensor:
-        return task_sum(taus).div_(len(taus))  # summed in task order, then divided, like tvq average
+        return divide_(task_sum(taus), len(taus))  # summed in task order, then divided, like tvq average

@@ -45,6 +45,7 @@ class Consensus(MergeMethod):
     options: ConsensusOptions
     stats: TiesStats | None = None
     block_prepasses = False  # its block merger only carries the global trim: no pass of its own
+    on_device = True  # with base=task_arithmetic (``runs_on_device``)
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         lam = self.options.mask_lambda
@@ -59,6 +60,9 @@ class Consensus(MergeMethod):
 
     def topk_density(self) -> float | None:
         return self.options.density if self.options.base == "ties" else None
+
+    def runs_on_device(self) -> bool:
+        return self.options.base == "task_arithmetic"  # TIES's trim marks live on the host
 
     def _thresholds(self, dim: int) -> torch.Tensor:
         lam = self.options.mask_lambda
@@ -90,8 +94,8 @@ class Consensus(MergeMethod):
             mtl = ties_merge(taus, lambda part, at: trim.merge_mask(part, start + at), self.stats.majority, "sum")
         else:
             mtl = task_sum(taus)
-        votes = torch.zeros(mtl.shape, dtype=torch.int32)
-        lam = self._thresholds(mtl.dim())
+        votes = torch.zeros(mtl.shape, dtype=torch.int32, device=mtl.device)
+        lam = self._thresholds(mtl.dim()).to(mtl.device)
         for row, lam_t in zip(taus, lam, strict=True):
             votes += row.abs() >= lam_t * (mtl - row).abs()
         return mtl.masked_fill_(votes < o.k, 0.0).mul_(o.lam)

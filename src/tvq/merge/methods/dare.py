@@ -34,8 +34,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from tvq.device import divide_
 from tvq.merge.methods.ties import TiesStats, record_stats, task_trim, ties_tensor
-from tvq.merge.ops import TieRule, dare_, keep_count, task_sum, tensor_seed, tie_seed
+from tvq.merge.ops import ChunkSums, TieRule, dare_, keep_count, task_sum, tensor_seed, tie_seed
 from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, linear_fuse, per_task
@@ -82,8 +83,9 @@ class Dare(MergeMethod):
     Options = DareOptions
     options: DareOptions
     stats: TiesStats | None = None
-    block_prepasses = False  # its block merger only carries the random state: no pass of its own
-    blocks_when = "base=task_arithmetic or average, rescale_mode=probability"
+    block_prepasses = None  # rescale_mode=l1 sums over a pass; probability mode carries only the random state
+    on_device = True  # the drop masks are drawn on the host, as always, and moved
+    blocks_when = "base=task_arithmetic or average"
 
     def __init__(self, options: DareOptions, tasks: list[str], task: str | None = None) -> None:
         super().__init__(options, tasks, task)
@@ -98,12 +100,12 @@ class Dare(MergeMethod):
         rate = self.drop_rates[task]
         if not (o.rescale and o.rescale_mode == "l1"):
             return dare_(tau, rate, o.rescale, seed)
-        before = tau.abs().sum(dtype=torch.float64)
+        sums = ChunkSums(2)  # in fixed chunks: the same bits as the blocks' pre-pass (``DareBlocks``)
+        sums.add(0, tau.abs())
         dare_(tau, rate, False, seed)
-        after = tau.abs().sum(dtype=torch.float64)
-        if before < 1e-7 or after < 1e-7:  # mergekit's rescaled_masked_tensor leaves tiny tensors unscaled
-            return tau
-        return tau.mul_(float(before / after))
+        sums.add(1, tau.abs())
+        scale = l1_scale(*sums.finish().tolist())
+        return tau if scale is None else tau.mul_(scale)
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options
@@ -114,25 +116,29 @@ class Dare(MergeMethod):
     def topk_density(self) -> float | None:
         return self.options.density if self.options.base == "ties" else None
 
+    def runs_on_device(self) -> bool:
+        o = self.options  # l1's sums over a tensor would add in another order on a GPU
+        return o.base != "ties" and not (o.rescale and o.rescale_mode == "l1")
+
     def exact_kept(self, key: str, shape: tuple[int, ...]) -> int | None:
         o = self.options
         return keep_count(o.density, math.prod(shape)) if o.scope == "tensor" and o.tie_rule == "exact" else None
 
     def merges_by_blocks(self, key: str, numel: int) -> bool:
         """Elementwise after the drop (whose draws a block continues): every tensor larger than
-        a block streams, but with ``base=ties`` or ``rescale_mode=l1`` (per-tensor statistics of
-        the dropped vectors)."""
-        o = self.options
-        return o.base != "ties" and not (o.rescale and o.rescale_mode == "l1")
+        a block streams, but with ``base=ties`` (TIES's statistics of the dropped vectors);
+        ``rescale_mode=l1`` first sums |τ_t| and |τ̃_t| in a pass over the blocks."""
+        return self.options.base != "ties"
 
     def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
-        return DareBlocks(self, key)
+        o = self.options
+        return DareBlocks(self, key, passes if o.rescale and o.rescale_mode == "l1" else None)
 
     def fuse(self, taus: torch.Tensor) -> torch.Tensor:
         """``base=average`` or ``task_arithmetic`` of the dropped vectors (tasks added in order)."""
         o = self.options
         if o.base == "average":
-            return task_sum(taus).div_(len(taus))
+            return divide_(task_sum(taus), len(taus))
         if self.weighted:
             return linear_fuse(taus, self.weights, False).mul_(o.lam)
         return task_sum(taus).mul_(o.lam)
@@ -164,6 +170,12 @@ class Dare(MergeMethod):
         return elect_and_fuse(taus, self.weights, o.aggregate == "mean").mul_(o.lam)
 
 
+def l1_scale(before: float, after: float) -> float | None:
+    """‖τ_t‖₁ / ‖τ̃_t‖₁, or None (left unscaled) when either is below 1e-7, as mergekit's
+    rescaled_masked_tensor leaves tiny tensors."""
+    return None if before < 1e-7 or after < 1e-7 else before / after
+
+
 class DareBlocks(BlockMerger):
     """DARE of one tensor block by block (blocks in order): task t's drop mask continues one
     generator seeded like ``dare_``'s on the whole tensor (one ``torch.rand`` draw per element,
@@ -171,27 +183,50 @@ class DareBlocks(BlockMerger):
 
     method: Dare
 
-    def __init__(self, method: Dare, key: str) -> None:
+    def __init__(self, method: Dare, key: str, l1_passes: BlockPasses | None = None) -> None:
         super().__init__(method, key)
-        seed = method.options.seed
-        self.generators = [torch.Generator().manual_seed(tensor_seed(seed, task, key)) for task in method.tasks]
+        self.generators = self._fresh_generators()
         self.next = 0
+        # rescale_mode=l1: each task's factor ‖τ_t‖₁ / ‖τ̃_t‖₁ from a pass over the blocks (the same draws)
+        self.scales = self._l1_scales(l1_passes) if l1_passes is not None else None
 
-    def merge_tensor(self, start: int, taus: torch.Tensor) -> torch.Tensor:
-        if start != self.next:
-            raise RuntimeError(f"'{self.key}': DARE's blocks must come in order (block at {start}, expected {self.next})")
-        self.next = start + taus.shape[1]
-        rescale = self.method.options.rescale
-        for task, row, gen in zip(self.method.tasks, taus, self.generators, strict=True):
+    def _fresh_generators(self) -> list[torch.Generator]:
+        seed = self.method.options.seed
+        return [torch.Generator().manual_seed(tensor_seed(seed, task, self.key)) for task in self.method.tasks]
+
+    def _drop_(self, taus: torch.Tensor, generators: list[torch.Generator]) -> None:
+        """Each task's next draws drop its entries of the block (in place), as ``dare_``."""
+        for task, row, gen in zip(self.method.tasks, taus, generators, strict=True):
             rate = self.method.drop_rates[task]
             if rate <= 0:  # as ``dare_``: no draws
                 continue
             if rate >= 1:
                 row.zero_()
                 continue
-            row.masked_fill_(torch.rand(row.shape, generator=gen) < rate, 0.0)
-            if rescale:
-                row.div_(1.0 - rate)
+            row.masked_fill_((torch.rand(row.shape, generator=gen) < rate).to(row.device), 0.0)  # the host's draws
+
+    def _l1_scales(self, passes: BlockPasses) -> list[float | None]:
+        sums, generators = (ChunkSums(len(self.method.tasks)), ChunkSums(len(self.method.tasks))), self._fresh_generators()
+        for _, block in passes.dense():
+            for t, row in enumerate(block):
+                sums[0].add(t, row.abs())
+            self._drop_(block, generators)
+            for t, row in enumerate(block):
+                sums[1].add(t, row.abs())
+        return [l1_scale(b, a) for b, a in zip(sums[0].finish().tolist(), sums[1].finish().tolist(), strict=True)]
+
+    def merge_tensor(self, start: int, taus: torch.Tensor) -> torch.Tensor:
+        if start != self.next:
+            raise RuntimeError(f"'{self.key}': DARE's blocks must come in order (block at {start}, expected {self.next})")
+        self.next = start + taus.shape[1]
+        self._drop_(taus, self.generators)
+        for task, row, scale in zip(self.method.tasks, taus, self.scales or [None] * len(taus), strict=True):
+            rate = self.method.drop_rates[task]
+            if self.scales is not None:
+                if scale is not None:
+                    row.mul_(scale)
+            elif self.method.options.rescale and 0 < rate < 1:
+                divide_(row, 1.0 - rate)
         return self.method.fuse(taus)
 
     def merge_coded(self, start: int, coded: list[CodedTensor]) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ from tvq.io.safetensors_writer import (
     tensor_bytes,
 )
 from tvq.merge.blocks import block_elements, model_blocks, tensor_blocks
-from tvq.merge.ops import task_sum
+from tvq.merge.ops import ChunkSums, task_sum
 from tvq.merge.registry import MergeMethod, merge_method
 from tvq.merge.source import TaskSource
 from tvq.pack.manifest import manifest_checksum
@@ -74,46 +74,7 @@ MAX_ELEMENTS = 1 << 36  # per tensor: bounds every allocation a header can ask f
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-SUM_CHUNK = 1 << 15  # elements per float64 partial sum: at::internal::GRAIN_SIZE, so torch sums a chunk in one thread
 _SPILL_READ = 1 << 24  # bytes of spilled mask rows read back at once
-
-
-class ChunkSums:
-    """Per row, the sum of fp32 values that arrive in consecutive pieces (each row's in element
-    order): every chunk of ``SUM_CHUNK`` elements (by flat index) is summed by torch in float64
-    and the chunk sums are added in order, so the total has the same bits however the values
-    are split into pieces (a whole tensor, or blocks of any size) and whatever the thread count
-    (a longer torch sum splits by thread count)."""
-
-    def __init__(self, rows: int) -> None:
-        self.totals = [0.0] * rows
-        self.tails: list[torch.Tensor | None] = [None] * rows
-
-    def add(self, row: int, values: torch.Tensor) -> None:
-        values = values.reshape(-1)
-        tail = self.tails[row]
-        if tail is not None:
-            need = SUM_CHUNK - tail.numel()
-            tail, values = torch.cat([tail, values[:need]]), values[need:]
-            if tail.numel() < SUM_CHUNK:
-                self.tails[row] = tail
-                return
-            self._chunk(row, tail)
-        full = values.numel() - values.numel() % SUM_CHUNK
-        for chunk in values[:full].split(SUM_CHUNK):
-            self._chunk(row, chunk)
-        self.tails[row] = values[full:].clone() if full < values.numel() else None
-
-    def _chunk(self, row: int, chunk: torch.Tensor) -> None:
-        self.totals[row] += float(chunk.sum(dtype=torch.float64))
-
-    def finish(self) -> torch.Tensor:
-        """The totals (float64 ``[rows]``), the last partial chunks included."""
-        for row, tail in enumerate(self.tails):
-            if tail is not None:
-                self._chunk(row, tail)
-                self.tails[row] = None
-        return torch.tensor(self.totals, dtype=torch.float64)
 
 
 def emr_block(taus: torch.Tensor, before: ChunkSums | None = None, after: ChunkSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,7 @@ class Lines(MergeMethod):
     Options = LinesOptions
     options: LinesOptions
     scales: dict[str, float]
+    on_device = True
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         o = self.options

@@ -22,6 +22,7 @@ class MagMaxOptions(MethodOptions):
 class MagMax(MergeMethod):
     Options = MagMaxOptions
     options: MagMaxOptions
+    on_device = True
 
     def merges_by_blocks(self, key: str, numel: int) -> bool:
         return True  # elementwise: every tensor larger than a block streams

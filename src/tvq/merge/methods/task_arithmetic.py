@@ -30,6 +30,7 @@ class TaskArithmetic(MergeMethod):
     Options = TaskArithmeticOptions
     options: TaskArithmeticOptions
     elementwise = True
+    on_device = True
 
     def __init__(self, options: TaskArithmeticOptions, tasks: list[str], task: str | None = None) -> None:
         super().__init__(options, tasks, task)

@@ -14,8 +14,15 @@ bytes: once a task's cut-off is known (the value, and for the exact rule where t
 stops among the entries tied at it: the hash is a function of the flat index, so a block
 computes it alone), trimming, the election and the disjoint mean are elementwise. The
 per-tensor cut-offs (scope=tensor) come from passes over the blocks: an exact radix select
-(``streamed_trim``), then the tie cut (``tie_cuts``), then the majority sign
-(``streamed_majority``); the global pre-pass streams the model by blocks the same way.
+(``streamed_trim``), then the tie cut (``tie_cuts``; from codes, one pass: ``coded_tie_cuts``),
+then the majority sign (``streamed_majority``); the global pre-pass streams the model by blocks
+the same way.
+
+The exact rule's tie cut from codes (issue 19) hashes every element in NumPy a cache-sized run
+at a time (``CodeHasher``: cheaper than finding the tied entries first) and finds the cut in a
+window guessed around its expected hash (``WindowCut``: the hash is a bijection of the index,
+independent of which entries tie), falling back to the radix cut when the guess misses; the
+whole-tensor path moves the dropped entries in the joint index as it goes (``JointMove``).
 
 Ties at the cut-off (``tie_rule``, see tvq.merge.ops): ``exact`` (default) keeps exactly
 int(k·n) entries per task (per tensor, or per model for ``scope=global``), breaking ties at
@@ -25,10 +32,12 @@ reference, FusionBench and tvq before it do, which on b-bit task vectors keeps f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Sequence
 from operator import itemgetter
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -45,16 +54,21 @@ from tvq.merge.coded import (
 )
 from tvq.merge.ops import (
     _ANY_INDEX,
+    _C1,
+    _C2,
+    _M32,
     _NO_INDEX,
     _TIES_CHUNK,
     ALL_TIES,
     TieRule,
     Trim,
+    _mix32_int,
     cuts_trim,
     dropped_ties,
     element_hash,
     global_select,
     keep_count,
+    mark_bits,
     row_cut,
     row_trim,
     tie_cuts,
@@ -227,9 +241,9 @@ def streamed_trim(passes: BlockPasses, key: str, n: int, counts: Sequence[int], 
     the same thresholds, tie cuts and kept counts as ``row_cut`` on the whole tensor, from code
     histograms (``code_select``: every input coded) or an exact radix select over the blocks
     (``global_select``) and, for the exact rule, the hash-order cut among the tied entries
-    (``tie_cuts``); a few passes, no copy of the tensor. The entries the exact rule drops are
-    marked on the way, a bit per element and task (``Trim.dropped``, at most ``MARK_BYTES``),
-    so the later passes do not hash them again."""
+    (``tie_cuts``, or ``coded_tie_cuts`` in one pass over the codes); a few passes, no copy of
+    the tensor. The entries the exact rule drops are marked on the way, a bit per element and
+    task (``Trim.dropped``, at most ``MARK_BYTES``), so the later passes do not hash them again."""
     rows = len(counts)
     dropped: dict[int, torch.Tensor] = {}
     thresholds = torch.tensor([0.0 if k >= n else float("inf") for k in counts])
@@ -254,10 +268,81 @@ def streamed_trim(passes: BlockPasses, key: str, n: int, counts: Sequence[int], 
         hashed = [t for t in short if float(thresholds[t]) != 0]
         if len(hashed) * ((n + 7) // 8) <= MARK_BYTES:
             dropped = {t: torch.zeros((n + 7) // 8, dtype=torch.uint8) for t in hashed}
+        seeds = [tie_seed(task, key) for task in tasks]
+        coded_cuts = None
+        if selection is not None and short and n <= _HASHED_MAX:
+            coded_cuts = coded_tie_cuts(passes.parts, short, {t: int(tied[t]) for t in short}, thresholds, seeds, dropped)
+        if coded_cuts is not None:
+            for t, (cut, index) in coded_cuts.items():
+                hash_cut[t], index_cut[t] = cut, index
+            short = {}
+        else:
+            for marks in dropped.values():
+                marks.zero_()
         cuts = tie_cuts(stream, lambda t, name: tie_seed(tasks[t], name), thresholds, short, dropped) if short else {}
         for t, (cut, _, index) in cuts.items():
             hash_cut[t], index_cut[t] = cut, index
     return Trim(thresholds, hash_cut, index_cut, [tie_seed(task, key) for task in tasks], kept, dropped)
+
+
+def coded_tie_cuts(
+    parts: Parts, need: dict[int, int], tied: dict[int, int], thresholds: torch.Tensor, seeds: Sequence[int], marks: dict[int, torch.Tensor]
+) -> dict[int, tuple[int, int]] | None:
+    """``tie_cuts`` of one coded tensor read by blocks (below 2^32 elements; ``tied[t]`` entries
+    of task t tied at its cut-off): (hash cut, index cut) per task of ``need``, from one pass
+    over the codes. At a non-zero cut-off a ``WindowCut`` hashes every element in NumPy (instead
+    of finding the tied values and hashing them, twice) and the entries past the cut are marked
+    in ``marks[t]`` where given; at a cut-off of 0 the cut is the ``need[t]``-th zero in index
+    order. None when an input is not coded or a cut lies outside its window: ``tie_cuts`` then
+    decides (``marks`` must be zeroed again)."""
+    windows: dict[int, WindowCut] = {}
+    zeros: dict[int, CodeHasher] = {}  # tasks cut at 0 whose cut is still ahead
+    cuts: dict[int, tuple[int, int]] = {}
+    left = dict(need)
+    drop = np.empty(_HASH_CHUNK, dtype=np.bool_)
+    start = 0
+    for block in parts():
+        if not all(isinstance(part, CodedTensor) and part.index.device.type == "cpu" for part in block):
+            return None
+        coded = [part for part in block if isinstance(part, CodedTensor)]
+        if not start:
+            for t in need:
+                codes = torch.nonzero(coded[t].table.abs() == thresholds[t]).squeeze(1).tolist()
+                if float(thresholds[t]) == 0:
+                    zeros[t] = CodeHasher(0, codes, _HASH_CHUNK)
+                else:
+                    windows[t] = WindowCut(seeds[t], codes, tied[t], need[t], _HASH_CHUNK)
+        m = coded[0].index.numel()
+        for t, window in windows.items():
+            bits = marks[t].numpy() if t in marks else None
+            for at in range(0, m, _HASH_CHUNK):
+                part = coded[t].index[at : at + _HASH_CHUNK]
+                d = drop[: part.numel()]
+                window.feed(start + at, part, torch.from_numpy(d))
+                if bits is not None:  # block starts and chunks are multiples of 8 elements
+                    packed = np.packbits(d, bitorder="little")
+                    bits[(start + at) >> 3 : ((start + at) >> 3) + packed.size] = packed
+        for t, hasher in list(zeros.items()):
+            for at in range(0, m, _HASH_CHUNK):
+                hit = hasher.tied(coded[t].index[at : at + _HASH_CHUNK].numpy())
+                count = int(np.count_nonzero(hit))
+                if left[t] <= count:
+                    cuts[t] = (0, start + at + int(np.flatnonzero(hit)[left[t] - 1]))
+                    del zeros[t]
+                    break
+                left[t] -= count
+        start += m
+        del block, coded  # before the next block is read
+    if zeros:
+        return None  # fewer zeros than counted: not the tensor the counts came from
+    for t, window in windows.items():
+        found = window.finish()
+        if found is None:
+            return None
+        cuts[t] = found[:2]
+        if t in marks:
+            mark_bits(marks[t], found[2])
+    return cuts
 
 
 def code_select(parts: Parts, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -440,15 +525,19 @@ class Ties(MergeMethod):
         joint = per_combination = None
         if self.stats is not None:
             trim = self.stats.trim(key)
-        else:
-            if o.tie_rule == "keep_ties":  # no code moves: the joint histogram gives each task's
-                joint = joint_index(coded)
-                per_combination = torch.bincount(joint, minlength=combination_count(coded))
-                counts = marginal_counts(per_combination, coded)
-            else:  # codes may move: the joint index is made once, after
-                counts = [torch.bincount(c.index, minlength=c.values) for c in coded]
-            trim = coded_trim(coded, counts, self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule)
+        else:  # the joint histogram gives each task's
+            joint = joint_index(coded)
+            per_combination = torch.bincount(joint, minlength=combination_count(coded))
+            counts = marginal_counts(per_combination, coded)
+            moved: set[int] = set()
+            trim = coded_trim(coded, counts, self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule, joint, moved)
             self.record_kept(key, trim.kept, n)
+            keeps = moved_joint(joint, coded, trim, moved)
+            if keeps is not None:  # the dropped entries' combinations moved in place: no copy of the codes
+                keep = combination_keep(keeps[0])
+                if (keeps[1] or moved) and majority_matters(coded, keep):
+                    per_combination = torch.bincount(joint, minlength=combination_count(coded))
+                return self._coded_lut(coded, keep, per_combination, joint)
         split = [split_ties(c, trim, t) for t, c in enumerate(coded)]
         if any(new is not old for (new, _), old in zip(split, coded, strict=True)):
             coded = [c for c, _ in split]
@@ -456,13 +545,21 @@ class Ties(MergeMethod):
                 return None  # copies of the tied codes made the table larger than the tensor
             joint = per_combination = None
         joint = joint_index(coded) if joint is None else joint
-        combos = combination_values(coded)
         keep = combination_keep([keep for _, keep in split])
-        if self.stats is not None:
+        if self.stats is None and per_combination is None:
+            per_combination = torch.bincount(joint, minlength=combination_count(coded))
+        return self._coded_lut(coded, keep, per_combination, joint)
+
+    def _coded_lut(self, coded: list[CodedTensor], keep: torch.Tensor, per_combination: torch.Tensor | None, joint: torch.Tensor) -> torch.Tensor:
+        """The merged tensor from its lookup table over the combinations of codes (``keep``:
+        which task keeps its entry in each; ``per_combination``: the elements of each, for this
+        tensor's majority sign, or None with the global one)."""
+        o = self.options
+        combos = combination_values(coded)
+        if per_combination is None:
+            assert self.stats is not None
             majority = self.stats.majority
         else:
-            if per_combination is None:
-                per_combination = torch.bincount(joint, minlength=combos.shape[1])
             signs = torch.sign(trimmed_sum(combos, keep)).to(torch.int64)
             majority = float(torch.sign((signs * per_combination).sum()))
         lut = ties_merge(combos, lambda part, start: keep[:, start : start + part.shape[1]], majority, o.aggregate).mul_(o.lam)
@@ -491,10 +588,25 @@ def coded_thresholds(coded: list[CodedTensor], counts: list[torch.Tensor], densi
     return torch.stack([weighted_kth_largest(c.table.abs(), count, k) for c, count in zip(coded, counts, strict=True)])
 
 
-def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: float, seeds: list[int], tie_rule: str) -> Trim:
+def coded_trim(
+    coded: list[CodedTensor],
+    counts: list[torch.Tensor],
+    density: float,
+    seeds: list[int],
+    tie_rule: str,
+    joint: torch.Tensor | None = None,
+    moved: set[int] | None = None,
+) -> Trim:
     """Per-tensor top-k from codes: the dense ``row_trim`` (same thresholds, same tie cut, same
-    counts, same ``Trim.dropped``), with the histograms standing in for passes over the values."""
+    counts, same ``Trim.dropped``), with the histograms standing in for passes over the values.
+
+    With ``joint`` (``joint_index`` of ``coded``) and ``moved``: a task whose dropped entries
+    can move to a code of smaller |value| moves them in ``joint`` as its cut is found
+    (``JointMove``: ``split_ties`` on the joint index, with no mask of them kept), and is
+    added to ``moved``."""
     n = coded[0].index.numel()
+    strides = [combination_count(coded[t + 1 :]) for t in range(len(coded))]
+    scratch = np.empty(min(_HASH_CHUNK, n), dtype=np.int32) if joint is not None else None
     k = keep_count(density, n)
     thresholds = coded_thresholds(coded, counts, density)
     hash_cut: list[int] = []
@@ -511,7 +623,13 @@ def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: fl
         elif tie_rule == "keep_ties" or above + tied == k:
             kept.append(above + tied)
         else:
-            cut, index, drop = coded_tied_cut(c, torch.nonzero(mag == thr).squeeze(1), seed, float(thr), k - above)
+            move = None
+            spare = torch.nonzero(mag < thr).squeeze(1)
+            movable = spare.numel() and float(thr) != 0 and n <= _HASHED_MAX and c.index.device.type == "cpu"
+            if joint is not None and moved is not None and scratch is not None and movable and joint.device.type == "cpu":
+                move = JointMove(joint.numpy(), int(spare[0]), strides[t], scratch)
+                moved.add(t)
+            cut, index, drop = coded_tied_cut(c, torch.nonzero(mag == thr).squeeze(1), seed, float(thr), k - above, tied, move)
             if drop is not None:
                 dropped[t] = drop
             kept.append(k)
@@ -520,10 +638,106 @@ def coded_trim(coded: list[CodedTensor], counts: list[torch.Tensor], density: fl
     return Trim(thresholds, hash_cut, index_cut, seeds, kept, dropped)
 
 
-def coded_tied_cut(c: CodedTensor, codes: torch.Tensor, seed: int, threshold: float, need: int) -> tuple[int, int, torch.Tensor | None]:
-    """``tied_cut`` of the elements whose code is one of ``codes`` (the cut-off's), a chunk
-    of elements at a time: each tied entry is found and hashed once, and the scratch is a
-    chunk's (on a busy machine, fresh tensor-sized buffers cost more than the arithmetic).
+def coded_tied_cut(
+    c: CodedTensor, codes: torch.Tensor, seed: int, threshold: float, need: int, tied: int | None = None, move: JointMove | None = None
+) -> tuple[int, int, torch.Tensor | None]:
+    """``tied_cut`` of the elements whose code is one of ``codes`` (the cut-off's; ``tied``
+    of them, counted here when None): (hash cut, index cut, a bool mask of the dropped
+    elements for ``Trim.dropped``, None at a cut-off of 0).
+
+    One pass over the codes (``WindowCut``): every element's hash is computed in int32 a
+    cache-sized chunk at a time (cheaper than finding the tied entries first), the entries
+    past a window guessed around the cut are marked dropped on the way, and the few inside
+    it are kept; when the cut falls outside the window (a vanishing chance), the radix
+    cut of the tied entries (``radix_coded_tied_cut``) decides.
+
+    ``move`` (at a non-zero cut-off, below 2^32 elements, on the CPU): the dropped entries
+    move in its joint index instead, chunk by chunk, and no mask of them is returned (but
+    for the radix cut's)."""
+    n = c.index.numel()
+    if move is not None:
+        return moved_tied_cut(c, codes, seed, need, tied, move)
+    if threshold == 0 or n > _HASHED_MAX:
+        return tied_cut(tied_entries(c, codes), seed, threshold, need, n)
+    if c.index.device.type == "cpu":
+        if tied is None:
+            tied = int(torch.bincount(c.index, minlength=c.values)[codes].sum())
+        window = WindowCut(seed, codes.tolist(), tied, need, min(_HASH_CHUNK, n))
+        dropped = torch.empty(n, dtype=torch.bool)
+        for start in range(0, n, _HASH_CHUNK):
+            window.feed(start, c.index[start : start + _HASH_CHUNK], dropped[start : start + _HASH_CHUNK])
+        found = window.finish()
+        if found is not None:
+            cut, index, past = found
+            dropped[past] = True
+            return cut, index, dropped
+    return radix_coded_tied_cut(c, codes, seed, need)
+
+
+class JointMove:
+    """Moves a task's dropped entries to its ``spare`` code in a joint index (``joint_index``,
+    as NumPy int32, changed in place): each one's combination changes by (spare - code)·stride,
+    a few vector operations in ``scratch`` (int32) a chunk at a time."""
+
+    def __init__(self, joint: np.ndarray, spare: int, stride: int, scratch: np.ndarray) -> None:
+        self.joint, self.spare, self.stride, self.scratch = joint, spare, stride, scratch
+
+    def apply(self, start: int, codes: np.ndarray, drop: np.ndarray, sign: int = 1) -> None:
+        """Move the elements from ``start`` (``codes``) where the bool ``drop`` is set (``sign``
+        -1: move them back)."""
+        d = self.scratch[: codes.size]
+        np.subtract(np.int32(self.spare), codes, out=d, dtype=np.int32)
+        np.multiply(d, drop.view(np.uint8), out=d)
+        np.multiply(d, np.int32(self.stride * sign), out=d)
+        part = self.joint[start : start + codes.size]
+        np.add(part, d, out=part)
+
+    def apply_at(self, where: np.ndarray, codes: np.ndarray) -> None:
+        """Move the elements at flat indices ``where`` (``codes``: the whole tensor's)."""
+        if where.size:
+            self.joint[where] += (np.int32(self.spare) - codes[where].astype(np.int32)) * np.int32(self.stride)
+
+
+def moved_tied_cut(
+    c: CodedTensor, codes: torch.Tensor, seed: int, need: int, tied: int | None, move: JointMove
+) -> tuple[int, int, torch.Tensor | None]:
+    """``coded_tied_cut`` moving the dropped entries in ``move``'s joint index as the window
+    pass finds them (``WindowCut``; the few inside the window past the cut at the end). If
+    the cut lies outside the window, the pass is repeated to move those entries back, and
+    the radix cut's mask is moved instead."""
+    n = c.index.numel()
+    index = c.index.numpy()
+    if tied is None:
+        tied = int(torch.bincount(c.index, minlength=c.values)[codes].sum())
+    chunk = min(_HASH_CHUNK, n)
+    drop = torch.empty(chunk, dtype=torch.bool)
+    flags = drop.numpy()
+
+    def window_pass(sign: int) -> WindowCut:
+        window = WindowCut(seed, codes.tolist(), tied, need, chunk)
+        for start in range(0, n, chunk):
+            part = c.index[start : start + chunk]
+            window.feed(start, part, drop[: part.numel()])
+            move.apply(start, index[start : start + chunk], flags[: part.numel()], sign)
+        return window
+
+    found = window_pass(1).finish()
+    if found is not None:
+        cut, at, past = found
+        move.apply_at(past.numpy(), index)
+        return cut, at, None
+    window_pass(-1)  # back to the codes as they were
+    cut, at, dropped = radix_coded_tied_cut(c, codes, seed, need)
+    assert dropped is not None
+    mask = dropped.numpy()
+    for start in range(0, n, chunk):
+        move.apply(start, index[start : start + chunk], mask[start : start + chunk])
+    return cut, at, dropped
+
+
+def radix_coded_tied_cut(c: CodedTensor, codes: torch.Tensor, seed: int, need: int) -> tuple[int, int, torch.Tensor | None]:
+    """``coded_tied_cut`` at a non-zero cut-off without a guess, a chunk of elements at a time:
+    each tied entry is found and hashed once, and the scratch is a chunk's.
 
     Pass 1 hashes the chunk's tied entries, keeps them (flat index and hash - 2^31, both
     int32: the hash's order survives the shift) and counts the hashes' high halves; the
@@ -532,8 +746,6 @@ def coded_tied_cut(c: CodedTensor, codes: torch.Tensor, seed: int, threshold: fl
     hash is a bijection of the index (``element_hash``): no two tied entries share a hash, so
     (hash, index) order is hash order and nothing past the cut has the cut's hash."""
     n = c.index.numel()
-    if threshold == 0 or n > _HASHED_MAX:
-        return tied_cut(tied_entries(c, codes), seed, threshold, need, n)
     found: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     hist = torch.zeros(1 << 16, dtype=torch.int64)
     for start in range(0, n, _CUT_CHUNK):
@@ -564,6 +776,123 @@ def coded_tied_cut(c: CodedTensor, codes: torch.Tensor, seed: int, threshold: fl
 _CUT_CHUNK = 1 << 20
 _HALF = 1 << 31
 _HASHED_MAX = 1 << 32  # flat indices below it hash without collisions (``element_hash``)
+_HASH_CHUNK = 1 << 17  # elements hashed at a time: scratch that stays in the CPU's cache
+_WINDOW_SIGMAS = 12.0  # ``WindowCut``'s half-width, in standard deviations of the cut's rank
+_WINDOW_SLACK = 64  # ... plus this many entries
+
+
+class CodeHasher:
+    """``element_hash`` of runs of consecutive flat indices (below 2^32) and the tied entries
+    among them (the elements whose code is one of ``codes``), in NumPy: uint32 arithmetic
+    wraps and shifts logically as the mixer needs, and its comparisons, counts and bit
+    operations on a cache-sized run cost a few times less than torch's. One run at a time, in
+    the hasher's own buffers (valid until the next call)."""
+
+    def __init__(self, seed: int, codes: Sequence[int], chunk: int) -> None:
+        self.lo = np.uint32(seed & _M32)
+        self.high = np.uint32(_mix32_int((seed >> 32) & _M32))
+        self.codes = list(codes)
+        self.base = np.arange(chunk, dtype=np.uint32)
+        self.span = 1 << (chunk.bit_length() - 1) if chunk > 0 else 1  # a power of two <= chunk
+        self.base_lo = np.bitwise_xor(self.base[: self.span], np.uint32((seed & _M32) % self.span))  # (j ^ lo) for j < span
+        self.x = np.empty(chunk, dtype=np.uint32)
+        self.tmp = np.empty(chunk, dtype=np.uint32)
+        self.hit = np.empty(chunk, dtype=np.bool_)
+        self.scratch = np.empty(chunk, dtype=np.bool_)
+
+    def hashes(self, start: int, m: int) -> np.ndarray:
+        """The hashes of flat indices ``start`` to ``start + m`` (uint32)."""
+        x, tmp = self.x[:m], self.tmp[:m]
+        if start % self.span == 0 and m <= self.span:  # (start + j) ^ lo = ((start ^ lo) with the low bits cleared) + (j ^ lo's low bits)
+            np.add(self.base_lo[:m], np.uint32((start ^ int(self.lo)) & ~(self.span - 1) & _M32), out=x)
+        else:
+            np.add(self.base[:m], np.uint32(start), out=x)
+            np.bitwise_xor(x, self.lo, out=x)
+        for shift, factor in ((16, _C1), (15, _C2)):
+            np.bitwise_xor(x, np.right_shift(x, shift, out=tmp), out=x)
+            np.multiply(x, np.uint32(factor), out=x)
+        np.bitwise_xor(x, np.right_shift(x, 15, out=tmp), out=x)
+        return np.bitwise_xor(x, self.high, out=x)
+
+    def tied(self, index: np.ndarray) -> np.ndarray:
+        """Whether each of these codes is one of the tied codes (bool)."""
+        m = index.size
+        hit = np.equal(index, self.codes[0], out=self.hit[:m])
+        for code in self.codes[1:]:
+            np.bitwise_or(hit, np.equal(index, code, out=self.scratch[:m]), out=hit)
+        return hit
+
+
+def hashed_dropped(index: torch.Tensor, start: int, codes: Sequence[int], seed: int, hash_cut: int, index_cut: int) -> torch.Tensor:
+    """``dropped_ties`` as a bool mask of the elements from flat index ``start`` whose codes
+    are ``index`` (tied: a code in ``codes``; at a non-zero cut-off, below 2^32 elements)."""
+    m = index.numel()
+    out = torch.empty(m, dtype=torch.bool)
+    drop = out.numpy()
+    hasher = CodeHasher(seed, codes, min(_HASH_CHUNK, max(m, 1)))
+    cut = np.uint32(min(hash_cut, _M32))
+    for at in range(0, m, _HASH_CHUNK):
+        part = index[at : at + _HASH_CHUNK].numpy()
+        h = hasher.hashes(start + at, part.size)
+        hit = hasher.tied(part)
+        d = drop[at : at + part.size]
+        np.bitwise_and(np.greater(h, cut, out=d), hit, out=d)
+        if hash_cut <= _M32:  # entries at the cut's own hash: the index decides (global cuts: another tensor's entry)
+            equal = np.flatnonzero(np.bitwise_and(np.equal(h, cut, out=hasher.scratch[: part.size]), hit, out=hasher.scratch[: part.size]))
+            d[equal] = equal + (start + at) > index_cut
+    return out
+
+
+class WindowCut:
+    """Where the ``need``-th of a task's ``tied`` entries (the elements whose code is one of
+    ``codes``) lies in hash order, in one pass over its codes by runs of consecutive elements
+    (``feed``); below 2^32 elements, where hashes are distinct.
+
+    The hashes are a bijection of the indices, independent of which entries tie: the cut's
+    hash is about need/tied of the way through [0, 2^32), within a few sqrt(tied) entries.
+    The pass hashes every element (``CodeHasher``), counts the tied entries below a window of
+    ±``_WINDOW_SIGMAS`` standard deviations (plus ``_WINDOW_SLACK`` entries) around that
+    guess, marks those above it as dropped, and keeps the few inside; ``finish`` sorts these
+    and returns the cut, or None when it lies outside the window."""
+
+    def __init__(self, seed: int, codes: Sequence[int], tied: int, need: int, chunk: int) -> None:
+        self.tied, self.need = tied, need
+        q = need / tied
+        half = _WINDOW_SIGMAS * math.sqrt(tied * q * (1 - q)) + _WINDOW_SLACK
+        self.low = np.uint32(math.floor(max(0.0, need - half) / tied * (1 << 32)))
+        self.high = np.uint32(min(math.ceil(min(float(tied), need + half) / tied * (1 << 32)), _M32))
+        self.hasher = CodeHasher(seed, codes, chunk)
+        self.at_or_above = 0  # tied entries at or above the window's low end
+        self.inside: list[np.ndarray] = []  # their flat indices (int64)
+        self.inside_hash: list[np.ndarray] = []
+
+    def feed(self, start: int, index: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Codes of the elements from flat index ``start`` (at most ``chunk``): ``dropped``
+        (bool, as many) gets the tied entries above the window."""
+        codes = index.numpy()
+        m = codes.size
+        h = self.hasher.hashes(start, m)
+        hit = self.hasher.tied(codes)
+        np.bitwise_and(hit, np.greater_equal(h, self.low, out=self.hasher.scratch[:m]), out=hit)
+        self.at_or_above += int(np.count_nonzero(hit))
+        d = dropped.numpy()
+        np.bitwise_and(np.greater(h, self.high, out=d), hit, out=d)
+        where = np.flatnonzero(np.bitwise_xor(hit, d, out=hit))  # tied, inside the window
+        if where.size:
+            self.inside_hash.append(h[where])
+            self.inside.append(where + start)
+
+    def finish(self) -> tuple[int, int, torch.Tensor] | None:
+        """(hash cut, its entry's flat index, the entries inside the window past the cut, int64),
+        or None when the cut is not inside the window."""
+        rank = self.need - (self.tied - self.at_or_above)
+        count = sum(h.size for h in self.inside_hash)
+        if not 1 <= rank <= count:
+            return None
+        inside_hash, inside = np.concatenate(self.inside_hash), np.concatenate(self.inside)
+        order = np.argsort(inside_hash, kind="stable")
+        at = int(order[rank - 1])
+        return int(inside_hash[at]), int(inside[at]), torch.from_numpy(inside[order[rank:]].astype(np.int64))
 
 
 def tied_entries(c: CodedTensor, codes: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -597,11 +926,15 @@ def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[Code
     known = trim.dropped_in(t, start, start + c.index.numel())
     if known is not None:
         drop = known
+    elif c.index.device.type == "cpu" and start + c.index.numel() <= _HASHED_MAX:
+        drop = hashed_dropped(c.index, start, tied_codes.tolist(), trim.seeds[t], trim.hash_cut[t], trim.index_cut[t])
     else:
         where = tied_entries(c, tied_codes)
         drop = where[dropped_ties(where + start, trim.seeds[t], trim.hash_cut[t], trim.index_cut[t], float(trim.thresholds[t]))]
     spare = torch.nonzero(~keep).squeeze(1)
     if spare.numel():
+        if drop.dtype == torch.bool and c.index.device.type == "cpu":
+            return CodedTensor(c.table, moved_codes(c.index, drop, int(spare[0]))), keep
         index = c.index.clone()
         if drop.dtype == torch.bool:
             index.masked_fill_(drop, int(spare[0]))
@@ -614,6 +947,64 @@ def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[Code
     index[drop] = copy_of[index[drop].long()].to(torch.int32)
     table = torch.cat([c.table, c.table[tied_codes]])
     return CodedTensor(table, index), torch.cat([keep, torch.zeros(tied_codes.numel(), dtype=torch.bool)])
+
+
+def majority_matters(coded: list[CodedTensor], keep: torch.Tensor) -> bool:
+    """Whether the majority sign can change a merged value: only where the trimmed sum is
+    exactly 0 and some task keeps its entry (with none kept, the disjoint mean is +0.0 for
+    either sign). When it cannot, any sign gives the same lookup table, and the histogram of
+    the moved combinations need not be counted again."""
+    combos = combination_values(coded)
+    return bool(((trimmed_sum(combos, keep) == 0) & keep.any(dim=0)).any())
+
+
+def moved_joint(joint: torch.Tensor, coded: list[CodedTensor], trim: Trim, done: Collection[int] = ()) -> tuple[list[torch.Tensor], bool] | None:
+    """``split_ties`` on the joint index (``joint_index`` of ``coded``, changed in place) when
+    every task's dropped entries are known as a bool mask (``Trim.dropped``, as ``coded_trim``
+    finds them) and move to a code of smaller |value|: each dropped entry's combination moves
+    by (spare - code)·stride, a few vector operations a chunk at a time instead of a copy of
+    the codes and a new joint index. Returns each task's kept codes and whether any entry
+    moved; None (nothing changed) when a task's drops are not known so, or have nowhere to go.
+    Tasks in ``done`` moved already (``coded_trim`` with the joint index)."""
+    keeps: list[torch.Tensor] = []
+    moves: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+    stride = combination_count(coded)
+    for t, c in enumerate(coded):
+        stride //= c.values
+        mag = c.table.abs()
+        keep = mag >= trim.thresholds[t]
+        keeps.append(keep)
+        if t in done or trim.hash_cut[t] >= ALL_TIES or float(trim.thresholds[t]) == 0.0 or not bool((mag == trim.thresholds[t]).any()):
+            continue  # nothing moves (``split_ties``), or it has moved
+        drop = trim.dropped.get(t)
+        spare = torch.nonzero(~keep).squeeze(1)
+        if drop is None or drop.dtype != torch.bool or not spare.numel() or c.index.device.type != "cpu":
+            return None
+        moves.append((c.index.numpy(), drop.numpy().view(np.uint8), int(spare[0]), stride))
+    if moves:
+        flat = joint.numpy()
+        delta = np.empty(min(_HASH_CHUNK, flat.size), dtype=np.int32)
+        for start in range(0, flat.size, _HASH_CHUNK):
+            part = flat[start : start + _HASH_CHUNK]
+            d = delta[: part.size]
+            for codes, drop_bytes, spare_code, step in moves:
+                np.subtract(np.int32(spare_code), codes[start : start + _HASH_CHUNK], out=d, dtype=np.int32)
+                np.multiply(d, drop_bytes[start : start + _HASH_CHUNK], out=d)
+                np.multiply(d, np.int32(step), out=d)
+                np.add(part, d, out=part)
+    return keeps, bool(moves)
+
+
+def moved_codes(index: torch.Tensor, drop: torch.Tensor, spare: int) -> torch.Tensor:
+    """``index`` with the elements of the bool mask ``drop`` set to ``spare``: index - drop·(index -
+    spare) in the codes' own wrapping integers (three vector operations; a masked fill of a
+    scattered mask mispredicts its branches and costs several times more)."""
+    out = torch.empty_like(index)
+    codes, moved = index.numpy(), out.numpy()
+    np.subtract(codes, codes.dtype.type(spare), out=moved)
+    np.multiply(moved, drop.numpy().view(np.uint8), out=moved, casting="unsafe")
+    np.subtract(codes, moved, out=moved)
+    return out
 
 
 def combination_keep(keeps: list[torch.Tensor]) -> torch.Tensor:

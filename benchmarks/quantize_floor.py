@@ -1,0 +1,131 @@
+"""How far is ``tvq quantize`` from the physical limit? Three measurements in one run.
+
+On a checkpoint family (θ_pre and fine-tunes as safetensors folders, e.g. the LLM benchmark's
+``python benchmarks/llm/make_models.py``), with the page cache warm (every input read once
+first):
+
+* **read**: every input file read once into a buffer (the I/O floor, wall time);
+* **minimal**: the least code that makes the same codes: per tensor, θ_pre in fp32 once, then
+  for each task τ_t = θ_t − θ_pre, its min and max, the codes and their bit packing, in one
+  thread (torch's own ops; no hashing, no error statistics, no checks, nothing written);
+* **tvq**: ``tvq quantize`` itself (a child process, ``--threads``), every pack file written,
+  inputs and outputs hashed, statistics and checks included.
+
+Issue 19's targets: tvq's CPU time ≤ 1.3× minimal's + read's, tvq's wall ≤ 2× read's. CPU
+seconds are user + system time (``getrusage``); the machine may be shared, so the ratios (same
+run, back to back) are what to read::
+
+    python benchmarks/quantize_floor.py --models /work/bench_llm/models --tasks 4 --schemes tvq4,tvq2,rtvq
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tvq.io.readers import open_checkpoint
+from tvq.quant.affine import params_from_range, quantize_into
+from tvq.quant.packing import pack_float_codes, packed_nbytes
+
+SCHEMES = {
+    "tvq4": ["--bits", "4"],
+    "tvq2": ["--bits", "2"],
+    "rtvq": ["--residual", "--base-bits", "3", "--bits", "2", "--error-correction"],
+}
+READ_CHUNK = 64 << 20
+
+
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def measured(fn: Callable[[], object], who: int = resource.RUSAGE_SELF) -> tuple[float, float]:
+    """(wall s, CPU s) of ``fn``."""
+    wall, cpu = time.perf_counter(), cpu_seconds(who)
+    fn()
+    return time.perf_counter() - wall, cpu_seconds(who) - cpu
+
+
+def input_files(folders: list[Path]) -> list[Path]:
+    return [f for d in folders for f in sorted(d.glob("*.safetensors"))]
+
+
+def read_all(files: list[Path]) -> int:
+    """Every file's bytes into one reused buffer (the kernel copies them from the page cache)."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    total = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total
+
+
+def minimal(pre_dir: Path, ft_dirs: list[Path], bits: int) -> int:
+    """Per-tensor min–max TVQ of every float tensor at ``bits``, one thread, torch ops only."""
+    pre = open_checkpoint(pre_dir)
+    fts = [open_checkpoint(d) for d in ft_dirs]
+    written = 0
+    for key in pre.keys():  # noqa: SIM118 -- a reader, not a dict
+        if not pre.meta(key).is_float or len(pre.meta(key).shape) < 2:
+            continue
+        base = pre.get(key).float().reshape(-1)
+        tau = torch.empty_like(base)
+        q = torch.empty_like(base)
+        for ft in fts:
+            torch.sub(ft.get(key).reshape(-1), base, out=tau)  # bf16 - fp32 promotes exactly
+            lo, hi = torch.aminmax(tau)
+            if float(lo) == float(hi):
+                continue
+            qp = params_from_range(lo, hi, bits)
+            out = torch.empty(packed_nbytes(tau.numel(), bits), dtype=torch.uint8)
+            pack_float_codes(quantize_into(tau, qp, q), bits, out)
+            written += out.numel()
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, default=Path("/work/bench_llm/models"), help="base/ and ft0/ … ft{N-1}/")
+    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--schemes", default="tvq4,tvq2,rtvq")
+    p.add_argument("--threads", type=int, default=2, help="tvq quantize --threads")
+    p.add_argument("--tvq", default=str(Path(sys.executable).with_name("tvq")), help="the tvq command")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    pre_dir, ft_dirs = args.models / "base", [args.models / f"ft{i}" for i in range(args.tasks)]
+    files = input_files([pre_dir, *ft_dirs])
+    size = read_all(files)  # warm the page cache
+    read_wall, read_cpu = measured(lambda: read_all(files))
+    print(f"inputs: {len(files)} files, {size / 2**30:.2f} GiB; read once: {read_wall:.2f} s wall, {read_cpu:.2f} s CPU")
+    rows = []
+    for scheme in args.schemes.split(","):
+        bits = int(SCHEMES[scheme][SCHEMES[scheme].index("--bits") + 1])
+        min_wall, min_cpu = measured(lambda bits=bits: minimal(pre_dir, ft_dirs, bits))
+        out = Path(tempfile.mkdtemp(prefix="tvq-floor-")) / "pack"
+        cmd = [args.tvq, "quantize", "-p", str(pre_dir), *(a for i, d in enumerate(ft_dirs) for a in ("-f", f"t{i}={d}")),
+               *SCHEMES[scheme], "-o", str(out), "--threads", str(args.threads), "--no-progress"]  # fmt: skip
+        tvq_wall, tvq_cpu = measured(lambda cmd=cmd: subprocess.run(cmd, check=True, capture_output=True), resource.RUSAGE_CHILDREN)
+        shutil.rmtree(out.parent)
+        floor = min_cpu + read_cpu
+        rows.append((scheme, read_wall, min_cpu, tvq_cpu, tvq_cpu / floor, tvq_wall, tvq_wall / read_wall))
+        print(rows[-1], flush=True)
+    print(f"\n| scheme | minimal CPU s (1 thread; RTVQ: its 2-bit offsets alone) | tvq CPU s | tvq CPU / (minimal + read) | tvq wall s "
+          f"(--threads {args.threads}) | tvq wall / read wall ({read_wall:.2f} s) |\n|---|---|---|---|---|---|")  # fmt: skip
+    for scheme, _, min_cpu, tvq_cpu, ratio, tvq_wall, wall_ratio in rows:
+        print(f"| {scheme} | {min_cpu:.1f} | {tvq_cpu:.1f} | {ratio:.2f} | {tvq_wall:.1f} | {wall_ratio:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
