@@ -26,7 +26,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
@@ -505,8 +505,8 @@ def write_model(
     if callable(work):
         work = LocalWork(pretrained, work)
     template = pickle_template(pretrained, out) if out_kind != "folder" else None
-    if template is not None and isinstance(work, LocalWork):
-        work = LocalWork(work.pretrained, work.deltas)  # a torch file's storages are written whole: no blocks
+    if template is not None and work.blocks is not None:
+        work = replace(work, blocks=None)  # a torch file's storages are written whole: no blocks
     stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics)
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     if statistics is not None:

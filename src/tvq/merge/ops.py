@@ -502,16 +502,22 @@ def tensor_seed(seed: int, task: str, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def dare_(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int) -> torch.Tensor:
-    """DARE in place: drop each entry with probability p, rescale survivors by 1/(1-p)."""
+def drop_(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero each entry of ``tau`` (in place) with probability p, from ``generator``'s next draws
+    (one per element, on the host, in order): no draws when p ≤ 0, every entry when p ≥ 1."""
     if drop_rate <= 0:
         return tau
     if drop_rate >= 1:
         return tau.zero_()
-    gen = torch.Generator().manual_seed(seed)
-    drop = torch.rand(tau.shape, generator=gen) < drop_rate
-    tau.masked_fill_(drop, 0.0)
-    if rescale:
+    return tau.masked_fill_((torch.rand(tau.shape, generator=generator) < drop_rate).to(tau.device), 0.0)
+
+
+def dare_(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int) -> torch.Tensor:
+    """DARE in place: drop each entry with probability p, rescale survivors by 1/(1-p)."""
+    if drop_rate <= 0:
+        return tau
+    drop_(tau, drop_rate, torch.Generator().manual_seed(seed))
+    if rescale and drop_rate < 1:
         tau.div_(1.0 - drop_rate)
     return tau
 

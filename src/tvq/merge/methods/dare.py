@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from tvq.device import divide_
 from tvq.merge.methods.ties import TiesStats, record_stats, task_trim, ties_tensor
-from tvq.merge.ops import ChunkSums, TieRule, dare_, keep_count, task_sum, tensor_seed, tie_seed
+from tvq.merge.ops import ChunkSums, TieRule, dare_, drop_, keep_count, task_sum, tensor_seed, tie_seed
 from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod, MethodOptions, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
 from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, linear_fuse, per_task
@@ -197,13 +197,7 @@ class DareBlocks(BlockMerger):
     def _drop_(self, taus: torch.Tensor, generators: list[torch.Generator]) -> None:
         """Each task's next draws drop its entries of the block (in place), as ``dare_``."""
         for task, row, gen in zip(self.method.tasks, taus, generators, strict=True):
-            rate = self.method.drop_rates[task]
-            if rate <= 0:  # as ``dare_``: no draws
-                continue
-            if rate >= 1:
-                row.zero_()
-                continue
-            row.masked_fill_((torch.rand(row.shape, generator=gen) < rate).to(row.device), 0.0)  # the host's draws
+            drop_(row, self.method.drop_rates[task], gen)
 
     def _l1_scales(self, passes: BlockPasses) -> list[float | None]:
         sums, generators = (ChunkSums(len(self.method.tasks)), ChunkSums(len(self.method.tasks))), self._fresh_generators()
