@@ -9,18 +9,22 @@ first):
   for each task τ_t = θ_t − θ_pre, its min and max, the codes and their bit packing, in one
   thread (torch's own ops; no hashing, no error statistics, no checks, nothing written);
 * **tvq**: ``tvq quantize`` itself (a child process, ``--threads``), every pack file written,
-  inputs and outputs hashed, statistics and checks included.
+  inputs and outputs hashed, statistics and checks included; with ``--reference`` also on the
+  torch path (``TVQ_QUANT_KERNEL=torch``, before the compiled kernels of tvq.quant.kernels),
+  back to back, and the two packs' data files compared byte for byte.
 
 Issue 19's targets: tvq's CPU time ≤ 1.3× minimal's + read's, tvq's wall ≤ 2× read's. CPU
 seconds are user + system time (``getrusage``); the machine may be shared, so the ratios (same
 run, back to back) are what to read::
 
-    python benchmarks/quantize_floor.py --models /work/bench_llm/models --tasks 4 --schemes tvq4,tvq2,rtvq
+    python benchmarks/quantize_floor.py --models /work/bench_llm/models --tasks 4 --schemes tvq4,tvq2,rtvq --reference
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import os
 import resource
 import shutil
 import subprocess
@@ -102,6 +106,7 @@ def main() -> None:
     p.add_argument("--schemes", default="tvq4,tvq2,rtvq")
     p.add_argument("--threads", type=int, default=2, help="tvq quantize --threads")
     p.add_argument("--tvq", default=str(Path(sys.executable).with_name("tvq")), help="the tvq command")
+    p.add_argument("--reference", action="store_true", help="also run tvq on the torch path and compare the packs")
     args = p.parse_args()
     torch.set_num_threads(1)
     pre_dir, ft_dirs = args.models / "base", [args.models / f"ft{i}" for i in range(args.tasks)]
@@ -113,18 +118,36 @@ def main() -> None:
     for scheme in args.schemes.split(","):
         bits = int(SCHEMES[scheme][SCHEMES[scheme].index("--bits") + 1])
         min_wall, min_cpu = measured(lambda bits=bits: minimal(pre_dir, ft_dirs, bits))
-        out = Path(tempfile.mkdtemp(prefix="tvq-floor-")) / "pack"
-        cmd = [args.tvq, "quantize", "-p", str(pre_dir), *(a for i, d in enumerate(ft_dirs) for a in ("-f", f"t{i}={d}")),
-               *SCHEMES[scheme], "-o", str(out), "--threads", str(args.threads), "--no-progress"]  # fmt: skip
-        tvq_wall, tvq_cpu = measured(lambda cmd=cmd: subprocess.run(cmd, check=True, capture_output=True), resource.RUSAGE_CHILDREN)
-        shutil.rmtree(out.parent)
+        work = Path(tempfile.mkdtemp(prefix="tvq-floor-"))
+        try:
+            runs = {path: run_tvq(args, pre_dir, ft_dirs, scheme, work / path, path) for path in (["torch"] if args.reference else []) + ["numba"]}
+            if args.reference:
+                same = same_data(work / "torch", work / "numba")
+                print(f"{scheme}: pack data files byte-identical to the torch path's: {same}", flush=True)
+        finally:
+            shutil.rmtree(work)
         floor = min_cpu + read_cpu
-        rows.append((scheme, read_wall, min_cpu, tvq_cpu, tvq_cpu / floor, tvq_wall, tvq_wall / read_wall))
-        print(rows[-1], flush=True)
-    print(f"\n| scheme | minimal CPU s (1 thread; RTVQ: its 2-bit offsets alone) | tvq CPU s | tvq CPU / (minimal + read) | tvq wall s "
+        for path, (tvq_wall, tvq_cpu) in runs.items():
+            rows.append((f"{scheme} ({path})", min_cpu, tvq_cpu, tvq_cpu / floor, tvq_wall, tvq_wall / read_wall))
+            print(rows[-1], flush=True)
+    print(f"\n| scheme (path) | minimal CPU s (1 thread; RTVQ: its 2-bit offsets alone) | tvq CPU s | tvq CPU / (minimal + read) | tvq wall s "
           f"(--threads {args.threads}) | tvq wall / read wall ({read_wall:.2f} s) |\n|---|---|---|---|---|---|")  # fmt: skip
-    for scheme, _, min_cpu, tvq_cpu, ratio, tvq_wall, wall_ratio in rows:
+    for scheme, min_cpu, tvq_cpu, ratio, tvq_wall, wall_ratio in rows:
         print(f"| {scheme} | {min_cpu:.1f} | {tvq_cpu:.1f} | {ratio:.2f} | {tvq_wall:.1f} | {wall_ratio:.1f} |")
+
+
+def run_tvq(args: argparse.Namespace, pre_dir: Path, ft_dirs: list[Path], scheme: str, out: Path, path: str) -> tuple[float, float]:
+    """(wall s, CPU s) of one ``tvq quantize``, on the compiled kernels ("numba") or the torch path."""
+    cmd = [args.tvq, "quantize", "-p", str(pre_dir), *(a for i, d in enumerate(ft_dirs) for a in ("-f", f"t{i}={d}")),
+           *SCHEMES[scheme], "-o", str(out), "--threads", str(args.threads), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "TVQ_QUANT_KERNEL": path}
+    return measured(lambda: subprocess.run(cmd, check=True, capture_output=True, env=env), resource.RUSAGE_CHILDREN)
+
+
+def same_data(a: Path, b: Path) -> bool:
+    """Whether two packs hold the same data files, byte for byte (manifests differ in statistics)."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    return files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors")) and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 
 
 if __name__ == "__main__":

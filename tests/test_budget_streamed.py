@@ -71,10 +71,10 @@ def test_the_streamed_analysis_is_the_whole_tensor_one_in_any_thread_count(famil
     assert _table(budget.analyse(pre, fts, options.validated(), progress=False, threads=2)) == streamed
 
     # the whole-tensor summaries the analysis gave before it streamed
-    def whole(theta, pre_t):
-        return ValueStats.of(theta.float() - pre_t.float() if pre_t is not None else theta.float())
+    def whole(thetas, pre_t):
+        return [ValueStats.of(theta.float() - pre_t.float() if pre_t is not None else theta.float()) for theta in thetas]
 
-    monkeypatch.setattr(budget, "_streamed_stats", whole)
+    monkeypatch.setattr(budget, "_streamed_stats_all", whole)
     assert _table(budget.analyse(pre, fts, options.validated(), progress=False)) == streamed
 
 
@@ -87,3 +87,97 @@ def test_the_streamed_analysis_names_the_bad_input(family, tmp_path):
     save_file(bad, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         budget.analyse(pre, {**fts, "t1": tmp_path / "bad.safetensors"}, QuantizeOptions(bits=2).validated(), progress=False, threads=2)
+
+
+@pytest.mark.parametrize("path", ["torch", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bin_counts_are_those_of_the_whole_tensor_expression(dtype, path, monkeypatch):
+    import tvq.quant.error_model as error_model
+    from tvq.quant import histogram
+
+    monkeypatch.setattr(error_model, "INDEX_BLOCK", 3000)  # several blocks and chunks per block
+    monkeypatch.setattr(error_model, "CHUNK", 700)
+    if path == "numba":
+        pytest.importorskip("numba")
+        monkeypatch.setattr(histogram, "MIN_ELEMENTS", 0)
+        monkeypatch.delenv(histogram.ENV, raising=False)
+        assert histogram.counter(1) is not None
+    else:
+        monkeypatch.setenv(histogram.ENV, "torch")
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(10_007, generator=g, dtype=torch.float64) * 1e-3).to(dtype)
+    x[:4] = torch.tensor([0.0, -0.0, float(x.min()), float(x.max())], dtype=torch.float64).to(dtype)
+    lo, hi = float(x.min()), float(x.max())
+    for bins in (7, 512, 1 << 16):
+        width = (hi - lo) / bins
+        for parts in ([x], [x[::3]], [x[5:5]], [x[:2999], x[2999:5000], x[5000:]]):
+            expected = sum(torch.bincount(((p.float() - lo) * (1.0 / width)).to(torch.int64).clamp_(0, bins - 1), minlength=bins)
+                           for p in parts)  # fmt: skip
+            counts, sampled = error_model.bin_counts(iter(parts), lo, width, bins)
+            assert torch.equal(counts, expected) and sampled == sum(p.numel() for p in parts)
+
+
+def test_streamed_all_shares_an_operand_and_gives_each_sources_numbers():
+    g = torch.Generator().manual_seed(4)
+    pre = (torch.randn(9000, generator=g) * 0.02).to(torch.bfloat16)
+    fts = [(pre.float() + torch.randn(9000, generator=g) * 1e-3 * (t + 1)).to(torch.bfloat16) for t in range(3)]
+    for sample in (500, 1 << 20):
+        shared = budget.Converted(pre, 700)
+        sources = [budget.difference(budget.Converted(ft, 700), shared, 700) for ft in fts]
+        got = ValueStats.streamed_all(sources, 9000, bins=256, sample=sample, chunk=700)
+        for stats, ft in zip(got, fts, strict=True):
+            _same(stats, ValueStats.of(ft.float() - pre.float(), bins=256, sample=sample))
+
+
+@pytest.mark.parametrize("options", [QuantizeOptions(bits=2, residual=True, error_correction=True),
+                                     QuantizeOptions(bits=2, residual=True, error_correction=True, quantizer="mse"),
+                                     QuantizeOptions(bits=2, residual=True, quantizer="mse")], ids=["ec", "ec-mse", "mse"])  # fmt: skip
+def test_the_rtvq_analysis_of_stored_inputs_is_that_of_their_fp32_copies(family, tmp_path, options):
+    """The RTVQ analysis reads each θ_t as stored and converts where it computes (no fp32 copies),
+    streams the error-corrected offsets and summarises β once: the numbers of the fp32 inputs."""
+    from safetensors.torch import load_file
+
+    pre, fts = family
+    as_fp32 = {}
+    for name, path in {"pre": pre, **fts}.items():
+        save_file({k: v.float() for k, v in load_file(path).items()}, tmp_path / f"{name}32.safetensors")
+        as_fp32[name] = tmp_path / f"{name}32.safetensors"
+    pre32 = as_fp32.pop("pre")
+    stored = _table(budget.analyse(pre, fts, options.validated(), progress=False, cross=True, threads=2))
+    fp32 = _table(budget.analyse(pre32, as_fp32, options.validated(), progress=False, cross=True))
+    assert stored[2] == fp32[2]
+
+
+def test_the_streamed_offsets_are_the_whole_offsets():
+    g = torch.Generator().manual_seed(5)
+    taus = [torch.randn(300, 700, generator=g) * 1e-3 for _ in range(3)]
+    beta_hat = torch.randn(300, 700, generator=g) * 1e-4
+    for options in (QuantizeOptions(bits=2), QuantizeOptions(bits=2, quantizer="mse")):
+        got = budget._offset_costs(taus, beta_hat, (1, 2, 4), options, 100)
+        assert got == budget._grid_costs([t - beta_hat for t in taus], (1, 2, 4), options, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("numel", [20_000, 9_000, 50_001])
+def test_the_compiled_passes_give_the_torch_numbers(dtype, numel, monkeypatch):
+    """Two compiled passes over the stored inputs (range, then the sample's bins) summarise a task
+    vector bit for bit as torch does, with every value or a dense or sparse sample; values torch
+    must judge (a non-finite one, a zero end) are left to it."""
+    pytest.importorskip("numba")
+    from tvq.quant import error_model, histogram
+
+    monkeypatch.setattr(histogram, "MIN_ELEMENTS", 0)
+    monkeypatch.delenv(histogram.ENV, raising=False)
+    g = torch.Generator().manual_seed(numel)
+    pre = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+    ft = (pre.float() + torch.randn(numel, generator=g) * 1e-3).to(dtype)
+    for sample in (1 << 20, 10_000, 4_000, 1_000):  # steps 1, 2–5, 12–50: the dense and the sparse sample
+        for args, whole in (((ft, pre), ft.float() - pre.float()), ((ft, None), ft.float())):
+            stats = error_model.compiled_stats(*args, bins=512, sample=sample)
+            assert stats is not None
+            _same(stats, ValueStats.of(whole, bins=512, sample=sample))
+    bad = ft.clone()
+    bad[7] = float("inf")
+    assert error_model.compiled_stats(bad, pre) is None and error_model.compiled_stats(pre, pre) is None  # Inf; all zero
+    other = pre.float() if dtype != torch.float32 else pre.bfloat16()
+    assert error_model.compiled_stats(ft.double(), pre.double()) is None and error_model.compiled_stats(ft, other) is None

@@ -130,3 +130,36 @@ def test_eight_tasks_sum_in_task_order_on_every_path(tmp_path: Path) -> None:
     coded = merge_state_dict("task_arithmetic", p, vectors)
     dense = merge_state_dict("task_arithmetic", p, _dense(vectors))
     assert torch.equal(coded["w"], dense["w"])
+
+
+@pytest.mark.parametrize("pack", list(PACKS))
+@pytest.mark.parametrize(("density", "tie_rule"), [(0.1, "exact"), (0.2, "keep_ties"), (0.97, "exact"), (0.5, "exact")])
+def test_global_pre_pass_from_code_histograms_is_the_dense_one(inputs: dict, pack: str, density: float, tie_rule: str, monkeypatch) -> None:
+    """Scope=global from a pack: cut-offs from code histograms, the tie-break over the tensors
+    holding tied entries only, the vote and the entries kept from the codes: every number the
+    dense pre-pass gives (at 0.97 the 2-bit packs cut at 0, where ties go in index order)."""
+    from tvq.merge import ties_global
+    from tvq.merge.methods import ties as ties_module
+    from tvq.merge.methods.ties import TiesStats
+    from tvq.merge.source import TaskSource
+
+    monkeypatch.setattr("tvq.merge.blocks.BLOCK_ELEMENTS", 1 << 14)  # "big" and "wide" by blocks
+    pre, vectors = load_task_vectors(inputs["pre"], packs=[inputs["packs"][pack]])
+    counted = []
+    original = ties_global.model_counts
+    monkeypatch.setattr("tvq.merge.methods.ties.model_counts", lambda *a, **k: counted.append(1) or original(*a, **k))
+    cuts: list[object] = []
+    original_cuts = ties_module.coded_tie_cuts
+    monkeypatch.setattr(ties_module, "coded_tie_cuts", lambda *a, **k: cuts.append(found := original_cuts(*a, **k)) or found)
+    coded = TiesStats.compute(TaskSource(pre, vectors), density, tie_rule=tie_rule)
+    from_codes = [c for c in cuts if c]
+    dense = TiesStats.compute(TaskSource(pre, _dense(vectors)), density, tie_rule=tie_rule)
+    assert counted == [1, 1]
+    if tie_rule == "exact":
+        assert from_codes  # the tie cuts came from one pass over the codes of the tensor holding them
+    assert torch.equal(coded.thresholds, dense.thresholds)
+    assert (coded.hash_cut, coded.cut_key, coded.cut_index) == (dense.hash_cut, dense.cut_key, dense.cut_index)
+    assert coded.majority == dense.majority
+    assert coded.kept == dense.kept
+    if density == 0.97 and pack == "tvq2":
+        assert float(coded.thresholds.min()) == 0.0  # the zeros' index-order path was taken

@@ -11,7 +11,7 @@ import pytest
 from test_merge_blocks import WHOLE, _merged_bytes, write_inputs
 
 import tvq.merge.blocks as blocks_module
-from tvq.merge import load_task_vectors, merge
+from tvq.merge import load_task_vectors, merge, ties_kernel
 from tvq.merge.methods import ties as ties_module
 
 
@@ -87,23 +87,31 @@ def test_ties_by_blocks_writes_the_whole_tensor_bytes(inputs, tmp_path, monkeypa
 
 @pytest.mark.parametrize("options", [{"scope": "tensor"}, {}], ids=["tensor", "global"])
 def test_small_blocks_stream_every_large_tensor_alike(inputs, tmp_path, monkeypatch, options):
-    """2-bit codes of 3 tasks: 64 combinations, so blocks merge from codes (a lookup table each)
-    but the last, ragged one."""
+    """2-bit codes of 3 tasks: 64 combinations, so blocks merge from codes, a lookup table each
+    but the last, ragged one (32 elements, fewer than the combinations): the compiled loop."""
     spec = inputs["tvq2"]
     reference, _ = _merged_bytes(monkeypatch, WHOLE, "ties", options, tmp_path / "whole.safetensors", **spec)
     coded = []
+    compiled = []
     original = ties_module.TiesBlocks.merge_coded
+    original_kernel = ties_kernel.coded_ties
 
     def spy(self, start, parts):
         merged = original(self, start, parts)
         coded.append(merged is not None)
         return merged
 
+    def kernel_spy(*args, **kwargs):
+        compiled.append(args[0][0].index.numel())
+        return original_kernel(*args, **kwargs)
+
     monkeypatch.setattr(ties_module.TiesBlocks, "merge_coded", spy)
+    monkeypatch.setattr(ties_kernel, "coded_ties", kernel_spy)
     got, pieces = _merged_bytes(monkeypatch, 96, "ties", options, tmp_path / "blocks.safetensors", **spec)
     assert set(pieces) == {"embed.weight", "layers.0.weight", "layers.1.weight"}
     assert got == reference
-    assert coded.count(False) == 1  # embed.weight's last block: 32 elements, fewer than the 64 combinations
+    assert all(coded)
+    assert compiled == [32]  # embed.weight's last block
 
 
 def test_the_kept_density_and_bytes_read_count_the_same_entries(inputs, tmp_path, monkeypatch):

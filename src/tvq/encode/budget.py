@@ -58,9 +58,9 @@ from tvq.execute import Executor, LocalExecutor, one_torch_thread
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.quant import affine
 from tvq.quant.affine import MappingType, QuantSpec, RangeEstimator, clipped_params
-from tvq.quant.chunks import ChunkSource, Converted, difference, materialize, mean_of
+from tvq.quant.chunks import CHUNK, ChunkSource, Converted, Mean, View, difference, mean_of
 from tvq.quant.entropy import estimated_bytes
-from tvq.quant.error_model import SAMPLE, ValueStats, mse_clips
+from tvq.quant.error_model import SAMPLE, ValueStats, compiled_stats, mse_clips, release_work_buffers, work_buffer
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import KeyRule, TensorRole, tensor_role
@@ -145,22 +145,38 @@ def _priced(stats: ValueStats, bits: int, scheme: str, options: QuantizeOptions)
     return error, nbytes + (CODED_RECORD["q"] if nbytes < plain else 0)
 
 
-def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions, entry: int = ENTRY_OVERHEAD) -> tuple[torch.Tensor, int]:
+def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions, entry: int = ENTRY_OVERHEAD,
+                   stats: ValueStats | None = None, reuse: bool = False) -> tuple[torch.Tensor, int]:  # fmt: skip
     """The RTVQ base as the encoder would store it and its bytes (``entry`` included); for the MSE
     grid with the clip factor the error model finds (the encoder searches a sample for it:
-    the same factor but for near ties)."""
+    the same factor but for near ties). ``stats``: β's, already summarised (one pass for all widths).
+    ``reuse``: β̂ of the histogram grids in this thread's reused buffer (valid until its next call)."""
     if options.quantizer not in HISTOGRAM_SCHEMES:
         hat = fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
         return hat, _code_bytes(beta, bits, options) + entry
     flat = beta.reshape(-1)
-    stats = ValueStats.of(flat)
+    stats = stats if stats is not None else ValueStats.of(flat)
     nbytes = _priced(stats, bits, options.quantizer, options)[1] + entry + (24 if options.quantizer == "mse" else 0)
     if stats.constant:
         return beta.clone(), nbytes
-    if options.quantizer == "minmax":
-        return fake_quantize_with(beta, "minmax", bits), nbytes
-    qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse")))
-    return affine.dequantize(affine.quantize(flat, qp), qp, tuple(beta.shape)), nbytes
+    if options.quantizer == "minmax":  # ``fake_quantize_with(beta, "minmax", bits)``
+        qp = affine.choose_qparams(get_scheme("minmax", bits).spec(bits, {}), flat.float())
+    else:
+        qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse")))
+    return _dequantized(affine.quantize(flat, qp), qp, tuple(beta.shape), reuse), nbytes
+
+
+def _dequantized(codes: torch.Tensor, qp: affine.QParams, shape: tuple[int, ...], reuse: bool) -> torch.Tensor:
+    """``affine.dequantize(codes, qp, shape)``; ``reuse``: in this thread's reused buffer."""
+    if not reuse or qp.constant is not None:
+        return affine.dequantize(codes, qp, shape)
+    out = work_buffer("hat", codes.numel(), torch.float32)
+    return affine.dequantize_(out.copy_(codes.reshape(-1)), qp).reshape(shape)
+
+
+def _work(name: str, shape: torch.Size) -> torch.Tensor:
+    """An fp32 tensor of ``shape`` in this thread's reused buffer ``name`` (``work_buffer``)."""
+    return work_buffer(name, shape.numel(), torch.float32).view(shape)
 
 
 def _schemes(options: QuantizeOptions) -> tuple[str, ...]:
@@ -387,11 +403,14 @@ def analyse(
 
     table: dict[str, list[Option]] = {}
     with ExitStack() as stack:
+        stack.callback(release_work_buffers)  # this thread's (threads=1); the pool's go with its threads
         # torch single-threaded, as the encoders run: intra-op threads on chunk-sized ops cost more than they
         # give on a busy machine (tvq.execute.one_torch_thread); ``threads`` tensors in parallel instead
         stack.enter_context(one_torch_thread())
-        if threads > 1:
-            results: Iterator[list[Option]] = stack.enter_context(ThreadPoolExecutor(threads)).map(options_of_key, keys)
+        if threads > 1:  # the largest tensors first, so no thread ends alone on a big one; the table in key order
+            pool = stack.enter_context(ThreadPoolExecutor(threads))
+            futures = {k: pool.submit(options_of_key, k) for k in sorted(keys, key=lambda k: -pre.meta(k).numel)}
+            results: Iterator[list[Option]] = (futures[k].result() for k in keys)
         else:
             results = map(options_of_key, keys)
         for key, found in zip(keys, tqdm(results, total=len(keys), desc="analyse bit widths", unit="tensor", disable=not progress),
@@ -409,9 +428,11 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
                  cross_bits: tuple[int, ...] = ()) -> list[Option]:  # fmt: skip
     """One tensor's candidate options (and, ``cross_bits``, TVQ's min–max ones beside them: see
     ``analyse``). TVQ and FQ on the histogram grids stream: each task's values are summarised
-    (``ValueStats.streamed``) a chunk at a time from the stored inputs, as the encoder reads
-    them, so no full-size fp32 copy exists and memory does not grow with the tensor; the
-    numbers are those of the whole tensors, bit for bit."""
+    from the stored inputs (``compiled_stats``: two compiled passes; else ``ValueStats.streamed``,
+    a chunk at a time as the encoder reads them), so no full-size fp32 copy exists and memory
+    does not grow with the tensor. RTVQ holds τ_t and β in fp32 (this thread's reused buffers)
+    and streams each base width's error-corrected offsets τ_t − β̂. The numbers are those of
+    the whole tensors, bit for bit."""
     opts_for_key: list[Option] = []
     entry = entry_bytes(key)
 
@@ -421,32 +442,43 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
 
     if not options.residual and options.quantizer in HISTOGRAM_SCHEMES:
         pre_t = pre.get(key) if options.target == "task_vector" else None
-        stats = [_streamed_stats(r.get(key), pre_t) for r in readers.values()]
+        stats = _streamed_stats_all([r.get(key) for r in readers.values()], pre_t)
         for (scheme, b), (err, nbytes) in _stats_costs(stats, bits_list, options, entry).items():
             opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
         return opts_for_key
-    p32 = pre.get(key).float()
-    fts = [r.get(key).float() for r in readers.values()]
+    pre_t = pre.get(key)
     if not options.residual:
+        p32 = pre_t.float()
+        fts = [r.get(key).float() for r in readers.values()]
         xs = fts if options.target == "finetuned" else [t - p32 for t in fts]
         for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options, entry).items():
             opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
         return opts_for_key + (cross_options([ValueStats.of(x) for x in xs]) if options.target == "task_vector" else [])
-    taus = [t - p32 for t in fts]
+    # RTVQ: each θ_t as stored, converted where used (θ_t − p32 and the mean promote a bf16 θ_t exactly,
+    # as θ_t.float() would; fp64 is rounded once first), so no fp32 copy of the inputs is held; the fp32
+    # work tensors in this thread's reused buffers (``work_buffer``: no fresh pages per tensor)
+    p32 = _work("p32", pre_t.shape).copy_(pre_t)  # as pre_t.float()
+    fts = [_operand(r.get(key)) for r in readers.values()]
+    taus = [torch.sub(t, p32, out=_work(f"tau{i}", p32.shape)) for i, t in enumerate(fts)]
     opts_for_key += cross_options([ValueStats.of(t) for t in taus])
-    avg = mean_of(fts)
-    beta = avg - p32
-    bases = {bb: _base_estimate(beta, bb, options, entry) for bb in base_list}
     if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
-        # a min–max pair writes its base on min–max too: priced so (its offsets' error is measured from
-        # the requested grid's base, close enough to rank, and the written pack is measured)
-        beta_stats = ValueStats.of(beta.reshape(-1)) if options.quantizer == "mse" else None
-        for bb, (beta_hat, base_bytes) in bases.items():
-            offsets = [t - beta_hat for t in taus]
-            minmax_base = base_bytes if beta_stats is None else _priced(beta_stats, bb, "minmax", options)[1] + entry
-            for (scheme, b), (err, nbytes) in _grid_costs(offsets, bits_list, options, entry).items():
+        beta = _work("beta", p32.shape)
+        Mean(fts, 0).compute(0, beta.numel(), beta.view(-1))  # ``mean_of``, in place
+        beta.sub_(p32)
+        beta_stats = ValueStats.of(beta.reshape(-1)) if options.quantizer in HISTOGRAM_SCHEMES else None  # one pass for every width
+        # one base width at a time (its β̂ alone held); a min–max pair writes its base on min–max too: priced
+        # so (its offsets' error is measured from the requested grid's base, close enough to rank, and the
+        # written pack is measured)
+        for bb in base_list:
+            beta_hat, base_bytes = _base_estimate(beta, bb, options, entry, beta_stats, reuse=True)
+            minmax_base = base_bytes if options.quantizer != "mse" or beta_stats is None else _priced(beta_stats, bb, "minmax", options)[1] + entry
+            for (scheme, b), (err, nbytes) in _offset_costs(taus, beta_hat, bits_list, options, entry).items():
                 opts_for_key.append(Option(b, bb, (minmax_base if scheme == "minmax" else base_bytes) + nbytes, weight * err, scheme))
         return opts_for_key
+    avg = mean_of(fts)
+    beta = avg - p32
+    beta_stats = ValueStats.of(beta.reshape(-1)) if options.quantizer in HISTOGRAM_SCHEMES else None  # one pass for every width
+    bases = {bb: _base_estimate(beta, bb, options, entry, beta_stats) for bb in base_list}
     # offsets from the average, the same for every base width: τ − (β̂ + q(offset)) = −(e_base + e_offset)
     opts = options.scheme_options()
     e_base = {bb: beta_hat - beta for bb, (beta_hat, _) in bases.items()}
@@ -464,17 +496,63 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
     return opts_for_key
 
 
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """θ_t for fp32 arithmetic with an fp32 tensor: as stored where the promotion is exact (bf16,
+    fp16, fp32), else rounded to fp32 once (as ``θ_t.float()``)."""
+    return t if t.dtype in (torch.bfloat16, torch.float16, torch.float32) else t.float()
+
+
+def _offset_costs(taus: list[torch.Tensor], beta_hat: torch.Tensor, bits_list: tuple[int, ...], options: QuantizeOptions,
+                  entry: int) -> dict[tuple[str, int], tuple[float, int]]:  # fmt: skip
+    """``_grid_costs`` of the error-corrected offsets τ_t − β̂: on the histogram grids streamed (each
+    offset formed a chunk at a time, never whole: the same numbers), else formed whole."""
+    if options.quantizer not in HISTOGRAM_SCHEMES:
+        return _grid_costs([t - beta_hat for t in taus], bits_list, options, entry)
+    hat = View(beta_hat)
+    stats = ValueStats.streamed_all([difference(View(t), hat) for t in taus], beta_hat.numel())
+    return _stats_costs(stats, bits_list, options, entry)
+
+
 def _streamed_stats(theta: torch.Tensor, pre: torch.Tensor | None) -> ValueStats:
     """``ValueStats.of`` of τ = θ.float() − θ_pre.float() (or of θ.float(), no ``pre``), a chunk
     at a time: each operand converted to fp32 in a reused buffer, as the streaming encoder does
     (``tvq.quant.chunks``), so the values are those of the whole-tensor arithmetic."""
-    flat = theta.reshape(-1)
-    source: ChunkSource = Converted(theta)
-    if pre is not None:
-        source = difference(source, Converted(pre))
-    if flat.numel() <= SAMPLE:  # every value is histogrammed: formed once, at most SAMPLE fp32 values (16 MiB)
-        return ValueStats.of(materialize(source, flat.numel()))
-    return ValueStats.streamed(source, flat.numel())  # the range and the sample in one pass
+    return _streamed_stats_all([theta], pre)[0]
+
+
+def _streamed_stats_all(thetas: list[torch.Tensor], pre: torch.Tensor | None) -> list[ValueStats]:
+    """``_streamed_stats`` of every task's θ_t: by two compiled passes each where they apply
+    (``compiled_stats``: bf16 or fp32 inputs, numba installed; x never stored), else in torch,
+    one pass over the chunks for all of them (θ_pre converted once per chunk, as the encoder does)."""
+    found = [compiled_stats(t, pre) for t in thetas]
+    rest = [t for t, stats in zip(thetas, found, strict=True) if stats is None]
+    summarised = iter(_torch_stats_all(rest, pre) if rest else [])
+    return [stats if stats is not None else next(summarised) for stats in found]
+
+
+def _torch_stats_all(thetas: list[torch.Tensor], pre: torch.Tensor | None) -> list[ValueStats]:
+    """``_streamed_stats_all`` in torch: a chunk of every task in turn, θ_pre converted once per chunk."""
+    numel = thetas[0].numel() if thetas else 0
+    shared = Converted(pre) if pre is not None else None
+    sources: list[ChunkSource] = [Converted(t) if shared is None else difference(Converted(t), shared) for t in thetas]
+    if numel > SAMPLE:
+        return ValueStats.streamed_all(sources, numel)  # the range and the sample in one pass
+    # every value is histogrammed: formed once, at most SAMPLE fp32 values (16 MiB) per task, in this thread's buffers
+    return [ValueStats.of(x) for x in _formed(sources, numel)]
+
+
+def _formed(sources: list[ChunkSource], numel: int) -> list[torch.Tensor]:
+    """Each source's whole flat fp32 values (``tvq.quant.chunks.materialize``), a chunk of every
+    source in turn (a shared operand converted once per chunk), into this thread's reused buffers
+    (valid until its next call): the tensor itself where a source views an fp32 one."""
+    out: list[torch.Tensor | None] = [s.flat if isinstance(s, Converted) and s.flat.dtype == torch.float32 else None for s in sources]
+    buffers = [work_buffer(f"formed{i}", numel, torch.float32) if x is None else x for i, x in enumerate(out)]
+    for start in range(0, numel, CHUNK):
+        end = min(start + CHUNK, numel)
+        for source, x, buf in zip(sources, out, buffers, strict=True):
+            if x is None:
+                buf[start:end] = source(start, end)
+    return buffers
 
 
 def _unencodable(key: str, pre: CheckpointReader, readers: dict[str, CheckpointReader], exc: EncodeError,

@@ -25,6 +25,7 @@ from tvq.pack.reader import Pack, open_pack
 from tvq.quant.affine import QuantSpec
 from tvq.quant.chunks import CHUNK, STAT_CHUNK, AsFloat32, Converted, Elementwise, Mean, difference, scratch
 from tvq.quant.fused import Measure, QuantResult, encode_chunks
+from tvq.quant.kernels import base_difference, encode_minmax
 from tvq.quant.schemes import Quantizer
 from tvq.quant.stored import stored_form
 
@@ -52,20 +53,24 @@ def encode_residual(
     base = None
     if base_hat is None:
         beta = scratch(n, pretrained.device)
-        for start in range(0, n, chunk):
+        compiled = isinstance(avg, Mean) and not avg.identical and base_difference(finetuned, pretrained, beta)
+        for start in range(0, n, chunk) if not compiled else ():  # else formed by the compiled kernels, the same bits
             end = min(start + chunk, n)
             torch.sub(avg(start, end), pre(start, end), out=beta[start:end])
         try:  # β̂ overwrites β chunk by chunk: each chunk of β is spent before its reconstruction lands
-            (base,) = encode_chunks([Converted(beta, chunk)], n, as_spec(base_bits), recon_out=beta, chunk=chunk)
+            fast = encode_minmax([beta], None, as_spec(base_bits), stats=False, recon=beta, chunk=chunk)
+            (base,) = fast or encode_chunks([Converted(beta, chunk)], n, as_spec(base_bits), recon_out=beta, chunk=chunk)
         except EncodeError as exc:
             raise exc.at(base=True) from None
         base_hat = beta
+    shortcut = error_correction and base is not None and average is None and not exact_fp64
+    if shortcut and (fast := encode_minmax(finetuned, pretrained, as_spec(bits), hat=base_hat, ref_tau=True, chunk=chunk)) is not None:
+        return base, fast  # the compiled kernels (tvq.quant.kernels): the same codes
     hat = Converted(base_hat.to(pretrained.device), chunk)
     reference = avg if base is not None and not error_correction else Elementwise(torch.add, hat, pre, chunk)
     thetas = [operand(t, exact_fp64, chunk) for t in finetuned]
     xs = [AsFloat32(difference(theta, reference, chunk), chunk) for theta in thetas]
     taus = [difference(theta, pre, chunk) for theta in thetas]
-    shortcut = error_correction and base is not None and average is None and not exact_fp64
     measure = Measure(taus, against_x=True) if shortcut else Measure(taus, plus=hat)
     return base, encode_chunks(xs, n, as_spec(bits), measure=measure, chunk=chunk)
 

@@ -18,6 +18,7 @@ from tvq.encode.job import KeyCodes
 from tvq.quant.affine import QuantSpec
 from tvq.quant.chunks import CHUNK, STAT_CHUNK, AsFloat32, ChunkSource, Converted, View, difference
 from tvq.quant.fused import Measure, QuantResult, encode_chunks
+from tvq.quant.kernels import encode_minmax
 from tvq.quant.schemes import Quantizer
 from tvq.quant.stored import stored_form
 
@@ -41,8 +42,14 @@ def encode_differences(
     paper's min–max, or any quantizer).
 
     The error is measured against τ_t = minuends[t] − ``pretrained`` (default: the subtrahend,
-    i.e. x_t is τ_t) with the reconstruction ``base_hat`` + x̂_t, or x̂_t compared with x_t."""
+    i.e. x_t is τ_t) with the reconstruction ``base_hat`` + x̂_t, or x̂_t compared with x_t.
+    The paper's min–max of x_t = τ_t runs in the compiled kernels (tvq.quant.kernels) where
+    they apply: the same codes and parameters, statistics summed more exactly."""
     spec = as_spec(bits)
+    if pretrained is None and not exact_fp64:
+        fast = encode_minmax(minuends, subtrahend, spec, chunk=chunk)
+        if fast is not None:
+            return fast
     sub = Converted(subtrahend, chunk)
     thetas = [operand(m, exact_fp64, chunk) for m in minuends]
     diffs = [difference(theta, sub, chunk) for theta in thetas]

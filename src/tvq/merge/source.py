@@ -207,6 +207,11 @@ class TaskSource:
             return tau
         return self._transform(task, key, tau.clone())  # transforms may work in place; never on the caller's data
 
+    def has_codes(self) -> bool:
+        """Whether every task comes from a pack (untransformed): ``coded`` may then answer (per
+        tensor: not for the tensors a pack stores exactly, nor for non-elementwise schemes)."""
+        return self._transform is None and all(task.codes is not None for task in self.inputs)
+
     def coded(self, key: str) -> list[CodedTensor] | None:
         """Every task's τ̂ of ``key`` as a value table and codes, or None unless all are coded
         (packs of elementwise schemes) and untransformed. Not metered: see ``count_read``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import torch
 
@@ -126,7 +127,10 @@ class Mean(ChunkSource):
         super().__init__(chunk)
         self.flats = [t.reshape(-1) for t in tensors]
         self.device = tensors[0].device
-        self.identical = all(torch.equal(t, tensors[0]) for t in tensors[1:])
+
+    @cached_property
+    def identical(self) -> bool:
+        return all(torch.equal(t, self.flats[0]) for t in self.flats[1:])
 
     def compute(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         if self.identical:

@@ -20,12 +20,15 @@ MSE search's clip factors alike.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tvq.errors import EncodeError
+from tvq.quant import histogram
 from tvq.quant.affine import NOT_FINITE, affine_from_range
 from tvq.quant.chunks import CHUNK
 
@@ -62,36 +65,50 @@ class ValueStats:
         end)`` gives its flat values in fp32 a chunk at a time. One pass takes the range and
         keeps the evenly spaced sample (at most ``sample`` fp32 values); a tensor of at most
         ``sample`` values is histogrammed whole, from a second pass over its chunks."""
+        return cls.streamed_all([chunks], numel, bins, sample, chunk)[0]
+
+    @classmethod
+    def streamed_all(cls, sources: Sequence[Callable[[int, int], torch.Tensor]], numel: int, bins: int = BINS,
+                     sample: int = SAMPLE, chunk: int = CHUNK) -> list[ValueStats]:  # fmt: skip
+        """``streamed`` of several tensors of ``numel`` values in one pass over the chunks, each
+        chunk of every source in turn: sources that share an operand (θ_pre, a chunk source that
+        keeps its last chunk) convert it once per chunk, not once per source. The same numbers."""
         step = sample_step(numel, sample)
-        kept = torch.empty(len(range(0, numel, step)), dtype=torch.float32) if step > 1 else None
-        lo = hi = 0.0
+        kept = [work_buffer(f"kept{i}", len(range(0, numel, step)), torch.float32) for i in range(len(sources))] if step > 1 else None
+        lo = [0.0] * len(sources)
+        hi = [0.0] * len(sources)
         for start in range(0, numel, chunk):
-            values = chunks(start, min(start + chunk, numel))
-            c_lo, c_hi = (float(v) for v in torch.aminmax(values))
-            _check_range(c_lo, c_hi)
-            lo, hi = (c_lo, c_hi) if start == 0 else (min(lo, c_lo), max(hi, c_hi))
-            if kept is not None:  # the values at 0, step, 2·step, … of the whole tensor
-                first = -start % step
-                picked = values[first::step]
-                kept[(start + first) // step :][: picked.numel()] = picked
-        _check_range(lo, hi)
-        parts = [kept] if kept is not None else (chunks(s, min(s + chunk, numel)) for s in range(0, numel, chunk))
-        return cls.of_sample(lo, hi, numel, parts, bins)
+            end = min(start + chunk, numel)
+            first = -start % step
+            for i, chunks in enumerate(sources):
+                values = chunks(start, end)
+                c_lo, c_hi = (float(v) for v in torch.aminmax(values))
+                _check_range(c_lo, c_hi)
+                lo[i], hi[i] = (c_lo, c_hi) if start == 0 else (min(lo[i], c_lo), max(hi[i], c_hi))
+                if kept is not None:  # the values at 0, step, 2·step, … of the whole tensor
+                    picked = values[first::step]
+                    kept[i][(start + first) // step :][: picked.numel()] = picked
+        out = []
+        for i, chunks in enumerate(sources):
+            _check_range(lo[i], hi[i])
+            parts = [kept[i]] if kept is not None else (chunks(s, min(s + chunk, numel)) for s in range(0, numel, chunk))
+            out.append(cls.of_sample(lo[i], hi[i], numel, parts, bins))
+        return out
 
     @classmethod
     def of_sample(cls, lo: float, hi: float, numel: int, parts: Iterable[torch.Tensor], bins: int = BINS) -> ValueStats:
         """From the range of a tensor of ``numel`` values and its sample, given in parts: the
         histogram of the sample (integer counts, so summed over parts in any split), scaled."""
         width = (hi - lo) / bins if hi > lo else 1.0
-        counts = torch.zeros(bins, dtype=torch.int64)
-        sampled = 0
-        for part in parts:
-            index = ((part.float() - lo) * (1.0 / width)).to(torch.int64).clamp_(0, bins - 1)
-            counts += torch.bincount(index, minlength=bins)
-            sampled += part.numel()
+        counts, sampled = bin_counts(parts, lo, width, bins)
+        return cls.of_counts(lo, hi, numel, width, counts, sampled)
+
+    @classmethod
+    def of_counts(cls, lo: float, hi: float, numel: int, width: float, counts: torch.Tensor, sampled: int) -> ValueStats:
+        """From the range of a tensor of ``numel`` values and the bin counts of ``sampled`` of them, scaled."""
         count = counts.to(torch.float64) * (numel / max(sampled, 1))
         # values spread evenly inside a bin: Σx = n·c and Σx² = n·(c² + w²/12) (exact as w → 0)
-        centre = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+        centre = lo + (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * width
         total, squares = count * centre, count * (centre * centre + width * width / 12)
 
         def prefix(t: torch.Tensor) -> torch.Tensor:
@@ -159,6 +176,102 @@ class ValueStats:
     def error(self, bits: int, clips: Sequence[float] = (1.0,)) -> float:
         """The least estimated error over ``clips`` (one clip factor: min–max)."""
         return min(self.affine_errors(bits, clips))
+
+
+INDEX_BLOCK = 1 << 20  # bin indices counted per bincount (int32: 4 MiB per thread)
+_buffers = threading.local()
+
+
+def work_buffer(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer of ``n`` elements, this thread's own, reused by its next call: fresh pages cost
+    a fault and a zeroing pass each (the analysis summarises thousands of tensors), as
+    ``tvq.quant.chunks.scratch`` says. Valid until this thread asks for ``name`` again."""
+    buf = getattr(_buffers, name, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        setattr(_buffers, name, buf)
+    return buf[:n]
+
+
+def release_work_buffers() -> None:
+    """Drop this thread's work buffers (a pool's threads drop theirs when they end)."""
+    _buffers.__dict__.clear()
+
+
+def bin_counts(parts: Iterable[torch.Tensor], lo: float, width: float, bins: int) -> tuple[torch.Tensor, int]:
+    """How many values of ``parts`` fall in each of ``bins`` bins of ``width`` from ``lo`` (int64),
+    and how many values there were: the bin of x is ⌊(float32(x) − lo) · (1 / width)⌋ in fp32,
+    clamped to the bins. A chunk at a time in reused buffers, indices in int32 counted a block
+    at a time across parts: the same counts as the whole-tensor expression
+    ``((x.float() − lo) * (1 / width)).to(int64).clamp(0, bins − 1)`` (clamping before truncating
+    toward zero changes no index), about 3x faster (its three full-size temporaries were most of
+    the budget analysis' time); compiled where numba is installed (``tvq.quant.histogram.counter``)."""
+    inv = 1.0 / width
+    counts = torch.zeros(bins, dtype=torch.int64)
+    index = work_buffer("index", INDEX_BLOCK, torch.int32)
+    scaled = work_buffer("scaled", CHUNK, torch.float32)
+    filled = sampled = 0
+    for part in parts:
+        flat = part.reshape(-1)
+        n = flat.numel()
+        sampled += n
+        kernel = histogram.counter(n)
+        if kernel is not None:  # compiled: one fused loop, the same counts
+            lo32, inv32, top = np.float32(lo), np.float32(inv), np.float32(bins - 1)
+            if flat.dtype == torch.float32 and flat.is_contiguous():
+                kernel(flat.numpy(), lo32, inv32, top, counts.numpy())
+                continue
+            for start in range(0, n, CHUNK):
+                x = scaled[: min(CHUNK, n - start)]
+                kernel(x.copy_(flat[start : start + x.numel()]).numpy(), lo32, inv32, top, counts.numpy())
+            continue
+        start = 0
+        while start < n:
+            end = min(start + CHUNK, n, start + INDEX_BLOCK - filled)
+            x = scaled[: end - start]
+            x.copy_(flat[start:end])  # fp32 (rounded once from fp64, as .float())
+            x.sub_(lo).mul_(inv).clamp_(0, bins - 1)
+            index[filled : filled + end - start].copy_(x)
+            filled += end - start
+            start = end
+            if filled == INDEX_BLOCK:
+                counts += torch.bincount(index, minlength=bins)
+                filled = 0
+    if filled:
+        counts += torch.bincount(index[:filled], minlength=bins)
+    return counts, sampled
+
+
+def compiled_stats(theta: torch.Tensor, pre: torch.Tensor | None, bins: int = BINS, sample: int = SAMPLE) -> ValueStats | None:
+    """``ValueStats.of`` of θ.float() − θ_pre.float() (or of θ.float(), no ``pre``), the same
+    numbers, from two compiled passes over the stored inputs (``tvq.quant.histogram``: the range,
+    then the sample's bins, x formed in registers, never stored). None where they do not apply:
+    numba missing, inputs not both bf16 or both fp32 on the CPU, or values torch's path must
+    judge (non-finite ones, a zero minimum or maximum)."""
+    numel = theta.numel()
+    kernels = histogram.input_kernels(numel)
+    same = pre is None or (pre.dtype == theta.dtype and pre.device == theta.device)
+    if kernels is None or theta.dtype not in (torch.bfloat16, torch.float32) or theta.device.type != "cpu" or not same:
+        return None
+    ranger, count = kernels
+    bf16 = theta.dtype == torch.bfloat16
+    t = _elements(theta)
+    p = t if pre is None else _elements(pre)
+    lo, hi, plain = ranger(t, p, bf16, pre is not None)
+    if not plain:
+        return None
+    _check_range(lo, hi)
+    step = sample_step(numel, sample)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    counts = torch.zeros(bins, dtype=torch.int64)
+    count(t, p, bf16, pre is not None, step, np.float32(lo), np.float32(1.0 / width), np.float32(bins - 1), counts.numpy())
+    return ValueStats.of_counts(lo, hi, numel, width, counts, len(range(0, numel, step)))
+
+
+def _elements(t: torch.Tensor) -> np.ndarray:
+    """A bf16 or fp32 CPU tensor's flat elements for the kernels: bf16 as its uint16 bits."""
+    flat = t.reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def sample_step(numel: int, sample: int = SAMPLE) -> int:

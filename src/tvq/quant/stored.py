@@ -16,6 +16,7 @@ from tvq.io.safetensors_writer import sha256_tensor
 from tvq.quant.chunks import Converted
 from tvq.quant.entropy import Coded, aligned_nbytes, decode, decode_raw_bytes, encode, encode_raw_bytes, packed_from_aligned, pays, to_aligned
 from tvq.quant.fused import QuantResult, encode_chunks
+from tvq.quant.kernels import realigned
 from tvq.quant.packing import unpack_codes
 from tvq.quant.schemes import decode_problem, decoded_bound, get_scheme
 
@@ -100,7 +101,8 @@ class StoredTensor:
         if self.kind != "q":
             return self
         n, bits = math.prod(self.shape), int(self.bits or 0)
-        stream, coded = encode(to_aligned(self.data, bits, n), strong=strong)
+        aligned = realigned(self.data, bits, n)  # the same bytes, compiled
+        stream, coded = encode(to_aligned(self.data, bits, n) if aligned is None else aligned, strong=strong)
         if pays(stream.numel(), len(coded.blocks), self.data.numel()):
             self.data, self.entropy, self.sha256 = stream, coded, None
         return self

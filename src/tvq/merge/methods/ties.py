@@ -9,6 +9,10 @@ majority sign); ``scope=tensor`` trims and elects per tensor, like mergekit's ``
 One deliberate difference: the reference keeps int(k·n)+1 entries (its kthvalue is off by
 one); tvq keeps int(k·n), as the comment in the reference intends and mergekit does.
 
+With more combinations of codes than a lookup table holds (more than four 4-bit tasks), TIES
+merges from the codes in a compiled loop (``tvq.merge.ties_kernel``), and global scope's
+pre-pass from packs reads code histograms (``tvq.merge.ties_global``): same bytes.
+
 Tensors larger than a block merge by blocks (tvq.merge.blocks, ``TiesBlocks``) with the same
 bytes: once a task's cut-off is known (the value, and for the exact rule where the hash order
 stops among the entries tied at it: the hash is a function of the flat index, so a block
@@ -19,7 +23,8 @@ then the majority sign (``streamed_majority``); the global pre-pass streams the 
 the same way.
 
 The exact rule's tie cut from codes (issue 19) hashes every element in NumPy a cache-sized run
-at a time (``CodeHasher``: cheaper than finding the tied entries first) and finds the cut in a
+at a time (``CodeHasher``: cheaper than finding the tied entries first, and than a compiled
+loop that hashes only the tied ones, measured) and finds the cut in a
 window guessed around its expected hash (``WindowCut``: the hash is a bijection of the index,
 independent of which entries tie), falling back to the radix cut when the guess misses; the
 whole-tensor path moves the dropped entries in the joint index as it goes (``JointMove``).
@@ -43,7 +48,8 @@ from pydantic import Field
 
 from tvq.errors import ConfigError
 from tvq.execute import memory_limit
-from tvq.merge.blocks import model_blocks
+from tvq.merge import ties_kernel
+from tvq.merge.blocks import model_blocks, model_parts
 from tvq.merge.coded import (
     combination_values,
     joint_index,
@@ -77,9 +83,11 @@ from tvq.merge.ops import (
     ties_merge,
     trimmed_sum,
 )
-from tvq.merge.registry import BlockMerger, BlockPasses, Blocks, MergeMethod, MethodOptions, Parts, merge_method, tie_rule_field
+from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod, MethodOptions, Parts, merge_method, tie_rule_field
 from tvq.merge.source import TaskSource
+from tvq.merge.ties_global import ModelCounts, coded_block_votes, key_parts, model_counts
 from tvq.merge.weights import PerTask, PerTaskFraction, elect_and_fuse, per_task
+from tvq.pack.blocks import values
 from tvq.quant.coded import CodedTensor
 
 TIES_BY_BLOCKS = True  # large tensors merge by blocks (tvq.merge.blocks); False: each tensor whole
@@ -171,24 +179,30 @@ class TiesStats:
             def batches() -> Iterator[torch.Tensor]:
                 return map(itemgetter(2), model_blocks(source, desc=f"ties: global top-k (pass {next(passes)})", progress=progress))
 
-            thresholds, need, tied = global_select(batches, k, rows)
+            counted = model_counts(source, progress)
+            thresholds, need, tied = counted.select(k) if counted is not None else global_select(batches, k, rows)
             stats = cls(tasks, thresholds, 0.0)
             short = [t for t in range(rows) if int(need[t]) < int(tied[t])]
             if tie_rule == "exact" and short:
-                stats._break_ties(source, short, need, progress)
+                stats._break_ties(source, short, need, progress, counted)
         stats._vote(source, progress)
         return stats
 
     def _vote(self, source: TaskSource, progress: bool) -> None:
-        """The majority sign over the whole model and the entries kept per tensor: one pass by blocks."""
+        """The majority sign over the whole model and the entries kept per tensor: one pass by
+        blocks (from the codes where every task's part is coded: ``coded_block_votes``)."""
         votes = 0
         counts: dict[str, torch.Tensor] = {}
         trim: Trim | None = None
-        for key, start, block in model_blocks(source, desc="ties: majority sign", progress=progress):
+        for key, start, block in model_parts(source, desc="ties: majority sign", progress=progress):
             if key not in counts:
                 trim, counts[key] = self.trim(key), torch.zeros(len(self.tasks), dtype=torch.int64)
             assert trim is not None
-            votes += block_votes(block, start, trim, counts[key])
+            if isinstance(block, list) and ties_kernel.usable(block, start):
+                votes += coded_block_votes(block, start, trim, counts[key])
+            else:
+                dense = torch.stack([values(part) for part in block]) if isinstance(block, list) else block
+                votes += block_votes(dense, start, trim, counts[key])
             del block  # before the next block is read
         self.kept = {key: count.tolist() for key, count in counts.items()}
         self.majority = float(torch.sign(torch.tensor(float(votes))))
@@ -196,16 +210,34 @@ class TiesStats:
     def _seed(self, t: int, key: str) -> int:
         return tie_seed(self.tasks[t], key)
 
-    def _break_ties(self, source: TaskSource, short: list[int], need: torch.Tensor, progress: bool) -> None:
+    def _break_ties(self, source: TaskSource, short: list[int], need: torch.Tensor, progress: bool, counted: ModelCounts | None = None) -> None:
         """Where the top k of each task in ``short`` ends among its tied entries, in hash order
-        (hash, tensor name, index; at a cut-off of 0, tensor name and index): ``tie_cuts``, two
-        streaming passes over the model by blocks."""
+        (hash, tensor name, index; at a cut-off of 0, tensor name and index). With the model's
+        code histograms (``counted``): a cut inside one coded tensor comes from one pass over
+        its codes (``coded_tie_cuts``), and the rest read only the tensors holding tied entries
+        (the others add nothing); else ``tie_cuts``, two streaming passes over the model."""
+        left = {t: int(need[t]) for t in short}
+        holding = None
+        if counted is not None:
+            for key, ranks in counted.one_tensor_cuts(self.thresholds, left).items():
+                if source.numel(key) > _HASHED_MAX:
+                    continue
+                seeds = [self._seed(t, key) for t in range(len(self.tasks))]
+                needs, tied = {t: r for t, (r, _) in ranks.items()}, {t: n for t, (_, n) in ranks.items()}
+                cuts = coded_tie_cuts(key_parts(source, key), needs, tied, self.thresholds, seeds, {})
+                for t, (cut, index) in (cuts or {}).items():
+                    self.hash_cut[t], self.cut_key[t], self.cut_index[t] = cut, key, index
+                    del left[t]
+            holding = counted.tied_keys(self.thresholds, list(left))
+        if not left:
+            return
         passes = iter(("1/2", "2/2"))
 
         def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, torch.Tensor]]:
-            return model_blocks(source, desc=f"ties: tie-break (pass {next(passes)})", progress=progress, keys=keys)
+            wanted = holding if keys is None else (set(keys) if holding is None else holding & set(keys))
+            return model_blocks(source, desc=f"ties: tie-break (pass {next(passes)})", progress=progress, keys=wanted)
 
-        for t, (cut, key, index) in tie_cuts(stream, self._seed, self.thresholds, {t: int(need[t]) for t in short}).items():
+        for t, (cut, key, index) in tie_cuts(stream, self._seed, self.thresholds, left).items():
             self.hash_cut[t], self.cut_key[t], self.cut_index[t] = cut, key, index
 
 
@@ -370,14 +402,30 @@ def code_select(parts: Parts, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(found), torch.tensor(need), torch.tensor(tied)
 
 
-def streamed_majority(passes: Blocks, trim: Trim) -> float:
+def streamed_majority(passes: BlockPasses, trim: Trim) -> float:
     """The majority sign of one tensor read by blocks, as ``ties_merge`` elects it on the whole
-    tensor: the sign of the sum of the elements' elected signs (an exact integer count)."""
-    votes = 0
-    for start, block in passes():
-        votes += block_votes(block, start, trim)
-        del block  # before the next block is read
+    tensor: the sign of the sum of the elements' elected signs (an exact integer count), from
+    the codes where every input is coded (``ties_kernel.coded_votes``), else the dense blocks."""
+    votes = coded_majority_votes(passes.parts, trim)
+    if votes is None:
+        votes = 0
+        for start, block in passes.dense():
+            votes += block_votes(block, start, trim)
+            del block  # before the next block is read
     return float(torch.sign(torch.tensor(float(votes))))
+
+
+def coded_majority_votes(parts: Parts, trim: Trim) -> int | None:
+    """``streamed_majority``'s count from the codes, one compiled pass; None when an input is not coded."""
+    votes = start = 0
+    for block in parts():
+        coded = [part for part in block if isinstance(part, CodedTensor)]
+        if len(coded) != len(block) or not ties_kernel.usable(coded, start):
+            return None
+        votes += ties_kernel.coded_votes(coded, ties_kernel.CodeTrim.of(coded, trim), start)
+        start += coded[0].index.numel()
+        del block, coded  # before the next block is read
+    return votes
 
 
 def block_votes(block: torch.Tensor, start: int, trim: Trim, kept: torch.Tensor | None = None) -> int:
@@ -421,15 +469,25 @@ class TiesBlocks(BlockMerger):
         """``Ties.merge_coded`` on one block: a lookup table over the block's combinations of
         codes, with the tensor's trim and majority sign (None: the dense block)."""
         method = self.method
-        if method.weighted or method.density is None or not worth_coding(coded):
+        if method.weighted or method.density is None:
             return None
-        split = [split_ties(c, self.trim, t, start) for t, c in enumerate(coded)]
-        coded = [c for c, _ in split]
         if not worth_coding(coded):
-            return None
+            return self._compiled(start, coded)
+        split = [split_ties(c, self.trim, t, start) for t, c in enumerate(coded)]
+        if not worth_coding([c for c, _ in split]):
+            return self._compiled(start, coded)
+        coded = [c for c, _ in split]
         keep = combination_keep([keep for _, keep in split])
         lut = ties_merge(combination_values(coded), lambda part, at: keep[:, at : at + part.shape[1]], self.majority, method.options.aggregate)
         return lookup(lut.mul_(method.options.lam), joint_index(coded))
+
+    def _compiled(self, start: int, coded: list[CodedTensor]) -> torch.Tensor | None:
+        """The block from its codes in one compiled pass (``ties_kernel``), the majority sign known."""
+        if self.majority is None or not ties_kernel.usable(coded, start):
+            return None
+        o = self.method.options
+        merged = ties_kernel.coded_ties(coded, ties_kernel.CodeTrim.of(coded, self.trim), self.majority, o.aggregate == "mean", start)
+        return merged.mul_(o.lam)
 
 
 def task_trim(taus: torch.Tensor, densities: Sequence[float], seeds: Sequence[int], rule: str) -> Trim:
@@ -479,7 +537,7 @@ class Ties(MergeMethod):
         counts = [keep_count(d, numel) for d in self.densities]
         trim = streamed_trim(passes, key, numel, counts, self.tasks, self.options.tie_rule)
         self.record_kept(key, trim.kept, numel)
-        return TiesBlocks(self, key, trim, None if self.weighted else streamed_majority(passes.dense, trim))
+        return TiesBlocks(self, key, trim, None if self.weighted else streamed_majority(passes, trim))
 
     def topk_density(self) -> float | None:
         return self.density if self.density is not None else sum(self.densities) / len(self.densities)
@@ -516,11 +574,13 @@ class Ties(MergeMethod):
         rule, which of the entries tied at a cut-off are kept depends on their index: the entries
         a task drops (the dense path's hash order, found once per task by ``coded_trim``) move
         to a code it does not keep (``split_ties``) before the joint index is made."""
-        if not worth_coding(coded) or self.density is None or self.weighted:
+        if self.density is None or self.weighted:
             return None  # per-task weights or densities: the dense path
         o = self.options
         if o.scope == "global" and self.stats is None:
             raise RuntimeError("global TIES needs prepare() (its pre-pass) before merge_coded()")
+        if not worth_coding(coded):
+            return self._compiled(key, coded)
         n = coded[0].index.numel()
         joint = per_combination = None
         if self.stats is not None:
@@ -540,15 +600,32 @@ class Ties(MergeMethod):
                 return self._coded_lut(coded, keep, per_combination, joint)
         split = [split_ties(c, trim, t) for t, c in enumerate(coded)]
         if any(new is not old for (new, _), old in zip(split, coded, strict=True)):
+            if not worth_coding([c for c, _ in split]):  # copies of the tied codes made the table larger than the tensor
+                return self._compiled(key, coded, trim)
             coded = [c for c, _ in split]
-            if not worth_coding(coded):
-                return None  # copies of the tied codes made the table larger than the tensor
             joint = per_combination = None
         joint = joint_index(coded) if joint is None else joint
         keep = combination_keep([keep for _, keep in split])
         if self.stats is None and per_combination is None:
             per_combination = torch.bincount(joint, minlength=combination_count(coded))
         return self._coded_lut(coded, keep, per_combination, joint)
+
+    def _compiled(self, key: str, coded: list[CodedTensor], trim: Trim | None = None) -> torch.Tensor | None:
+        """TIES from codes without a lookup table (too many combinations): the trim from the
+        tasks' code histograms (``coded_trim``), then one compiled pass (``tvq.merge.ties_kernel``)."""
+        if not ties_kernel.usable(coded):
+            return None
+        o = self.options
+        majority = None
+        if self.stats is not None:
+            trim, majority = self.stats.trim(key), self.stats.majority
+        elif trim is None:
+            assert self.density is not None
+            counts = [torch.bincount(c.index, minlength=c.values) for c in coded]
+            trim = coded_trim(coded, counts, self.density, [tie_seed(t, key) for t in self.tasks], o.tie_rule, marks=False)
+            self.record_kept(key, trim.kept, coded[0].index.numel())
+        code_trim = ties_kernel.CodeTrim.of(coded, trim)
+        return ties_kernel.coded_ties(coded, code_trim, majority, o.aggregate == "mean").mul_(o.lam)
 
     def _coded_lut(self, coded: list[CodedTensor], keep: torch.Tensor, per_combination: torch.Tensor | None, joint: torch.Tensor) -> torch.Tensor:
         """The merged tensor from its lookup table over the combinations of codes (``keep``:
@@ -596,6 +673,7 @@ def coded_trim(
     tie_rule: str,
     joint: torch.Tensor | None = None,
     moved: set[int] | None = None,
+    marks: bool = True,
 ) -> Trim:
     """Per-tensor top-k from codes: the dense ``row_trim`` (same thresholds, same tie cut, same
     counts, same ``Trim.dropped``), with the histograms standing in for passes over the values.
@@ -603,7 +681,8 @@ def coded_trim(
     With ``joint`` (``joint_index`` of ``coded``) and ``moved``: a task whose dropped entries
     can move to a code of smaller |value| moves them in ``joint`` as its cut is found
     (``JointMove``: ``split_ties`` on the joint index, with no mask of them kept), and is
-    added to ``moved``."""
+    added to ``moved``. ``marks=False``: no ``Trim.dropped`` (a consumer that hashes the tied
+    entries itself, ``ties_kernel``, needs no mask of n bytes per task)."""
     n = coded[0].index.numel()
     strides = [combination_count(coded[t + 1 :]) for t in range(len(coded))]
     scratch = np.empty(min(_HASH_CHUNK, n), dtype=np.int32) if joint is not None else None
@@ -629,8 +708,8 @@ def coded_trim(
             if joint is not None and moved is not None and scratch is not None and movable and joint.device.type == "cpu":
                 move = JointMove(joint.numpy(), int(spare[0]), strides[t], scratch)
                 moved.add(t)
-            cut, index, drop = coded_tied_cut(c, torch.nonzero(mag == thr).squeeze(1), seed, float(thr), k - above, tied, move)
-            if drop is not None:
+            cut, index, drop = coded_tied_cut(c, torch.nonzero(mag == thr).squeeze(1), seed, float(thr), k - above, tied, move, marks)
+            if drop is not None and marks:
                 dropped[t] = drop
             kept.append(k)
         hash_cut.append(cut)
@@ -639,7 +718,14 @@ def coded_trim(
 
 
 def coded_tied_cut(
-    c: CodedTensor, codes: torch.Tensor, seed: int, threshold: float, need: int, tied: int | None = None, move: JointMove | None = None
+    c: CodedTensor,
+    codes: torch.Tensor,
+    seed: int,
+    threshold: float,
+    need: int,
+    tied: int | None = None,
+    move: JointMove | None = None,
+    marks: bool = True,
 ) -> tuple[int, int, torch.Tensor | None]:
     """``tied_cut`` of the elements whose code is one of ``codes`` (the cut-off's; ``tied``
     of them, counted here when None): (hash cut, index cut, a bool mask of the dropped
@@ -653,7 +739,8 @@ def coded_tied_cut(
 
     ``move`` (at a non-zero cut-off, below 2^32 elements, on the CPU): the dropped entries
     move in its joint index instead, chunk by chunk, and no mask of them is returned (but
-    for the radix cut's)."""
+    for the radix cut's). ``marks=False``: the mask may be None (the window pass marks into one
+    chunk's scratch)."""
     n = c.index.numel()
     if move is not None:
         return moved_tied_cut(c, codes, seed, need, tied, move)
@@ -663,12 +750,15 @@ def coded_tied_cut(
         if tied is None:
             tied = int(torch.bincount(c.index, minlength=c.values)[codes].sum())
         window = WindowCut(seed, codes.tolist(), tied, need, min(_HASH_CHUNK, n))
-        dropped = torch.empty(n, dtype=torch.bool)
+        dropped = torch.empty(n if marks else min(_HASH_CHUNK, n), dtype=torch.bool)
         for start in range(0, n, _HASH_CHUNK):
-            window.feed(start, c.index[start : start + _HASH_CHUNK], dropped[start : start + _HASH_CHUNK])
+            part = c.index[start : start + _HASH_CHUNK]
+            window.feed(start, part, dropped[start : start + _HASH_CHUNK] if marks else dropped[: part.numel()])
         found = window.finish()
         if found is not None:
             cut, index, past = found
+            if not marks:
+                return cut, index, None
             dropped[past] = True
             return cut, index, dropped
     return radix_coded_tied_cut(c, codes, seed, need)
