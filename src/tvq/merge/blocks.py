@@ -91,33 +91,39 @@ def model_blocks(
             del part  # before the next block is read
 
 
+def tensor_parts(source: TaskSource, key: str, block: int | None = None) -> Iterator[tuple[int, list[CodedTensor] | torch.Tensor]]:
+    """One pass over ``key`` (counted read) with the codes kept where every task's part is
+    coded: (first element, every task's ``CodedTensor`` or the ``[T, m]`` fp32 block); by blocks
+    when the tensor is larger than a block and every input reads by blocks, else whole."""
+    n, step = source.numel(key), block_elements(block)
+    readers = source.blocks(key) if n > step else None
+    if readers is None:
+        coded = source.coded(key)
+        if coded is None:
+            yield 0, source.stack(key).reshape(len(source.tasks), -1)  # metered by ``stack``
+            return
+        source.count_read(key)
+        yield 0, coded
+        return
+    source.count_read(key)
+    for start in range(0, n, step):
+        parts = [reader.read(start, min(start + step, n)) for reader in readers]
+        if all(isinstance(part, CodedTensor) for part in parts):
+            yield start, [part for part in parts if isinstance(part, CodedTensor)]
+        else:
+            yield start, torch.stack([values(part) if isinstance(part, CodedTensor) else part for part in parts])
+        del parts  # before the next block is read
+
+
 def model_parts(
     source: TaskSource, block: int | None = None, desc: str = "", progress: bool = False, keys: Collection[str] | None = None
 ) -> Iterator[tuple[str, int, list[CodedTensor] | torch.Tensor]]:
-    """``model_blocks`` with the codes kept where every task's part is coded: (key, first
-    element, every task's ``CodedTensor`` or the ``[T, m]`` fp32 block). A pre-pass from code
-    histograms then decodes no values."""
+    """``model_blocks`` with the codes kept (``tensor_parts`` of every merged tensor): a pre-pass
+    from code histograms then decodes no values."""
     names = source.keys if keys is None else [k for k in source.keys if k in keys]
     for key in tqdm(names, desc=desc, unit="tensor", disable=not progress):
-        n, step = source.numel(key), block_elements(block)
-        readers = source.blocks(key) if n > step else None
-        if readers is None:
-            coded = source.coded(key)
-            if coded is not None:
-                source.count_read(key)
-                yield key, 0, coded
-            else:
-                yield key, 0, source.stack(key).reshape(len(source.tasks), -1)
-            continue
-        source.count_read(key)
-        for start in range(0, n, step):
-            end = min(start + step, n)
-            parts = [reader.read(start, end) for reader in readers]
-            if all(isinstance(part, CodedTensor) for part in parts):
-                yield key, start, [part for part in parts if isinstance(part, CodedTensor)]
-            else:
-                yield key, start, torch.stack([values(part) if isinstance(part, CodedTensor) else part for part in parts])
-            del parts  # before the next block is read
+        for start, part in tensor_parts(source, key, block):
+            yield key, start, part
 
 
 def may_code(method: MergeMethod) -> bool:

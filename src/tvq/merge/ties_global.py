@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tvq.merge import ties_kernel
-from tvq.merge.blocks import block_elements, model_parts
+from tvq.merge.blocks import model_parts, tensor_parts
 from tvq.merge.coded import weighted_kth_largest
 from tvq.merge.ops import ALL_TIES, Trim, _zero_rank
 from tvq.merge.registry import Parts
@@ -115,19 +115,12 @@ def model_counts(source: TaskSource, progress: bool = False) -> ModelCounts | No
 
 
 def key_parts(source: TaskSource, key: str, block: int | None = None) -> Parts:
-    """Fresh passes over one tensor's parts as read (``BlockPasses.parts``, for a tie cut from
-    codes): by blocks when it is larger than a block, else whole."""
+    """Fresh passes over one tensor's parts (``BlockPasses.parts``, for a tie cut from codes):
+    ``tensor_parts``, a dense block as its rows."""
 
     def passes() -> Iterator[list[CodedTensor | torch.Tensor]]:
-        source.count_read(key)
-        n, step = source.numel(key), block_elements(block)
-        readers = source.blocks(key) if n > step else None
-        if readers is None:
-            coded = source.coded(key)
-            yield list(coded) if coded is not None else list(source.stack(key).reshape(len(source.tasks), -1))
-            return
-        for start in range(0, n, step):
-            yield [reader.read(start, min(start + step, n)) for reader in readers]
+        for _, part in tensor_parts(source, key, block):
+            yield list(part)
 
     return passes
 
