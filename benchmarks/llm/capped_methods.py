@@ -53,6 +53,7 @@ def main() -> None:
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     cgroup = llm.Cgroup(args.cap)
     rows = []
+    out = args.out or args.workdir / "capped-methods.json"
     pairs = [tuple(p.split(":", 1)) for p in args.pairs] if args.pairs else [(m, k) for k in args.packs for m in args.methods]
     try:
         for method, pack in pairs:
@@ -66,11 +67,11 @@ def main() -> None:
             rows.append({"method": method, "pack": pack, "wall_s": free.wall_s, "cpu_s": (free.user_s or 0) + (free.sys_s or 0),
                          "anon_mib": free.peak_anon_mib, "capped_rc": capped.rc, "capped_wall_s": capped.wall_s,
                          "cgroup_peak_mib": capped.cgroup_peak_mib, "oom_kills": capped.cgroup_oom_kills, "identical": same})  # fmt: skip
+            print(f"    capped rc {capped.rc}; outputs {'identical' if same else 'DIFFER'} to the uncapped run", flush=True)
             shutil.rmtree(s.output, ignore_errors=True)
+            out.write_text(json.dumps({"cap_bytes": args.cap, "rows": rows}, indent=1))  # after every pair: a long run can be stopped
     finally:
         cgroup.remove()
-    out = args.out or args.workdir / "capped-methods.json"
-    out.write_text(json.dumps({"cap_bytes": args.cap, "rows": rows}, indent=1))
     cap = f"under {args.cap / 2**30:g} GiB"
     print(f"\n| method | pack | wall s | CPU s | peak anon MiB | {cap} | cgroup peak MiB | capped wall s | identical bytes |")
     print("|---|---|---:|---:|---:|---|---:|---:|---|")

@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from tvq import heap
 from tvq.errors import ConfigError, TvqError
 
 DEFAULT_BUDGET = 2 << 30
@@ -97,6 +98,7 @@ class LocalExecutor:
         if self.threads == 1:
             for job in jobs:
                 yield fn(job)
+                heap.release()  # the job's freed memory, back before the next (tvq.heap)
             return
         with one_torch_thread(), ThreadPoolExecutor(self.threads) as pool:
             yield from _Backfill(pool, fn, jobs, self.threads, self.memory_budget, self.lookahead).results()
@@ -130,6 +132,7 @@ class _Backfill:
                 self._settle(head)
                 self.held -= head.held
                 yield head.future.result()
+                heap.release()  # what the caller freed of the previous result
                 continue
             done, _ = wait(self.running, return_when=FIRST_COMPLETED)
             for slot in self.window:
@@ -149,7 +152,7 @@ class _Backfill:
             if len(self.running) >= self.threads:
                 return
             if slot.future is None and (not self.running or self.held + slot.cost <= self.budget):
-                slot.future = self.pool.submit(self.fn, slot.job)
+                slot.future = self.pool.submit(_released, self.fn, slot.job)
                 slot.held = slot.cost
                 self.held += slot.cost
                 self.running.add(slot.future)
@@ -166,6 +169,14 @@ class _Backfill:
 
 
 _END = object()
+
+
+def _released(fn: Callable[[J], R], job: J) -> R:
+    """``fn(job)`` on a worker, then the memory it freed back to the system (``tvq.heap``)."""
+    try:
+        return fn(job)
+    finally:
+        heap.release()
 
 
 class RayExecutor:

@@ -13,17 +13,23 @@ the original classes (which tvq itself never imports).
 Tensors that share a storage are written in turn; each is read back at the end, and one
 that another overwrote (overlapping views with different values) is an error, not a
 silently different model.
+
+A large merged tensor may come as consecutive flat pieces (``ChunkedTensor``: a tensor merged
+by blocks, ``tvq.merge.blocks.Chunked``); a dense one is written piece by piece where it
+lies, so the writer never holds it whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -35,6 +41,15 @@ from tvq.io.torch_pickle_reader import TorchPickleReader, element_range, is_dens
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 CRC_CHUNK = 16 << 20
+
+
+class ChunkedTensor(Protocol):
+    """A tensor as consecutive flat pieces, in order (``tvq.merge.blocks.Chunked`` is one):
+    declared here because tvq.io sits below tvq.merge and must not import it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: Iterator[torch.Tensor]
 
 
 def pickle_template(pretrained: CheckpointReader | object, out: str | Path) -> Path | None:
@@ -53,10 +68,11 @@ def pickle_template(pretrained: CheckpointReader | object, out: str | Path) -> P
     return path if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" else None
 
 
-def write_like(template: Path, tensors: Iterable[tuple[str, torch.Tensor]], tmp: Path, dtype: torch.dtype | None = None) -> int:
-    """Write ``tensors`` (every tensor of the template's state dict, any order) into a copy of
-    ``template`` at ``tmp``; returns the file's size. ``dtype`` (a requested output dtype)
-    must be every float tensor's own: the program fixes each storage's type."""
+def write_like(template: Path, tensors: Iterable[tuple[str, torch.Tensor | ChunkedTensor]], tmp: Path, dtype: torch.dtype | None = None) -> int:
+    """Write ``tensors`` (every tensor of the template's state dict, any order; each whole or
+    as consecutive flat pieces) into a copy of ``template`` at ``tmp``; returns the file's size.
+    ``dtype`` (a requested output dtype) must be every float tensor's own: the program fixes
+    each storage's type."""
     source = TorchPickleReader(template)
     refs = source.refs
     if dtype is not None:
@@ -81,8 +97,12 @@ def write_like(template: Path, tensors: Iterable[tuple[str, torch.Tensor]], tmp:
                 raise CheckpointError(f"{where(template, key)}: output tensor of {got}, the file holds {held}")
             if key in written:
                 raise CheckpointError(f"{where(template, key)}: written twice")
-            _write_tensor(source.archive, fd, ref, tensor)
-            written[key] = _digest(tensor) if ref.storage.key in sharing else ""
+            shared = ref.storage.key in sharing
+            if isinstance(tensor, torch.Tensor):
+                _write_tensor(source.archive, fd, ref, tensor)
+                written[key] = _digest(tensor) if shared else ""
+            else:
+                written[key] = _write_chunked(source.archive, fd, ref, tensor, where(template, key), shared)
         missing = [k for k in refs if k not in written]
         if missing:
             raise CheckpointError(f"{where(template, missing[0])}: not in the output ({len(missing)} tensors missing)")
@@ -112,6 +132,47 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _pieces(tensor: ChunkedTensor, name: str, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first element, flat contiguous piece) of each piece on the host, checked: the tensor's
+    dtype, and exactly ``count`` elements in all (never a byte past the tensor's own)."""
+    done = 0
+    for piece in tensor.chunks:
+        if piece.dtype != tensor.dtype:
+            got, expected = (str(d).removeprefix("torch.") for d in (piece.dtype, tensor.dtype))
+            raise CheckpointError(f"{name}: a piece of {got}, expected {expected}")
+        flat = piece.detach().to("cpu").contiguous().reshape(-1)
+        if done + flat.numel() > count:
+            raise CheckpointError(f"{name}: pieces of more than the tensor's {count} elements")
+        yield done, flat
+        done += flat.numel()
+    if done != count:
+        raise CheckpointError(f"{name}: pieces of {done} elements, the tensor has {count}")
+
+
+def _write_chunked(archive: TorchArchive, fd: int, ref: TensorRef, tensor: ChunkedTensor, name: str, digest: bool) -> str:
+    """A tensor given by pieces; returns its digest when ``digest`` (the one ``_digest`` gives the
+    whole tensor), else "". Dense: each piece written where it lies as it arrives and hashed
+    as it passes, so the tensor is never held whole. A strided view is gathered first (rare)."""
+    numel = math.prod(ref.shape)
+    if not is_dense(ref):
+        whole = torch.empty(numel, dtype=ref.dtype)
+        for start, flat in _pieces(tensor, name, numel):
+            whole[start : start + flat.numel()] = flat
+        values = whole.reshape(ref.shape)
+        _write_tensor(archive, fd, ref, values)
+        return _digest(values) if digest else ""
+    first = element_range(ref)[0]
+    span = archive.span(ref.storage)
+    itemsize = ref.dtype.itemsize
+    hasher = hashlib.sha256()
+    for start, flat in _pieces(tensor, name, numel):
+        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        _pwrite_all(fd, data, span.offset + (first + start) * itemsize)
+        if digest:
+            hasher.update(data)
+    return hasher.hexdigest() if digest and numel else ""
 
 
 def _write_tensor(archive: TorchArchive, fd: int, ref: TensorRef, tensor: torch.Tensor) -> None:
@@ -149,4 +210,3 @@ def _update_crcs(archive: TorchArchive, fd: int, keys: set[str]) -> None:
         for offset in (fields.central, fields.descriptor, fields.local):
             if offset is not None:
                 _pwrite_all(fd, memoryview(packed), offset)
-

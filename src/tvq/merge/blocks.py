@@ -14,8 +14,9 @@ on every element as on the whole tensor, so the output bytes are the same; the w
 is about (T + 3) blocks of fp32 whatever the tensor's size (a pre-pass reads the inputs
 again, one block at a time; whole-model pre-passes, global TIES's, stream the same way:
 ``model_blocks``). Tensors no larger than a block, methods that need the whole tensor, and
-inputs that cannot be read by blocks (in-memory task vectors, torch files, group-wise
-schemes, transformed sources) take the whole-tensor path.
+inputs that cannot be read by blocks (in-memory task vectors, pickled modules, group-wise
+schemes, transformed sources) take the whole-tensor path. Outputs take the pieces as they come
+(safetensors files and ``.pt`` files written like the pretrained one alike).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from tvq import heap
 from tvq.device import on_host
 from tvq.errors import TvqError
 from tvq.io.readers import MemoryReader, SafetensorsReader, element_reader
@@ -77,6 +79,7 @@ def tensor_blocks(source: TaskSource, key: str, block: int | None = None) -> Ite
     source.count_read(key)
     for start in range(0, n, step):
         yield start, dense_block(readers, start, min(start + step, n))
+        heap.release()  # what the block's reading and its user freed, back to the system (tvq.heap)
 
 
 def model_blocks(
@@ -89,6 +92,7 @@ def model_blocks(
         for start, part in tensor_blocks(source, key, block):
             yield key, start, part
             del part  # before the next block is read
+        heap.release()
 
 
 def tensor_parts(source: TaskSource, key: str, block: int | None = None) -> Iterator[tuple[int, list[CodedTensor] | torch.Tensor]]:
@@ -113,6 +117,7 @@ def tensor_parts(source: TaskSource, key: str, block: int | None = None) -> Iter
         else:
             yield start, torch.stack([values(part) if isinstance(part, CodedTensor) else part for part in parts])
         del parts  # before the next block is read
+        heap.release()
 
 
 def model_parts(
@@ -124,6 +129,7 @@ def model_parts(
     for key in tqdm(names, desc=desc, unit="tensor", disable=not progress):
         for start, part in tensor_parts(source, key, block):
             yield key, start, part
+        heap.release()
 
 
 def may_code(method: MergeMethod) -> bool:
@@ -189,6 +195,7 @@ class BlockMerge:
                 yield merged_value(key, self._merge(merger, readers, start, end), base, dtype)
             else:
                 yield merged_value(key, self._merge_on_device(merger, readers, start, end), base.to(self.device), dtype).cpu()
+            heap.release()
 
     def _prepass(self, key: str) -> Iterator[tuple[int, torch.Tensor]]:
         """A fresh pass over ``key``'s blocks for a method's per-tensor statistics (counted read)."""

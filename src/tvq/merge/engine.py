@@ -26,7 +26,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
@@ -505,8 +505,6 @@ def write_model(
     if callable(work):
         work = LocalWork(pretrained, work)
     template = pickle_template(pretrained, out) if out_kind != "folder" else None
-    if template is not None and work.blocks is not None:
-        work = replace(work, blocks=None)  # a torch file's storages are written whole: no blocks
     stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics)
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     if statistics is not None:
@@ -515,7 +513,7 @@ def write_model(
     report = MergeReport(out, label, tasks, norm_stats=statistics.choice.label if statistics is not None else None)
     if template is not None:  # a .pt like the pretrained torch file: its program kept, its storages rewritten
         with atomic_file(out, overwrite=overwrite) as tmp:
-            report.bytes_written = write_like(template, _whole(stream), tmp, dtype)
+            report.bytes_written = write_like(template, stream, tmp, dtype)
         report.files = [out]
         return report
     if output_kind(out, hf_from, out_kind) == "file":

@@ -556,7 +556,7 @@ def tie_cuts(
     cum = hist.cumsum(dim=1)
     bucket = torch.searchsorted(cum, wanted.unsqueeze(1)).squeeze(1)  # first bin reaching the count
     rank = wanted - (cum.gather(1, bucket.unsqueeze(1)) - hist.gather(1, bucket.unsqueeze(1))).squeeze(1)
-    found: list[list[tuple[torch.Tensor, str, torch.Tensor]]] = [[] for _ in hashed]
+    found: list[list[tuple[list[int], str, list[int]]]] = [[] for _ in hashed]
     cuts: dict[int, tuple[int, str, int]] = {}
     for key, start, block in stream(None if hashed else {at[0] for at in zero_at.values()}):
         for t in zero:
@@ -569,8 +569,8 @@ def tie_cuts(
         for j, tied, h in _tied_hashes(block, start, key, hashed, seeds, thresholds):
             high = h >> 16
             inside = high == bucket[j]
-            if bool(inside.any()):
-                found[j].append((h[inside] & 0xFFFF, key, tied[inside]))
+            if bool(inside.any()):  # as Python ints: no small tensor lives through the pass (``tvq.heap``)
+                found[j].append(((h[inside] & 0xFFFF).tolist(), key, tied[inside].tolist()))
             if marks is not None and hashed[j] in marks:
                 mark_bits(marks[hashed[j]], tied[high > bucket[j]])
         del block
