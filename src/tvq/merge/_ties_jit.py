@@ -55,6 +55,12 @@ def _trimmed(codes, tables, tied, lo, high, hash_cut, index_cut, first, count, f
             total[i] += v
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _elected(total):  # pragma: no cover - compiled
+    """The sign a trimmed sum elects (``ties_merge``'s vote): ±1, 0 for a zero sum (the majority decides)."""
+    return 1 if total > 0 else (-1 if total < 0 else 0)
+
+
 @numba.njit(nogil=True, cache=True)
 def ties_votes(codes, tables, tied, lo, high, hash_cut, index_cut, start, kept):  # pragma: no cover
     """Σ over ``codes`` ``[T, m]``'s elements (flat indices from ``start``) of the sign of their
@@ -67,10 +73,7 @@ def ties_votes(codes, tables, tied, lo, high, hash_cut, index_cut, start, kept):
         count = min(RUN, m - first)
         _trimmed(codes, tables, tied, lo, high, hash_cut, index_cut, first, count, start + first, vals, total, kept)
         for i in range(count):
-            if total[i] > 0:
-                votes += 1
-            elif total[i] < 0:
-                votes -= 1
+            votes += _elected(total[i])
     return votes
 
 
@@ -92,21 +95,18 @@ def ties_block(codes, tables, tied, lo, high, hash_cut, index_cut, start, majori
         run = min(RUN, m - first)
         _trimmed(codes, tables, tied, lo, high, hash_cut, index_cut, first, run, start + first, vals, total, kept)
         for i in range(run):
-            if total[i] > 0:
-                sign[i] = 1
-                votes += 1
-            elif total[i] < 0:
-                sign[i] = -1
-                votes -= 1
-            elif majority != 2:
-                sign[i] = majority
-            else:
-                sign[i] = 0  # nothing kept but zeros: +0.0 for either sign
-                for t in range(n_tasks):
-                    if vals[t, i] != 0:
-                        pending[waiting] = first + i
-                        waiting += 1
-                        break
+            elected = _elected(total[i])
+            votes += elected
+            sign[i] = elected
+            if elected == 0:  # a zero sum: the majority's sign, or (unknown) a wait
+                if majority != 2:
+                    sign[i] = majority
+                else:  # sign stays 0 (nothing kept but zeros: +0.0 for either sign) unless a task keeps a value
+                    for t in range(n_tasks):
+                        if vals[t, i] != 0:
+                            pending[waiting] = first + i
+                            waiting += 1
+                            break
             total[i] = np.float32(0.0)
             count[i] = 0
         for t in range(n_tasks):
@@ -124,6 +124,15 @@ def ties_block(codes, tables, tied, lo, high, hash_cut, index_cut, start, majori
     return votes, waiting
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _trimmed_at(codes, tables, tied, lo, high, hash_cut, index_cut, t, j, flat):  # pragma: no cover - compiled
+    """Task t's trimmed value of element ``codes[:, j]`` (flat index ``flat``)."""
+    c = codes[t, j]
+    if tied[t, c] and _dropped(flat, lo[t], high[t], hash_cut[t], index_cut[t]):
+        return np.float32(0.0)
+    return tables[t, c]
+
+
 @numba.njit(nogil=True, cache=True)
 def ties_points(codes, tables, tied, lo, high, hash_cut, index_cut, flats, majority, mean, out):  # pragma: no cover
     """``ties_block`` of scattered elements (``codes[:, j]`` is flat index ``flats[j]``), the majority known."""
@@ -131,19 +140,12 @@ def ties_points(codes, tables, tied, lo, high, hash_cut, index_cut, flats, major
     for j in range(codes.shape[1]):
         total = np.float32(0.0)
         for t in range(n_tasks):
-            c = codes[t, j]
-            v = tables[t, c]
-            if tied[t, c] and _dropped(flats[j], lo[t], high[t], hash_cut[t], index_cut[t]):
-                v = np.float32(0.0)
-            total += v
-        sign = 1 if total > 0 else (-1 if total < 0 else majority)
+            total += _trimmed_at(codes, tables, tied, lo, high, hash_cut, index_cut, t, j, flats[j])
+        sign = _elected(total) or majority
         acc = np.float32(0.0)
         kept = 0
         for t in range(n_tasks):
-            c = codes[t, j]
-            v = tables[t, c]
-            if tied[t, c] and _dropped(flats[j], lo[t], high[t], hash_cut[t], index_cut[t]):
-                v = np.float32(0.0)
+            v = _trimmed_at(codes, tables, tied, lo, high, hash_cut, index_cut, t, j, flats[j])
             if (v > 0 and sign > 0) or (v < 0 and sign < 0):
                 acc += v
                 kept += 1
