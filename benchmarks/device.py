@@ -10,13 +10,15 @@ fine-tunes, then
   relative difference is printed;
 * merges from the TVQ 4-bit and RTVQ packs with every method that merges by blocks, on the
   CPU and on the device (``MergeMethod.on_device`` forced on, to find which methods can):
-  the merged files must be byte-identical.
+  the merged files must be byte-identical. ``--methods`` takes options after a colon, as
+  ``merge_memory.py`` does (``ties:scope=tensor+tie_rule=keep_ties``).
 
 Each step is timed (wall, the device synchronised) on the same machine in the same process.
 Needs a CUDA device; prints a markdown table and writes ``device.json`` under ``--out``::
 
     python benchmarks/device.py --layers 8 --tasks 4 --out /tmp/device-bench
     python benchmarks/device.py --layers 1 --tasks 4 --small   # correctness only, seconds
+    python benchmarks/device.py --methods ties,ties:scope=tensor,consensus:base=ties --schemes tvq4
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from merge_memory import method_spec  # benchmarks/ is the script's own folder
 from safetensors.torch import save_file
 
 from tvq import QuantizeOptions, quantize
@@ -144,10 +147,11 @@ def main() -> None:
         path = args.workdir / "packs" / f"{scheme}-{tag}"
         return path, timed(partial(quantize, pre, fts, path, SCHEMES[scheme], progress=False, executor=executor, device=device), device)
 
-    def merged(method: str, pack: Path, device: str) -> tuple[str, float]:
+    def merged(spec: str, pack: Path, device: str) -> tuple[str, float]:
+        method, options = method_spec(spec)
         out = args.workdir / "merged" / f"{pack.name}-{method}.safetensors"
         _, vectors = load_task_vectors(pre, packs=[pack])
-        secs = timed(partial(merge, method, pre, vectors, out, executor=executor, device=device), device)
+        secs = timed(partial(merge, method, pre, vectors, out, options, executor=executor, device=device), device)
         digest = sha256_file(out)
         out.unlink()
         return digest, secs
@@ -161,7 +165,7 @@ def main() -> None:
     for pack_name in args.merge_packs.split(","):
         pack = args.workdir / "packs" / f"{pack_name}-host"
         for method in methods:
-            cls = available_methods()[method]
+            cls = available_methods()[method_spec(method)[0]]
             row: dict = {"step": f"merge {method} <- {pack_name}", "on_device": cls.on_device}
             saved = cls.on_device
             try:

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 import tvq.encode.key as key_module
 import tvq.merge.blocks as blocks_module
+import tvq.merge.engine as engine_module
+import tvq.merge.methods.ties as ties_module
 from tvq import QuantizeOptions, quantize
 from tvq.cli import app
 from tvq.device import CPU, divide_, divisor_for, parse_device
@@ -93,33 +95,62 @@ def test_quantize_device_path_writes_the_same_codes(tiny: dict, monkeypatch: pyt
 
 
 DEVICE_METHODS = sorted(name for name, cls in available_methods().items() if cls.on_device and build_method(name, {}, ["a", "b"]).runs_on_device())
+# TIES beyond its defaults: the cut-offs and majority of each tensor from passes over the host's
+# blocks (scope=tensor), weights (mergekit's election), keep_ties, and TIES as Consensus's base
+TIES_VARIANTS: dict[str, dict] = {
+    "ties:tensor": {"scope": "tensor"},
+    "ties:weighted": {"scope": "tensor", "weight": {"task0": 1.0, "task1": 0.5, "task2": 2.0}, "density": {"task0": 0.2, "task1": 0.5, "task2": 0.9}},
+    "ties:keep_ties": {"tie_rule": "keep_ties", "density": 0.5},
+    "consensus:ties": {"base": "ties", "density": 0.3},
+}
 
 
 def test_methods_on_a_device_are_the_block_mergers_checked_on_one() -> None:
-    assert {"task_arithmetic", "average", "consensus", "lines", "magmax", "dare"} <= set(DEVICE_METHODS)
-    assert not {"ties", "dare_ties"} & set(DEVICE_METHODS)  # TIES's trim marks and tie hashes live on the host
-    assert not build_method("consensus", {"base": "ties"}, ["a", "b"]).runs_on_device()
+    assert {"task_arithmetic", "average", "consensus", "lines", "magmax", "dare", "ties"} <= set(DEVICE_METHODS)
+    assert "dare_ties" not in DEVICE_METHODS  # TIES over DARE's dropped vectors merges each tensor whole
+    assert build_method("consensus", {"base": "ties"}, ["a", "b"]).runs_on_device()
     assert build_method("consensus", {}, ["a", "b"]).runs_on_device()
 
 
-@pytest.mark.parametrize("method", DEVICE_METHODS)
+@pytest.mark.parametrize("method", DEVICE_METHODS + list(TIES_VARIANTS))
 @pytest.mark.parametrize("scheme", ["tvq4", "rtvq-b3o2-ec"])
 def test_merge_device_path_writes_the_same_bytes(tiny: dict, monkeypatch: pytest.MonkeyPatch, method: str, scheme: str) -> None:
     """Every tensor above 8 elements merged on the 'device', in blocks of 64: the same file."""
     pack = tiny["dir"] / "pack"
     quantize(tiny["pre_path"], tiny["ft_paths"], pack, SCHEMES[scheme], progress=False)
+    name, options = method.split(":")[0], TIES_VARIANTS.get(method, {})
+    if options.get("scope") == "tensor":  # the host merges these tiny tensors whole; on the device they stream
+        monkeypatch.setattr(ties_module, "whole_tensor_bytes", lambda: 0)
     outs = []
+    kept: list[object] = []
     seen: list[int] = []
+    voted: list[int] = []  # blocks of global TIES's majority pass stacked on the 'device'
     real = blocks_module.BlockMerge._merge_on_device
     monkeypatch.setattr(blocks_module.BlockMerge, "_merge_on_device", lambda self, *a: seen.append(a[2]) or real(self, *a))
+    monkeypatch.setattr(ties_module, "device_stack", lambda *a: voted.append(a[2]) or blocks_module.device_stack(*a))
     for device_path in (False, True):
         if device_path:
-            as_device(monkeypatch, blocks_module)
+            for module in (blocks_module, engine_module, ties_module):
+                as_device(monkeypatch, module)
             monkeypatch.setattr(blocks_module, "DEVICE_MIN_ELEMENTS", 8)
             monkeypatch.setattr(blocks_module, "BLOCK_ELEMENTS", 64)
         _, vectors = load_task_vectors(tiny["pre_path"], packs=[pack])
         out = tiny["dir"] / f"merged-{device_path}.safetensors"
-        merge(method, tiny["pre_path"], vectors, out, device="cpu")
+        kept.append(merge(name, tiny["pre_path"], vectors, out, options, device="cpu").kept)
         assert bool(seen) == device_path and (not seen or max(seen) > 64)  # several blocks of a tensor
         outs.append(sha256_file(out))
+    assert kept[0] == kept[1]  # what the trim keeps, counted on either side
+    global_ties = name == "ties" and options.get("scope", "global") == "global" or options.get("base") == "ties"
+    assert bool(voted) == global_ties  # its majority pass ran on the 'device' too
     assert outs[0] == outs[1]
+
+
+def test_ties_streams_on_a_device_where_its_host_rule_merges_whole() -> None:
+    """Global TIES has no per-tensor pass: on a GPU every large tensor streams; per tensor, the
+    host's rule (the working set of the whole tensor) still decides."""
+    small = 1 << 20
+    global_ties = build_method("ties", {}, ["a", "b"])
+    per_tensor = build_method("ties", {"scope": "tensor"}, ["a", "b"])
+    assert not global_ties.merges_by_blocks("w", small) and global_ties.streams_on_device("w", small)
+    assert not per_tensor.streams_on_device("w", small)
+    assert per_tensor.streams_on_device("w", 1 << 30) and per_tensor.merges_by_blocks("w", 1 << 30)

@@ -199,6 +199,39 @@ def test_one_tensors_tie_cut_marks_the_entries_it_drops() -> None:
         assert torch.equal(torch.nonzero(bits_between(marks[t], 0, 30_000)).squeeze(1), whole.dropped[t].long())
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tie_cuts_across_tensors_from_codes_are_the_dense_cuts(symmetric: bool) -> None:
+    """Global TIES's tie-break over several tensors reads the tasks' codes (``tied_at``), not fp32
+    copies: the same (hash, tensor, index) cuts as from the dense blocks, at a non-zero cut-off
+    and at 0 (index order), with a block that mixes coded and dense parts."""
+    keys = ["a.weight", "b.weight", "c.weight"]
+    coded = {key: [_coded(7 * i + t, 20_000 + 1_000 * i, 3, symmetric) for t in range(3)] for i, key in enumerate(keys)}
+    dense = {key: torch.stack([c.table[c.index.long()] for c in parts]) for key, parts in coded.items()}
+    seeds = {(t, key): tie_seed(f"t{t}", key) for t in range(3) for key in keys}
+    table = coded[keys[0]][0].table
+    thresholds = torch.stack([table.abs()[1], table.abs()[0], table.abs().min()])  # the last one: 0 on the asymmetric grid
+    tied = [sum(int((dense[key][t].abs() == thresholds[t]).sum()) for key in keys) for t in range(3)]
+    need = {t: max(1, tied[t] * (t + 1) // 5) for t in range(3) if tied[t]}
+
+    def stream(blocks):
+        def one_pass(wanted):
+            for key in keys:
+                if wanted is None or key in wanted:
+                    for start in range(0, dense[key].shape[1], 6_000):
+                        yield key, start, blocks(key, start, start + 6_000)
+
+        return one_pass
+
+    def from_codes(key, start, end):
+        parts = [CodedTensor(c.table, c.index[start:end]) for c in coded[key]]
+        return parts if key != "b.weight" else [parts[0], dense[key][1, start:end], parts[2]]  # a task read from a checkpoint
+
+    expected = tie_cuts(stream(lambda key, start, end: dense[key][:, start:end]), lambda t, key: seeds[t, key], thresholds, need)
+    got = tie_cuts(stream(from_codes), lambda t, key: seeds[t, key], thresholds, need)
+    assert got == expected and set(got) == set(need)
+    assert (float(thresholds[2]) == 0) == (not symmetric)
+
+
 # --- issue 19, part 2: the one-pass cuts (``WindowCut``, NumPy hashes) give the radix cut's bytes
 
 

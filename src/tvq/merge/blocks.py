@@ -66,6 +66,18 @@ def dense_block(readers: list[BlockReader], start: int, end: int) -> torch.Tenso
     return stack
 
 
+def device_stack(parts: Iterable[CodedTensor | torch.Tensor], tasks: int, m: int, device: torch.device) -> torch.Tensor:
+    """Every task's part of ``m`` elements as one ``[T, m]`` fp32 stack on ``device``: codes (one
+    byte per element) or values move there and decode there (a table lookup: the host's bytes)."""
+    stack = torch.empty((tasks, m), device=device)
+    for i, part in enumerate(parts):
+        if isinstance(part, CodedTensor):
+            torch.index_select(part.table.to(device), 0, part.index.to(device).to(torch.int32), out=stack[i])
+        else:
+            stack[i] = part
+    return stack
+
+
 def tensor_blocks(source: TaskSource, key: str, block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """One pass over τ of ``key``, every task, as flat ``[T, m]`` fp32 blocks in order (first
     element, block): by blocks when the tensor is larger than a block and every input reads by
@@ -170,8 +182,12 @@ class BlockMerge:
         return {k for k in keys if self._streams(k)}
 
     def _streams(self, key: str) -> bool:
-        smallest = self.elements if on_host(self.device) else min(self.elements, DEVICE_MIN_ELEMENTS)
-        return (n := self.source.numel(key)) > smallest and self.method.merges_by_blocks(key, n) and self.source.blocks(key) is not None
+        n = self.source.numel(key)
+        if on_host(self.device):
+            by_blocks = n > self.elements and self.method.merges_by_blocks(key, n)
+        else:
+            by_blocks = n > min(self.elements, DEVICE_MIN_ELEMENTS) and self.method.streams_on_device(key, n)
+        return by_blocks and self.source.blocks(key) is not None
 
     def stream(self, key: str, dtype: torch.dtype | None) -> Chunked:
         """``key``'s merged tensor θ_pre + δ, cast to ``dtype`` (None: θ_pre's), by blocks."""
@@ -213,15 +229,9 @@ class BlockMerge:
             yield [reader.read(start, min(start + step, n)) for reader in readers]
 
     def _merge_on_device(self, merger: BlockMerger, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:
-        """δ of elements ``[start, end)`` on ``device``: each task's codes (one byte per element)
-        or values move there and decode into the ``[T, n]`` stack, which the method merges there."""
-        stack = torch.empty((len(readers), end - start), device=self.device)
-        for i, reader in enumerate(readers):
-            part = reader.read(start, end)
-            if isinstance(part, CodedTensor):
-                torch.index_select(part.table.to(self.device), 0, part.index.to(self.device).to(torch.int32), out=stack[i])
-            else:
-                stack[i] = part
+        """δ of elements ``[start, end)`` on ``device``, merged there from ``device_stack``."""
+        assert self.device is not None
+        stack = device_stack((reader.read(start, end) for reader in readers), len(readers), end - start, self.device)
         return merger.merge_tensor(start, stack).reshape(-1)
 
     def _merge(self, merger: BlockMerger, readers: list[BlockReader], start: int, end: int) -> torch.Tensor:

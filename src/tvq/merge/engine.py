@@ -35,7 +35,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from tqdm import tqdm
 
-from tvq.device import parse_device
+from tvq.device import on_host, parse_device
 from tvq.errors import ConfigError, PackError, where
 from tvq.execute import Executor, LocalExecutor
 from tvq.io.atomic import Kind, atomic_dir, atomic_file, check_output
@@ -348,6 +348,8 @@ def merge(
             m.write_pack(source, tmp, progress)
         return MergeReport(out, m.name, source.tasks, [out], out.stat().st_size, source.bytes_read)
     stats = output_statistics(source, norm_stats, task)
+    if m.runs_on_device() and not on_host(compute):
+        m.prepass_device = compute
     m.prepare(source, progress)
     prepared = source.bytes_read
     label = f"{m.name}" + (f" [{task}]" if task else "")

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from tvq.quant.coded import CodedTensor
+
 _ZERO = torch.tensor(0.0)
 
 TieRule = Literal["exact", "keep_ties"]
@@ -248,12 +250,13 @@ class Trim:
         ``zeros=False`` keeps every entry tied at a cut-off of 0: which zeros a trim keeps
         changes no sum, sign or disjoint mean, so merges skip them."""
         mag = part.abs()
-        keep = mag >= self.thresholds.reshape(-1, 1)
+        keep = mag >= self.thresholds.reshape(-1, 1).to(part.device)
         for t, cut in enumerate(self.hash_cut):
             thr = float(self.thresholds[t])
             if cut < ALL_TIES and (zeros or thr != 0):
                 known = self.dropped_in(t, start, start + part.shape[1])
-                if known is not None:
+                if known is not None:  # kept on the host: moved with the block's part of it
+                    known = known.to(part.device)
                     if known.dtype == torch.bool:
                         keep[t] &= ~known
                     else:
@@ -522,8 +525,31 @@ def dare_(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int) -> torc
     return tau
 
 
-# one pass over the tensors named (None: all): (tensor name, first flat element, flat [T, m] fp32 block)
-Stream = Callable[[Collection[str] | None], Iterable[tuple[str, int, torch.Tensor]]]
+# a block of every task's elements: a flat [T, m] fp32 stack, or each task's part as read (codes
+# or fp32 values): the tie cut then finds the tied entries of a coded part from its codes alone
+Block = torch.Tensor | Sequence[CodedTensor | torch.Tensor]
+# one pass over the tensors named (None: all): (tensor name, first flat element, block)
+Stream = Callable[[Collection[str] | None], Iterable[tuple[str, int, Block]]]
+
+
+def tied_entries(c: CodedTensor, codes: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Flat indices (ascending) of the elements whose code is one of ``codes`` (one or two: the
+    codes of equal |value|), of those in ``[start, end)``."""
+    part = c.index[start:end]
+    hit = part == int(codes[0])
+    for code in codes[1:].tolist():
+        hit |= part == code
+    where = torch.nonzero(hit).squeeze(1)
+    return where.add_(start) if start else where
+
+
+def tied_at(row: CodedTensor | torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """Flat indices (ascending) of one task's entries with |τ| == ``threshold``: from the codes
+    alone where the row is coded (no fp32 copy of it), else from its values."""
+    if isinstance(row, CodedTensor):
+        codes = torch.nonzero(row.table.abs() == threshold).squeeze(1)
+        return tied_entries(row, codes) if codes.numel() else torch.empty(0, dtype=torch.int64)
+    return torch.nonzero(row.abs() == threshold).squeeze(1)
 
 
 def tie_cuts(
@@ -547,7 +573,7 @@ def tie_cuts(
     zeros: dict[int, dict[str, int]] = {t: {} for t in zero}
     for key, start, block in stream(None):
         for t in zero:
-            zeros[t][key] = zeros[t].get(key, 0) + int((block[t] == 0).sum())
+            zeros[t][key] = zeros[t].get(key, 0) + tied_at(block[t], 0.0).numel()
         for j, _, h in _tied_hashes(block, start, key, hashed, seeds, thresholds):
             hist[j] += torch.bincount(h >> 16, minlength=1 << 16)
         del block  # before the next one is read
@@ -562,7 +588,7 @@ def tie_cuts(
         for t in zero:
             cut_key, remaining = zero_at[t]
             if key == cut_key and t not in cuts:
-                where = torch.nonzero(block[t] == 0).squeeze(1)
+                where = tied_at(block[t], 0.0)
                 if remaining <= where.numel():
                     cuts[t] = (0, key, start + int(where[remaining - 1]))
                 zero_at[t] = (cut_key, remaining - where.numel())
@@ -595,12 +621,12 @@ def _zero_rank(per_key: dict[str, int], need: int) -> tuple[str, int]:
 
 
 def _tied_hashes(
-    block: torch.Tensor, start: int, key: str, rows: list[int], seeds: Callable[[int, str], int], thresholds: torch.Tensor
+    block: Block, start: int, key: str, rows: list[int], seeds: Callable[[int, str], int], thresholds: torch.Tensor
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Per row j of ``rows``: the flat indices (from ``start``) of the block's entries tied at the
     row's cut-off, and their hashes."""
     for j, t in enumerate(rows):
-        tied = torch.nonzero(block[t].abs() == thresholds[t]).squeeze(1)
+        tied = tied_at(block[t], thresholds[t])
         if tied.numel():
             tied += start
             yield j, tied, element_hash(seeds(t, key), tied)

@@ -45,7 +45,7 @@ class Consensus(MergeMethod):
     options: ConsensusOptions
     stats: TiesStats | None = None
     block_prepasses = False  # its block merger only carries the global trim: no pass of its own
-    on_device = True  # with base=task_arithmetic (``runs_on_device``)
+    on_device = True  # base=ties: TIES's trim from the host, each block's mask made where it merges
 
     def prepare(self, source: TaskSource, progress: bool = False) -> None:
         lam = self.options.mask_lambda
@@ -55,14 +55,11 @@ class Consensus(MergeMethod):
             if missing or extra:
                 raise ConfigError(f"consensus: mask_lambda must name every task exactly ({', '.join(self.tasks)})")
         if self.options.base == "ties":
-            self.stats = TiesStats.compute(source, self.options.density, progress, self.options.tie_rule)
+            self.stats = TiesStats.compute(source, self.options.density, progress, self.options.tie_rule, self.prepass_device)
             record_stats(self, self.stats, source)
 
     def topk_density(self) -> float | None:
         return self.options.density if self.options.base == "ties" else None
-
-    def runs_on_device(self) -> bool:
-        return self.options.base == "task_arithmetic"  # TIES's trim marks live on the host
 
     def _thresholds(self, dim: int) -> torch.Tensor:
         lam = self.options.mask_lambda

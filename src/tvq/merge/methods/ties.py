@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from tvq.device import on_host
 from tvq.errors import ConfigError
 from tvq.execute import memory_limit
 from tvq.merge import ties_kernel
-from tvq.merge.blocks import model_blocks, model_parts
+from tvq.merge.blocks import device_stack, model_blocks, model_parts
 from tvq.merge.coded import (
     combination_values,
     joint_index,
@@ -67,6 +68,7 @@ from tvq.merge.ops import (
     _NO_INDEX,
     _TIES_CHUNK,
     ALL_TIES,
+    Block,
     TieRule,
     Trim,
     _mix32_int,
@@ -81,6 +83,7 @@ from tvq.merge.ops import (
     tie_cuts,
     tie_seed,
     tied_cut,
+    tied_entries,
     ties_merge,
     trimmed_sum,
 )
@@ -164,7 +167,12 @@ class TiesStats:
         return Trim(self.thresholds, list(self.hash_cut), index_cut, seeds, list(self.kept.get(key, [None] * len(self.tasks))))
 
     @classmethod
-    def compute(cls, source: TaskSource, density: float, progress: bool = False, tie_rule: str = "exact") -> TiesStats:
+    def compute(
+        cls, source: TaskSource, density: float, progress: bool = False, tie_rule: str = "exact", device: torch.device | None = None
+    ) -> TiesStats:
+        """The global cut-offs (code histograms, or two radix passes), the exact rule's tie cut
+        (on the host), then the majority sign and kept counts: a pass that runs on ``device``
+        (a GPU: each block's codes move there) when given."""
         tasks = list(source.tasks)
         rows = len(tasks)
         n = sum(source.numel(k) for k in source.keys)
@@ -186,12 +194,13 @@ class TiesStats:
             short = [t for t in range(rows) if int(need[t]) < int(tied[t])]
             if tie_rule == "exact" and short:
                 stats._break_ties(source, short, need, progress, counted)
-        stats._vote(source, progress)
+        stats._vote(source, progress, device)
         return stats
 
-    def _vote(self, source: TaskSource, progress: bool) -> None:
+    def _vote(self, source: TaskSource, progress: bool, device: torch.device | None = None) -> None:
         """The majority sign over the whole model and the entries kept per tensor: one pass by
-        blocks (from the codes where every task's part is coded: ``coded_block_votes``)."""
+        blocks (from the codes where every task's part is coded: ``coded_block_votes``; on
+        ``device``, each block decoded there)."""
         votes = 0
         row = {key: i for i, key in enumerate(source.keys)}
         counts = torch.zeros((len(row), len(self.tasks)), dtype=torch.int64)  # one allocation: see ``ModelCounts``
@@ -200,7 +209,11 @@ class TiesStats:
             if start == 0:
                 trim = self.trim(key)
             assert trim is not None
-            if isinstance(block, list) and ties_kernel.usable(block, start):
+            if not on_host(device):
+                assert device is not None
+                m = block[0].index.numel() if isinstance(block, list) else block.shape[1]
+                votes += block_votes(device_stack(block, len(self.tasks), m, device), start, trim, counts[row[key]])
+            elif isinstance(block, list) and ties_kernel.usable(block, start):
                 votes += coded_block_votes(block, start, trim, counts[row[key]])
             else:
                 dense = torch.stack([values(part) for part in block]) if isinstance(block, list) else block
@@ -235,9 +248,9 @@ class TiesStats:
             return
         passes = iter(("1/2", "2/2"))
 
-        def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, torch.Tensor]]:
+        def stream(keys: Collection[str] | None) -> Iterator[tuple[str, int, Block]]:
             wanted = holding if keys is None else (set(keys) if holding is None else holding & set(keys))
-            return model_blocks(source, desc=f"ties: tie-break (pass {next(passes)})", progress=progress, keys=wanted)
+            return model_parts(source, desc=f"ties: tie-break (pass {next(passes)})", progress=progress, keys=wanted)
 
         for t, (cut, key, index) in tie_cuts(stream, self._seed, self.thresholds, left).items():
             self.hash_cut[t], self.cut_key[t], self.cut_index[t] = cut, key, index
@@ -439,7 +452,7 @@ def block_votes(block: torch.Tensor, start: int, trim: Trim, kept: torch.Tensor 
         keep = trim.mask(part, start + at) if kept is not None else trim.merge_mask(part, start + at)
         votes += int(torch.sign(trimmed_sum(part, keep)).sum(dtype=torch.int64))
         if kept is not None:
-            kept += keep.sum(dim=1)
+            kept += keep.sum(dim=1).to(kept.device)
     return votes
 
 
@@ -508,6 +521,7 @@ class Ties(MergeMethod):
     Options = TiesOptions
     options: TiesOptions
     stats: TiesStats | None = None
+    on_device = True  # the trim (cut-offs, tie marks) and majority come from the host; each block's mask is made where it merges
 
     def __init__(self, options: TiesOptions, tasks: list[str], task: str | None = None) -> None:
         super().__init__(options, tasks, task)
@@ -523,11 +537,17 @@ class Ties(MergeMethod):
         o = self.options
         if o.scope == "global":
             assert self.density is not None
-            self.stats = TiesStats.compute(source, self.density, progress, o.tie_rule)
+            self.stats = TiesStats.compute(source, self.density, progress, o.tie_rule, self.prepass_device)
             record_stats(self, self.stats, source)
 
     def merges_by_blocks(self, key: str, numel: int) -> bool:
         return TIES_BY_BLOCKS and (len(self.tasks) + 3) * numel * 4 > whole_tensor_bytes()
+
+    def streams_on_device(self, key: str, numel: int) -> bool:
+        """On a GPU, global TIES streams every tensor (its trim and majority come from the
+        pre-pass: no pass of its own, and the whole-tensor path is the host's); per tensor, the
+        cut-offs and majority take passes over the host's codes, so the host's rule holds."""
+        return TIES_BY_BLOCKS and self.options.scope == "global" or self.merges_by_blocks(key, numel)
 
     def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
         """The tensor's trim and majority sign from passes over its blocks (scope=tensor) or the
@@ -987,17 +1007,6 @@ class WindowCut:
         order = np.argsort(inside_hash, kind="stable")
         at = int(order[rank - 1])
         return int(inside_hash[at]), int(inside[at]), torch.from_numpy(inside[order[rank:]].astype(np.int64))
-
-
-def tied_entries(c: CodedTensor, codes: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Flat indices (ascending) of the elements whose code is one of ``codes`` (one or two: the
-    codes of equal |value|), of those in ``[start, end)``."""
-    part = c.index[start:end]
-    hit = part == int(codes[0])
-    for code in codes[1:].tolist():
-        hit |= part == code
-    where = torch.nonzero(hit).squeeze(1)
-    return where.add_(start) if start else where
 
 
 def split_ties(c: CodedTensor, trim: Trim, t: int, start: int = 0) -> tuple[CodedTensor, torch.Tensor]:
