@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import tvq.merge.blocks as blocks_module
+import tvq.merge.methods.ties as ties_module
 from tvq import QuantizeOptions, quantize
 from tvq.errors import PackError
 from tvq.merge import load_task_vectors, merge
@@ -104,10 +105,10 @@ METHODS = [
 ]
 
 
-def _merged_bytes(monkeypatch, block: int, method: str, options: dict, out, *, pre, packs=(), finetuned=None, dtype="same"):
+def _merged_bytes(monkeypatch, block: int, method: str, options: dict, out, *, pre, packs=(), finetuned=None, dtype="same", task=None):
     pieces = spy_block_writes(monkeypatch, block)
     reader, vectors = load_task_vectors(pre, packs=list(packs), finetuned=finetuned)
-    merge(method, reader, vectors, out, options, dtype=dtype, overwrite=True)
+    merge(method, reader, vectors, out, options, dtype=dtype, overwrite=True, task=task)
     return out.read_bytes(), pieces
 
 
@@ -189,3 +190,36 @@ def test_sharded_folder_outputs_match(inputs, tmp_path, monkeypatch):
     assert names == sorted(p.name for p in folders[40].iterdir())
     for name in names:
         assert (folders[WHOLE] / name).read_bytes() == (folders[40] / name).read_bytes(), name
+
+
+def test_blocks_shrink_with_the_tasks_under_a_memory_limit(monkeypatch):
+    """A block's working set (about T + 3 fp32 rows) stays within 1/``BLOCK_SHARE`` of the
+    memory limit: under 1 GiB, 16 tasks merge 1 Mi elements at a time, 4 tasks the usual 4 Mi."""
+    monkeypatch.setattr(blocks_module, "memory_limit", lambda: 1 << 30)
+    assert blocks_module.block_elements(None, 4) == blocks_module.BLOCK_ELEMENTS == 1 << 22
+    assert blocks_module.block_elements(None, 8) == 1 << 21
+    assert blocks_module.block_elements(None, 16) == 1 << 20
+    assert (16 + 3) * 4 * blocks_module.block_elements(None, 16) <= (1 << 30) // blocks_module.BLOCK_SHARE
+    assert blocks_module.block_elements(None, 0) == blocks_module.BLOCK_ELEMENTS  # no stack: nothing to fit
+    assert blocks_module.block_elements(1000, 16) == 1000  # a block asked for is kept
+    monkeypatch.setattr(blocks_module, "memory_limit", lambda: 1 << 20)
+    assert blocks_module.block_elements(None, 16) == blocks_module.MIN_BLOCK_ELEMENTS
+    monkeypatch.setattr(blocks_module, "memory_limit", lambda: 1 << 40)
+    assert blocks_module.block_elements(None, 16) == blocks_module.BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize(("method", "options"), [("consensus", {}), ("ties", {}), ("emr", {})])
+def test_blocks_fitted_to_a_memory_limit_merge_the_same_bytes(inputs, tmp_path, monkeypatch, method, options):
+    """Under a tight limit the blocks shrink (here to 64 elements) and more tensors stream: the same file."""
+    source = {"pre": inputs["pre"], "packs": [inputs["packs"]["rtvq"]]}
+    task = "t0" if method == "emr" else None
+    reference, _ = _merged_bytes(monkeypatch, WHOLE, method, options, tmp_path / "whole.safetensors", task=task, **source)
+    pieces = spy_block_writes(monkeypatch, blocks_module.BLOCK_ELEMENTS)
+    monkeypatch.setattr(blocks_module, "MIN_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(blocks_module, "memory_limit", lambda: 8 << 10)  # 8 KiB / 8 / ((T + 3) * 4): the minimum
+    monkeypatch.setattr(ties_module, "whole_tensor_bytes", lambda: 0)  # TIES streams every tensor larger than a block
+    reader, vectors = load_task_vectors(source["pre"], packs=source["packs"])
+    out = tmp_path / "fitted.safetensors"
+    merge(method, reader, vectors, out, options, task=task)
+    assert "embed.weight" in pieces and "layers.0.weight" in pieces  # 64-element blocks: even the small ones stream
+    assert out.read_bytes() == reference

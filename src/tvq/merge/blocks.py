@@ -31,6 +31,7 @@ from tqdm import tqdm
 from tvq import heap
 from tvq.device import on_host
 from tvq.errors import TvqError
+from tvq.execute import memory_limit
 from tvq.io.readers import MemoryReader, SafetensorsReader, element_reader
 from tvq.merge.registry import BlockMerger, BlockPasses, MergeMethod
 from tvq.merge.source import BlockReader, TaskSource
@@ -38,6 +39,8 @@ from tvq.pack.blocks import ALIGN, values
 from tvq.quant.coded import CodedTensor
 
 BLOCK_ELEMENTS = 1 << 22  # elements per block: 16 MiB per task in fp32
+BLOCK_SHARE = 8  # a block's working set: at most 1/8 of the memory limit (the executor's budget is 1/4)
+MIN_BLOCK_ELEMENTS = 1 << 16  # blocks shrink to fit a memory limit down to this
 DEVICE_MIN_ELEMENTS = 1 << 16  # on a GPU, tensors larger than this merge there (as one block when no larger than a block)
 _EXACT = (torch.bfloat16, torch.float16, torch.float32)  # convert to fp32 exactly inside add_
 
@@ -51,9 +54,17 @@ class Chunked:
     chunks: Iterator[torch.Tensor]
 
 
-def block_elements(block: int | None = None) -> int:
-    """Elements per block: ``block`` (None: ``BLOCK_ELEMENTS``, read now: tests set it) rounded up to ``ALIGN``."""
-    block = block or BLOCK_ELEMENTS
+def block_elements(block: int | None = None, tasks: int = 0) -> int:
+    """Elements per block: ``block``, else ``BLOCK_ELEMENTS`` (read now: tests set it), fewer
+    under a memory limit when a block of ``tasks`` tasks would hold more than ``BLOCK_SHARE``
+    of it (a block's working set is about T + 3 fp32 rows: 304 MiB for 16 tasks at 4 Mi
+    elements), so the streamed tensor, the executor's jobs beside it and the process fit;
+    rounded up to ``ALIGN``. The bytes merged do not depend on the block size."""
+    if block is None:
+        block = BLOCK_ELEMENTS
+        fits = memory_limit() // BLOCK_SHARE // ((tasks + 3) * 4)
+        if tasks and fits < block:
+            block = max(MIN_BLOCK_ELEMENTS, 1 << (max(fits, 1).bit_length() - 1))
     return block + (-block) % ALIGN
 
 
@@ -83,7 +94,7 @@ def tensor_blocks(source: TaskSource, key: str, block: int | None = None) -> Ite
     element, block): by blocks when the tensor is larger than a block and every input reads by
     blocks, else the whole stack as one block. Metered like ``TaskSource.stack``: a pre-pass
     over a large tensor then holds T blocks, not T copies of the tensor."""
-    n, step = source.numel(key), block_elements(block)
+    n, step = source.numel(key), block_elements(block, len(source.tasks))
     readers = source.blocks(key) if n > step else None
     if readers is None:
         yield 0, source.stack(key).reshape(len(source.tasks), -1)
@@ -111,7 +122,7 @@ def tensor_parts(source: TaskSource, key: str, block: int | None = None) -> Iter
     """One pass over ``key`` (counted read) with the codes kept where every task's part is
     coded: (first element, every task's ``CodedTensor`` or the ``[T, m]`` fp32 block); by blocks
     when the tensor is larger than a block and every input reads by blocks, else whole."""
-    n, step = source.numel(key), block_elements(block)
+    n, step = source.numel(key), block_elements(block, len(source.tasks))
     readers = source.blocks(key) if n > step else None
     if readers is None:
         coded = source.coded(key)
@@ -172,7 +183,7 @@ class BlockMerge:
 
     @property
     def elements(self) -> int:
-        return block_elements(self.block)
+        return block_elements(self.block, len(self.source.tasks))
 
     def plan(self, keys: Iterable[str]) -> set[str]:
         """The keys that stream by blocks: larger than a block, with every input readable by blocks."""

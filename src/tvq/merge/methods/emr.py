@@ -180,7 +180,7 @@ class EMR(MergeMethod):
         readable by blocks) a block at a time; returns the tensor's mean|τ_t| and mean|m_t ⊙ τ_uni|."""
         t, n = len(self.tasks), source.numel(key)
         sums = ChunkSums(t), ChunkSums(t)
-        if n <= block_elements() or source.blocks(key) is None:
+        if n <= block_elements(None, t) or source.blocks(key) is None:
             unified, masks = emr_block(source.stack(key), *sums)
             writer.add(f"unified.{key}", unified)
             writer.add(f"masks.{key}", torch.stack([pack_codes(m.reshape(-1).to(torch.uint8), 1) for m in masks]))
