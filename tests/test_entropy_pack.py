@@ -274,7 +274,6 @@ def test_coded_tensors_stay_quantized_entries(coded):
     entries = [e for f in pack.manifest.files.values() for e in f.tensors.values() if e.kind == "q"]
     assert entries and all(e.entropy is not None for e in entries if e.numel >= 4096)
 
-
 @pytest.mark.parametrize("name", ["tvq2", "rtvq-b3o2"])
 def test_entropy_max_writes_the_same_format_no_larger_and_merges_the_same(tiny, name):
     """`--entropy max` (zstd's optimal parser) is only a slower writer: same records and

@@ -27,6 +27,8 @@ def test_unknown_executor():
         make_executor("dask")
 
 
+
+
 def test_ray_local_cluster_writes_the_same_pack(tiny, ray_executor):
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "local", OPTS, progress=False)
     quantize(tiny["pre_path"], tiny["ft_paths"], tiny["dir"] / "ray", OPTS, progress=False, executor=ray_executor)

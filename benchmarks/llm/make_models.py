@@ -173,7 +173,9 @@ def plan_shards(tensors: list[tuple[str, tuple[int, ...], float]], nbytes: int, 
     return shards
 
 
-def write_model(out: Path, shape_cfg: LlamaShape, seed: int, task: int | None, dtype: str, shard_bytes: int, median: float, sigma: float) -> int:
+def write_model(
+    out: Path, shape_cfg: LlamaShape, seed: int, task: int | None, dtype: str, shard_bytes: int, median: float, sigma: float
+) -> int:
     """Write one model folder; returns bytes written. Streams one tensor at a time."""
     torch_dtype, st_dtype, nbytes = DTYPES[dtype]
     tensors = shape_cfg.tensors()

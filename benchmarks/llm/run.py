@@ -60,13 +60,8 @@ PACKS: dict[str, list[str]] = {
     # the same for an RTVQ request (B3O2 + EC's flags): its analysis prices RTVQ pairs and TVQ anchors
     "budget_rtvq": ["--residual", "--base-bits", "3", "--bits", "2", "--error-correction", "--budget-bits", "2.375"],
 }
-PACK_LABELS = {
-    "tvq4": "TVQ 4-bit",
-    "tvq2": "TVQ 2-bit",
-    "rtvq_b3o2": "RTVQ B3O2+EC",
-    "budget1": "budget 1.0 b/param",
-    "budget_rtvq": "RTVQ budget 2.375 b/param",
-}
+PACK_LABELS = {"tvq4": "TVQ 4-bit", "tvq2": "TVQ 2-bit", "rtvq_b3o2": "RTVQ B3O2+EC", "budget1": "budget 1.0 b/param",
+               "budget_rtvq": "RTVQ budget 2.375 b/param"}
 DEFAULT_PACKS = ["tvq4", "tvq2", "rtvq_b3o2"]
 
 

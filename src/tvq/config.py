@@ -107,7 +107,9 @@ def validate_config(model: type[BaseModel], data: dict, path: str | Path) -> Bas
     """Validate ``data`` against ``model``; unknown keys are named with the valid ones."""
     unknown = sorted(set(data) - set(model.model_fields))
     if unknown:
-        raise ConfigError(f"{where(path)}: unknown config key '{unknown[0]}' (valid keys: {', '.join(model.model_fields)})")
+        raise ConfigError(
+            f"{where(path)}: unknown config key '{unknown[0]}' (valid keys: {', '.join(model.model_fields)})"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -108,7 +108,9 @@ def register(app: typer.Typer, handles_errors) -> None:
     @handles_errors
     def merge_cmd(
         ctx: typer.Context,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Output: a folder or a .safetensors file (see --out-kind), or an EMR pack.")],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Output: a folder or a .safetensors file (see --out-kind), or an EMR pack.")
+        ],
         method: Annotated[
             str | None, typer.Option("--method", "-m", help="Merge method or alias (see below); method options follow as --name VALUE.")
         ] = None,
@@ -116,7 +118,9 @@ def register(app: typer.Typer, handles_errors) -> None:
             Path | None,
             typer.Option("--pretrained", "-p", help="Pretrained model (required; checked against each pack's content hash)."),
         ] = None,
-        pack: Annotated[list[Path] | None, typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")] = None,
+        pack: Annotated[
+            list[Path] | None, typer.Option("--pack", help="A TVQ/RTVQ/FQ pack; repeatable, mixable with --finetuned.")
+        ] = None,
         finetuned: Annotated[
             list[str] | None, typer.Option("--finetuned", "-f", help="NAME=PATH of an FP32 fine-tuned checkpoint; repeatable.")
         ] = None,
@@ -131,7 +135,9 @@ def register(app: typer.Typer, handles_errors) -> None:
                 "optionally with a quantize: step; flags override.",
             ),
         ] = None,
-        load_config: Annotated[Path | None, typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")] = None,
+        load_config: Annotated[
+            Path | None, typer.Option("--load-config", help="The paper's load_config.json; checked against the inputs.")
+        ] = None,
         task: Annotated[str | None, typer.Option("--task", help="EMR: write this task's model instead of the unified pack.")] = None,
         unified: Annotated[Path | None, typer.Option("--unified", help="EMR: an existing unified pack to read --task from.")] = None,
         norm_stats: Annotated[
@@ -143,7 +149,9 @@ def register(app: typer.Typer, handles_errors) -> None:
                 "Best: re-estimate them on data (Python API, docs/merging.md).",
             ),
         ] = None,
-        dtype: Annotated[str | None, typer.Option(help="Output dtype: same (pretrained's; default), float32, float16 or bfloat16.")] = None,
+        dtype: Annotated[
+            str | None, typer.Option(help="Output dtype: same (pretrained's; default), float32, float16 or bfloat16.")
+        ] = None,
         out_kind: Annotated[
             str,
             typer.Option(

@@ -52,7 +52,10 @@ class RunStats:
 
     def line(self) -> str:
         now = f" (now {_gib(self.rss)})" if self.rss is not None else ""
-        return f"read {_gb(self.bytes_read)}, wrote {_gb(self.bytes_written)} in {self.seconds:.1f} s; peak RSS {_gib(self.peak_rss)}{now}"
+        return (
+            f"read {_gb(self.bytes_read)}, wrote {_gb(self.bytes_written)} in {self.seconds:.1f} s; "
+            f"peak RSS {_gib(self.peak_rss)}{now}"
+        )
 
 
 class RunMeter:

@@ -125,7 +125,9 @@ class TaskVector(Mapping[str, torch.Tensor]):
             done.add(id(target))
             tau = self[key]
             if tau.shape != target.shape:
-                raise CheckpointError(f"task vector {self.name!r}: tensor '{key}' has shape {list(tau.shape)}, the module's {list(target.shape)}")
+                raise CheckpointError(
+                    f"task vector {self.name!r}: tensor '{key}' has shape {list(tau.shape)}, the module's {list(target.shape)}"
+                )
             update = (tau.float() if scale == 1.0 else scale * tau.float()).to(target.device)
             if target.dtype == torch.float32:
                 target.add_(update)
@@ -150,4 +152,6 @@ def check_compatible(pretrained: CheckpointReader, other: CheckpointReader) -> N
     for key in pre_keys:
         a, b = pretrained.meta(key).shape, other.meta(key).shape
         if a != b:
-            raise CheckpointError(f"{where(other.path, key)}: shape {list(b)} differs from the pretrained model's {list(a)}")
+            raise CheckpointError(
+                f"{where(other.path, key)}: shape {list(b)} differs from the pretrained model's {list(a)}"
+            )

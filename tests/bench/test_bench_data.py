@@ -125,12 +125,12 @@ def test_wordnet_parser(tmp_path: Path) -> None:
     root.mkdir(parents=True)
     lines = ["  1 This software and database is being provided"]
     for i in range(98):  # verb.motion (38): 98 synsets, verb.weather (43): 1 (< 2 %: dropped)
-        lines.append(f'{i:08d} 38 v 01 walk 0 000 | use one\'s feet to advance; "we walked {i} miles"  ')
+        lines.append(f"{i:08d} 38 v 01 walk 0 000 | use one's feet to advance; \"we walked {i} miles\"  ")
     lines += [f"{99 + i:08d} 43 v 01 rain 0 000 | precipitate as rain {i}  " for i in range(1)]
     (root / "data.verb").write_text("\n".join(lines) + "\n", encoding="latin-1")
     data = sources.wn_verb(tmp_path)
     assert data.classes == ["verb.motion"] and len(data) == 98
-    assert data.texts[0] == 'use one\'s feet to advance; "we walked 0 miles"'
+    assert data.texts[0] == "use one's feet to advance; \"we walked 0 miles\""
 
 
 def _serialize(obj: object) -> bytes:

@@ -26,6 +26,7 @@ from bench_helpers import EXAMPLES
 pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
+
 @pytest.fixture(scope="module")
 def encoder() -> tuple[torch.nn.Module, object]:
     return load_encoder(), load_tokenizer()

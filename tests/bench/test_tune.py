@@ -26,7 +26,7 @@ def test_an_interior_optimum_is_chosen_from_the_grid_alone():
 def test_a_winning_top_edge_extends_by_the_last_step_until_it_stops_improving():
     score, tried = counting(1.65)
     assert tune_value(LAMBDA_GRID, score) == pytest.approx(1.6)
-    assert tried[len(LAMBDA_GRID) :] == pytest.approx([1.3, 1.6, 1.9])  # 1.9 is worse: stop
+    assert tried[len(LAMBDA_GRID):] == pytest.approx([1.3, 1.6, 1.9])  # 1.9 is worse: stop
 
 
 def test_a_winning_bottom_edge_halves_and_lambda_stays_positive():

@@ -42,7 +42,9 @@ def hf(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, max_position_embeddings=16
+    )
     model = BertModel(config)
     pre = root / "bert"
     model.save_pretrained(pre)

@@ -61,11 +61,8 @@ def test_threads_and_shipped_jobs_give_identical_bytes(inputs, tmp_path, method,
     assert serial == threads == shipped
 
 
-@pytest.mark.parametrize(
-    "method,options",
-    [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "tensor"}), ("consensus", {})],
-    ids=["task_arithmetic", "ties", "consensus"],
-)
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3, "scope": "tensor"}), ("consensus", {})],
+                         ids=["task_arithmetic", "ties", "consensus"])
 def test_remote_executors_stream_large_tensors_on_the_driver(inputs, tmp_path, monkeypatch, method, options):
     """With a remote executor, tensors larger than a block merge by blocks on the driver (not
     whole on a worker), the rest on the workers: the same bytes as local threads."""
@@ -124,6 +121,8 @@ def test_bytes_read_counts_codes_and_pre_passes(inputs, tmp_path):
     exact = merge("ties", pre, vectors, tmp_path / "exact.safetensors", {"density": 0.3})
     # + the tie-break: one pass over the tensors holding a cut (codes tie at the cut-off), not over the model
     assert ta.bytes_read + 2 * every < exact.bytes_read <= ta.bytes_read + 3 * every
+
+
 
 
 @pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3})], ids=["task_arithmetic", "ties"])

@@ -76,22 +76,8 @@ CASES = {
     "dare_ties": (
         {"merge_method": "dare_ties", "parameters": {"lambda": 0.7}},
         {"density": 0.6, "weight": 1.0},
-        [
-            "--method",
-            "dare_ties",
-            "--drop-rate",
-            str(1.0 - 0.6),
-            "--density",
-            "1.0",
-            "--scope",
-            "tensor",
-            "--aggregate",
-            "sum",
-            "--rescale-mode",
-            "l1",
-            "--lambda",
-            "0.7",
-        ],
+        ["--method", "dare_ties", "--drop-rate", str(1.0 - 0.6), "--density", "1.0", "--scope", "tensor",
+         "--aggregate", "sum", "--rescale-mode", "l1", "--lambda", "0.7"],
     ),  # fmt: skip
     "dare_linear": (
         {"merge_method": "dare_linear", "parameters": {"rescale": False}},

@@ -60,16 +60,8 @@ def quantize_fails(hood: dict, *fragments: str, pretrained: Path | str | None = 
     """Run ``tvq quantize`` on the neighbourhood: exit 2, one error line holding every
     fragment, no traceback, no output, and not one byte changed around it."""
     before = snapshot(hood["root"], skip=hood["out"])
-    args = [
-        "quantize",
-        "-p",
-        str(pretrained or hood["folder"]),
-        "-f",
-        f"a={finetuned or hood['root'] / 'ft.safetensors'}",
-        "--out",
-        str(hood["out"]),
-        "--no-progress",
-    ]
+    args = ["quantize", "-p", str(pretrained or hood["folder"]), "-f", f"a={finetuned or hood['root'] / 'ft.safetensors'}",
+            "--out", str(hood["out"]), "--no-progress"]
     line = one_line_refusal(CliRunner().invoke(app, args), *fragments)
     assert not hood["out"].exists()
     assert snapshot(hood["root"], skip=hood["out"]) == before
@@ -77,9 +69,8 @@ def quantize_fails(hood: dict, *fragments: str, pretrained: Path | str | None = 
 
 
 def test_the_neighbourhood_works_when_nothing_is_wrong(hood):
-    result = CliRunner().invoke(
-        app, ["quantize", "-p", str(hood["folder"]), "-f", f"a={hood['root'] / 'ft.safetensors'}", "--out", str(hood["out"]), "--no-progress"]
-    )
+    result = CliRunner().invoke(app, ["quantize", "-p", str(hood["folder"]), "-f", f"a={hood['root'] / 'ft.safetensors'}",
+                                      "--out", str(hood["out"]), "--no-progress"])
     assert result.exit_code == 0, result.output
 
 
@@ -159,12 +150,8 @@ def test_several_unindexed_safetensors_files_are_not_guessed_between(hood):
     folder.mkdir()
     save_file(hood["pre"], folder / "a.safetensors")
     save_file(hood["pre"], folder / "b.safetensors")
-    quantize_fails(
-        hood,
-        "two: folder holds 2 safetensors files and no index (a.safetensors, b.safetensors)",
-        "name one file or add model.safetensors.index.json",
-        pretrained=folder,
-    )
+    quantize_fails(hood, "two: folder holds 2 safetensors files and no index (a.safetensors, b.safetensors)",
+                   "name one file or add model.safetensors.index.json", pretrained=folder)
 
 
 @pytest.mark.parametrize("path", ["/proc/self/environ", "/proc/self/fd/0", "/sys/kernel/mm", "/dev/stdin"])
@@ -225,17 +212,13 @@ def test_a_tensor_whose_dtype_kind_differs_is_not_called_missing(hood):
     ft = finetune(hood["pre"], 1)
     ft["encoder.layer.0.attn.bias"] = torch.zeros(16, dtype=torch.int64)
     save_file(ft, hood["root"] / "ft_int.safetensors")
-    quantize_fails(
-        hood,
-        "ft_int.safetensors",
-        "tensor 'encoder.layer.0.attn.bias'",
-        "dtype differs (int64 vs float32)",
-        finetuned=hood["root"] / "ft_int.safetensors",
-    )
+    quantize_fails(hood, "ft_int.safetensors", "tensor 'encoder.layer.0.attn.bias'", "dtype differs (int64 vs float32)",
+                   finetuned=hood["root"] / "ft_int.safetensors")
     ft = finetune(hood["pre"], 1)
     ft["embeddings.position_ids"] = ft["embeddings.position_ids"].float()
     save_file(ft, hood["root"] / "ft_float.safetensors")
-    quantize_fails(hood, "tensor 'embeddings.position_ids'", "dtype differs (float32 vs int64)", finetuned=hood["root"] / "ft_float.safetensors")
+    quantize_fails(hood, "tensor 'embeddings.position_ids'", "dtype differs (float32 vs int64)",
+                   finetuned=hood["root"] / "ft_float.safetensors")
 
 
 def test_a_corrupt_torch_file_gets_no_pickle_advice(hood):

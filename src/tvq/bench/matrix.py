@@ -107,12 +107,10 @@ PRECISIONS: dict[str, Precision] = {
         _p("budget-0.8", "budget 0.8 b (RTVQ+EC, mse)", False, 0.8, **_RTVQ_EC_MSE),
         _p("budget-1.2-fisher", "budget 1.2 b, Fisher (RTVQ+EC, mse)", False, 1.2, True, **_RTVQ_EC_MSE),
         # a budget as large as a fixed scheme's pack: the anchored allocation is that very scheme (issue 15)
-        Precision(
-            "budget-as-tvq2", "budget = TVQ INT2's size (TVQ INT2 + upgrades)", {"bits": 2, "quantizer": "mse"}, paper=False, budget_like="tvq2"
-        ),
-        Precision(
-            "budget-as-tvq3", "budget = TVQ INT3's size (TVQ INT3 + upgrades)", {"bits": 3, "quantizer": "mse"}, paper=False, budget_like="tvq3"
-        ),
+        Precision("budget-as-tvq2", "budget = TVQ INT2's size (TVQ INT2 + upgrades)", {"bits": 2, "quantizer": "mse"}, paper=False,
+                  budget_like="tvq2"),
+        Precision("budget-as-tvq3", "budget = TVQ INT3's size (TVQ INT3 + upgrades)", {"bits": 3, "quantizer": "mse"}, paper=False,
+                  budget_like="tvq3"),
         _p("budget-0.8-fisher", "budget 0.8 b, Fisher (RTVQ+EC, mse)", False, 0.8, True, **_RTVQ_EC_MSE),
     ]
 }
@@ -157,17 +155,11 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("iso_c", "Iso-C", {"lambda": 1.0}, grid=SVD_LAMBDA_GRID),
         MethodSpec("iso_cts", "Iso-CTS", {"lambda": 1.0, "common_space_fraction": 0.8}, grid=SVD_LAMBDA_GRID),
         # the SVD methods on conv kernels as (out, in·k·k) matrices (their references average them)
-        MethodSpec(
-            "tsv_merge-kernels", "TSV-Merge, kernels decomposed", {"lambda": 1.0, "kernels": "flatten"}, grid=SVD_LAMBDA_GRID, method="tsv_merge"
-        ),
+        MethodSpec("tsv_merge-kernels", "TSV-Merge, kernels decomposed", {"lambda": 1.0, "kernels": "flatten"}, grid=SVD_LAMBDA_GRID,
+                   method="tsv_merge"),
         MethodSpec("iso_c-kernels", "Iso-C, kernels decomposed", {"lambda": 1.0, "kernels": "flatten"}, grid=SVD_LAMBDA_GRID, method="iso_c"),
-        MethodSpec(
-            "iso_cts-kernels",
-            "Iso-CTS, kernels decomposed",
-            {"lambda": 1.0, "common_space_fraction": 0.8, "kernels": "flatten"},
-            grid=SVD_LAMBDA_GRID,
-            method="iso_cts",
-        ),
+        MethodSpec("iso_cts-kernels", "Iso-CTS, kernels decomposed", {"lambda": 1.0, "common_space_fraction": 0.8, "kernels": "flatten"},
+                   grid=SVD_LAMBDA_GRID, method="iso_cts"),
         MethodSpec("model_stock", "Model Stock", tune=None),
         MethodSpec("della", "DELLA", {"density": 0.7, "epsilon": 0.07, "lambda": 1.1}, grid=DELLA_LAMBDA_GRID),
         MethodSpec("della_linear", "DELLA (linear)", {"density": 0.7, "epsilon": 0.07, "lambda": 0.3}),
@@ -318,16 +310,13 @@ class Matrix:
     def references(self) -> None:
         """Zero-shot and the individual fine-tuned FP32 models (for normalized accuracy)."""
         self._cached("zero_shot", lambda: Cell("zero_shot", "fp32", "fixed", self.run.evaluate_all(None)))
-
         def individual() -> Cell:
             acc = {t: self.run.evaluate_all(self.run.finetuned_path(t), tasks=[t])[t] for t in self.run.tasks}
             return Cell("individual", "fp32", "fixed", acc)
-
         self._cached("individual|fp32|fixed", individual)
 
     def individual(self, precision: str) -> Cell:
         """Each task evaluated with its own quantized task vector: θ_pre + τ̂_t."""
-
         def compute() -> Cell:
             t0 = time.perf_counter()
             tvs = self.task_vectors(precision)
@@ -337,7 +326,6 @@ class Matrix:
                 state = {k: (v.float() + tvs[t][k]).to(v.dtype) if k in tvs[t] else v for k, v in pre.items()}
                 acc[t] = self.run.evaluate_all(state, tasks=[t])[t]
             return Cell("individual", precision, "fixed", acc, seconds=time.perf_counter() - t0)
-
         return self._cached(f"individual|{precision}|fixed", compute)
 
     def merged(self, method: str, precision: str, mode: str = "fixed") -> Cell:
@@ -369,7 +357,6 @@ class Matrix:
         """The value with the best average validation accuracy: over the grid, then past either
         edge while the edge wins (a λ chosen at the grid's edge says the grid was too narrow, not
         that the edge is best), a bounded number of steps."""
-
         def score(value: float) -> float:
             acc = self._evaluate_merge(spec, tvs, {**spec.options, spec.tune: value}, "validation")
             return sum(acc.values()) / len(acc)
@@ -395,12 +382,8 @@ class Matrix:
         for p in precisions:
             for m in methods:
                 cells.append((m, p))
-        bar = tqdm(
-            total=len(cells) + (sum(1 for m in methods if METHODS[m].tune) * len(precisions) if tune else 0),
-            desc="bench grid",
-            unit="cell",
-            disable=not self.progress,
-        )
+        bar = tqdm(total=len(cells) + (sum(1 for m in methods if METHODS[m].tune) * len(precisions) if tune else 0),
+                   desc="bench grid", unit="cell", disable=not self.progress)
         for method, p in cells:
             bar.set_postfix_str(f"{method or 'individual'} @ {p}")
             if method is None:

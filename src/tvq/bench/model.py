@@ -150,7 +150,7 @@ def class_mean_head(emb: torch.Tensor, labels: Sequence[int], n_classes: int, ta
     y = torch.as_tensor(list(labels), dtype=torch.long)
     sums = torch.zeros((n_classes, emb.shape[1]), dtype=emb.dtype).index_add_(0, y, emb)
     counts = torch.bincount(y, minlength=n_classes)
-    if empty := (counts == 0).nonzero().flatten().tolist():
+    if (empty := (counts == 0).nonzero().flatten().tolist()):
         raise BenchError(f"task '{task}': classes {empty} have no training examples; cannot build its head")
     return torch.nn.functional.normalize(sums / counts.unsqueeze(1), dim=-1)
 

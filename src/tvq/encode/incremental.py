@@ -55,14 +55,9 @@ def options_of(pack: Pack) -> QuantizeOptions:
         key_rule=KeyRule(m.key_rule),
         quantizer=m.quantizer,
         group_size=m.group_size or 128,
-        bit_plan=BitPlan(
-            budget_bits=m.budget_bits or 0.0,
-            bits=bits,
-            base_bits=base_bits,
-            schemes={k: e.scheme for k, e in first.items() if isinstance(e, QuantizedEntry) and e.scheme != m.quantizer},
-            allocation=m.allocation,
-            anchor_bits=m.anchor_bits,
-        ),
+        bit_plan=BitPlan(budget_bits=m.budget_bits or 0.0, bits=bits, base_bits=base_bits,
+                         schemes={k: e.scheme for k, e in first.items() if isinstance(e, QuantizedEntry) and e.scheme != m.quantizer},
+                         allocation=m.allocation, anchor_bits=m.anchor_bits),
         entropy="auto" if _entropy_coded(pack) else "off",  # a pack keeps its format version as it grows
     )
 
@@ -139,16 +134,8 @@ def add_tasks(
         sources: dict[str, Source] = {n: (finetuned[n] if remote else readers[n]) for n in readers}
         pre_src = pre.path if remote else pre
         jobs = [
-            KeyJob(
-                k,
-                roles[k],
-                pre_src,
-                sources,
-                options,
-                unsafe_pickle=unsafe_pickle,
-                base_pack=str(pack_path) if options.residual and k in base_keys else None,
-                digest_algorithm=algorithm,
-            )
+            KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
+                   base_pack=str(pack_path) if options.residual and k in base_keys else None, digest_algorithm=algorithm)
             for k in keys
         ]
         stats = StreamStats.for_tasks(list(readers), algorithm, quant_keys)

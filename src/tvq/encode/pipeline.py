@@ -210,17 +210,8 @@ def quantize(
     if expect_digests:
         digest_algorithm = algorithm_of(next(iter(expect_digests.values())))
     jobs = [
-        KeyJob(
-            k,
-            roles[k],
-            pre_src,
-            ft_src,
-            options,
-            with_average=average_out is not None,
-            unsafe_pickle=unsafe_pickle,
-            digest_algorithm=digest_algorithm,
-            device=compute,
-        )
+        KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle,
+               digest_algorithm=digest_algorithm, device=compute)
         for k in keys
     ]
 
@@ -253,10 +244,8 @@ def quantize(
             created_by=f"tvq {__version__}",
             method=options.method(),
             pretrained=input_ref(pre.path, stats.digests[PRETRAINED], pre, given=pretrained),
-            tasks=[
-                stats.task_entry(name, task_files[name], readers[name].path, readers[name], reference_of(options), given=finetuned[name])
-                for name in names
-            ],
+            tasks=[stats.task_entry(name, task_files[name], readers[name].path, readers[name], reference_of(options), given=finetuned[name])
+                   for name in names],
             base_file="base.safetensors" if options.residual else None,
             skipped=[k for k in keys if roles[k] == TensorRole.SKIP],
             files=file_entries,

@@ -69,6 +69,8 @@ def resolve_model(reference: str | Path) -> Path:
     try:
         return _snapshot(repo, revision)
     except huggingface_hub.errors.LocalEntryNotFoundError:
-        raise CheckpointError(f"{reference}: neither a local path nor a hub model in the cache (offline, or the hub is unreachable)") from None
+        raise CheckpointError(
+            f"{reference}: neither a local path nor a hub model in the cache (offline, or the hub is unreachable)"
+        ) from None
     except (huggingface_hub.errors.HfHubHTTPError, ValueError, OSError) as exc:
         raise CheckpointError(f"{reference}: not a local path, and the hub could not provide it: {str(exc).splitlines()[0][:200]}") from None

@@ -445,7 +445,8 @@ def _open_folder(p: Path, unsafe_pickle: bool) -> SafetensorsReader | StateDictR
     if len(singles) > 1:  # which one is the model is a guess tvq does not make
         names = ", ".join(f.name for f in singles[:2]) + (", ..." if len(singles) > 2 else "")
         raise CheckpointError(
-            f"{where(p)}: folder holds {len(singles)} safetensors files and no index ({names}): name one file or add model.safetensors.index.json"
+            f"{where(p)}: folder holds {len(singles)} safetensors files and no index ({names}): "
+            "name one file or add model.safetensors.index.json"
         )
     if (p / "pytorch_model.bin.index.json").exists():
         shards = sorted(set(_index_shards(p / "pytorch_model.bin.index.json").values()))
@@ -465,7 +466,9 @@ def float_keys(reader: CheckpointReader) -> list[str]:
     return [k for k in names if reader.meta(k).is_float]
 
 
-def as_reader(source: str | os.PathLike[str] | CheckpointReader | Mapping[str, torch.Tensor], unsafe_pickle: bool = False) -> CheckpointReader:
+def as_reader(
+    source: str | os.PathLike[str] | CheckpointReader | Mapping[str, torch.Tensor], unsafe_pickle: bool = False
+) -> CheckpointReader:
     """A reader for a checkpoint path (opened lazily), a state dict (held as it is), or the reader itself."""
     if isinstance(source, (str, os.PathLike)):
         return open_checkpoint(Path(source), unsafe_pickle)

@@ -211,7 +211,9 @@ def _open_legacy(path: Path, size: int) -> TorchArchive:
             raise CheckpointError(f"{where(path)}: not a torch file (neither a zip archive nor a pickle)")
         magic = load_program(fh)
         if magic != LEGACY_MAGIC:
-            raise CheckpointError(f"{where(path)}: a plain pickle, not a file torch.save wrote; if you trust it, pass --unsafe-pickle")
+            raise CheckpointError(
+                f"{where(path)}: a plain pickle, not a file torch.save wrote; if you trust it, pass --unsafe-pickle"
+            )
         if load_program(fh) != LEGACY_PROTOCOL:
             raise CheckpointError(f"{where(path)}: legacy torch file of an unknown protocol version")
         info = load_program(fh)

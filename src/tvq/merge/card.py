@@ -94,7 +94,9 @@ def card_files(
              **({"norm_stats": plan.norm_stats} if plan.norm_stats is not None else {}),
              **({"task": plan.task} if plan.task is not None else {})},
     )  # fmt: skip
-    rows = "\n".join(f"| {t.name} | {t.source} | {t.pack.label if t.pack is not None else 'FP32'} | `{t.path or '-'}` |" for t in tasks)
+    rows = "\n".join(
+        f"| {t.name} | {t.source} | {t.pack.label if t.pack is not None else 'FP32'} | `{t.path or '-'}` |" for t in tasks
+    )
     option_rows = "\n".join(f"| `{k}` | `{_inline(v)}` |" for k, v in options.items())
     recipe = write_recipe(plan)
     task_note = f" (the model of task `{plan.task}`)" if plan.task is not None else ""

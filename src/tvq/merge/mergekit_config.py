@@ -332,7 +332,8 @@ def translate(cfg: MergekitConfig, path: Path, text: str = "") -> MergePlan:
     spec = METHODS.get(cfg.merge_method.strip().lower())
     if spec is None or spec.translate is None:
         raise ConfigError(
-            f"{where(path)}: merge_method: {cfg.merge_method!r} is not a method tvq runs from a mergekit config (supported: {', '.join(METHODS)})"
+            f"{where(path)}: merge_method: {cfg.merge_method!r} is not a method tvq runs from a mergekit config "
+            f"(supported: {', '.join(METHODS)})"
         )
     if not cfg.models:
         raise ConfigError(f"{where(path)}: models: the models to merge are missing")

@@ -131,7 +131,9 @@ def quantize_options(step: QuantizeStep) -> QuantizeOptions:
     return opts
 
 
-def run_quantize_step(step: QuantizeStep, *, overwrite: bool = False, progress: bool = True, executor: Executor | None = None) -> QuantizeReport:
+def run_quantize_step(
+    step: QuantizeStep, *, overwrite: bool = False, progress: bool = True, executor: Executor | None = None
+) -> QuantizeReport:
     """Write the pack a pipeline merges from (an existing one needs ``overwrite``, as for ``tvq quantize``)."""
     return quantize(step.pretrained, dict(step.finetuned), step.out, quantize_options(step),
                     overwrite=overwrite, progress=progress, executor=executor)  # fmt: skip

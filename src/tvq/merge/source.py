@@ -199,7 +199,9 @@ class TaskSource:
         tau = self.vectors[task][key]
         if tuple(tau.shape) != self.shape(key):
             where_ = where(self.pretrained.path, key)
-            raise CheckpointError(f"task {task!r}: {where_}: shape {list(tau.shape)} differs from the pretrained model's {list(self.shape(key))}")
+            raise CheckpointError(
+                f"task {task!r}: {where_}: shape {list(tau.shape)} differs from the pretrained model's {list(self.shape(key))}"
+            )
         tau = tau.float()
         if self._transform is None:
             return tau
@@ -285,14 +287,8 @@ def pack_inputs(pack: Pack, pre: CheckpointReader) -> list[TaskInput]:
     """Every task of an opened pack, reopenable from its path, with its codes."""
     origin = Origin("pack", str(pack.path))
     return [
-        TaskInput(
-            name,
-            pack.task_vector(name),
-            origin,
-            partial(_pack_nbytes, pack, name, pre),
-            partial(pack.coded, name),
-            blocks=partial(pack.task_blocks, name),
-        )  # fmt: skip
+        TaskInput(name, pack.task_vector(name), origin, partial(_pack_nbytes, pack, name, pre), partial(pack.coded, name),
+                  blocks=partial(pack.task_blocks, name))  # fmt: skip
         for name in pack.tasks
     ]
 
@@ -402,7 +398,9 @@ def _absolute(path: str | Path) -> str:
 
 @lru_cache(maxsize=4)
 def _open_inputs(inputs: MergeInputs, stamps: tuple[tuple[int, int], ...]) -> TaskSource:
-    pre, vectors = load_task_vectors(inputs.pretrained, packs=inputs.packs, finetuned=dict(inputs.finetuned), unsafe_pickle=inputs.unsafe_pickle)
+    pre, vectors = load_task_vectors(
+        inputs.pretrained, packs=inputs.packs, finetuned=dict(inputs.finetuned), unsafe_pickle=inputs.unsafe_pickle
+    )
     missing = [t for t in inputs.tasks if t not in vectors]
     if missing:
         raise CheckpointError(f"task {missing[0]!r} is not in the inputs as this worker sees them (packs changed?)")
@@ -428,7 +426,9 @@ def _check_pack_shapes(pack: Pack, float_metas: dict[str, TensorMeta], pre: Chec
     for key in pack.keys:
         shape = tuple(pack.entry(task, key).shape)
         if shape != tuple(float_metas[key].shape):
-            raise CheckpointError(f"{where(pack.path, key)}: shape {list(shape)} differs from the pretrained model's {list(float_metas[key].shape)}")
+            raise CheckpointError(
+                f"{where(pack.path, key)}: shape {list(shape)} differs from the pretrained model's {list(float_metas[key].shape)}"
+            )
 
 
 def check_load_config(cfg: PaperLoadConfig, packs: Sequence[str | Path], n_finetuned: int) -> None:

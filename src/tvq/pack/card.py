@@ -59,7 +59,8 @@ def pack_card(manifest: Manifest, manifest_bytes: int) -> str:
         base_model=base,
         library_name="tvq",
         tags=["tvq", "task-vectors", "quantized", method_tag(manifest)],
-        tvq={"pack_format": manifest.version, "scheme": scheme, "pretrained_digest": manifest.pretrained.digest, "tasks": rows},  # fmt: skip
+        tvq={"pack_format": manifest.version, "scheme": scheme, "pretrained_digest": manifest.pretrained.digest,
+             "tasks": rows},  # fmt: skip
     )
     table = "\n".join(
         f"| {r['name']} | {r['bytes']:,} | {r['bits_per_param']:.3f} | {_error(r['rel_error'])} | {_error(r.get('rel_error_quantized'))} |"

@@ -237,7 +237,8 @@ class Pack:
         arg = self._pretrained_arg
         if arg is None:
             raise PackError(
-                f"{where(self.path)}: needs the pretrained model: pass --pretrained (the pack was made from {self.manifest.pretrained.path[:300]})"
+                f"{where(self.path)}: needs the pretrained model: pass --pretrained "
+                f"(the pack was made from {self.manifest.pretrained.path[:300]})"
             )
         if not isinstance(arg, (str, Path)):
             return arg  # an open reader

@@ -74,7 +74,7 @@ class _Checker:
 
     def tensor(self, entry: TensorEntry, what: str) -> None:
         if len(entry.shape) > MAX_NDIM or any(d < 0 for d in entry.shape):
-            raise self.fail(what, f"shape {entry.shape[: MAX_NDIM + 1]} (at most {MAX_NDIM} non-negative dimensions)")
+            raise self.fail(what, f"shape {entry.shape[:MAX_NDIM + 1]} (at most {MAX_NDIM} non-negative dimensions)")
         if entry.numel > self.cap:
             raise self.fail(what, f"{entry.numel} elements, more than the cap of {self.cap} (TVQ_MAX_TENSOR_ELEMENTS)")
         if isinstance(entry, ConstEntry):  # the schema: no data, no checksum, float32
@@ -248,14 +248,24 @@ def kept_zero(entry: TensorEntry, manifest: Manifest) -> bool:
     """A kept tensor's zero task vector as the paper's key rule stores it (``tvq.encode.key``):
     the constant 0, without a width, in a task-vector pack with ``key_rule: paper``."""
     m = manifest.method
-    return isinstance(entry, ConstEntry) and entry.bits is None and entry.value == 0.0 and m.key_rule == "paper" and m.target == "task_vector"
+    return (
+        isinstance(entry, ConstEntry)
+        and entry.bits is None
+        and entry.value == 0.0
+        and m.key_rule == "paper"
+        and m.target == "task_vector"
+    )
 
 
 def kept_keys(manifest: Manifest) -> set[str]:
     """The tensors a pack keeps exactly: stored ``raw`` in some task, or the constant 0 of a
     kept tensor (``kept_zero``) in every task."""
     files = [manifest.files[t.file].tensors for t in manifest.tasks]
-    return {key for key in files[0] if any(f[key].kind == "raw" for f in files) or all(kept_zero(f[key], manifest) for f in files)}
+    return {
+        key
+        for key in files[0]
+        if any(f[key].kind == "raw" for f in files) or all(kept_zero(f[key], manifest) for f in files)
+    }
 
 
 def _check_tensor_sets(c: _Checker, manifest: Manifest) -> None:

@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # the rules are read by the CLI, which must not import torch 
 # Buffer names of running statistics: PyTorch's _NormBase (BatchNorm*, SyncBatchNorm,
 # InstanceNorm* with track_running_stats), Keras (moving_mean/moving_variance), MXNet
 # (moving_var), and running_std of whitening layers; plus anything under Flax's "batch_stats".
-STATISTIC_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked", "moving_mean", "moving_variance", "moving_var", "running_std"})
+STATISTIC_NAMES = frozenset(
+    {"running_mean", "running_var", "num_batches_tracked", "moving_mean", "moving_variance", "moving_var", "running_std"}
+)
 STATISTIC_SCOPES = frozenset({"batch_stats"})
 
 

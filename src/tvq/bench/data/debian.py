@@ -25,7 +25,10 @@ from tvq.bench import BenchDataError
 
 
 def _how(pkg: str, debs: Path) -> str:
-    return f"run `apt-get update` and retry, or download {pkg}_*.deb from https://packages.debian.org/bookworm/{pkg} into {debs}/"
+    return (
+        f"run `apt-get update` and retry, or download {pkg}_*.deb from "
+        f"https://packages.debian.org/bookworm/{pkg} into {debs}/"
+    )
 
 
 def _find_deb(pkg: str, debs: Path) -> Path | None:

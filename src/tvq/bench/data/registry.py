@@ -139,7 +139,7 @@ def jsonl_task(
         if not p.is_file():
             raise BenchDataError(f"{p}: task file not found")
         texts, labels = [], []
-        with gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8") as f:
+        with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -62,52 +62,7 @@ def fortunes(cache: Path) -> TaskData:
     return TaskData("fortunes", texts, labels, FORTUNE_CLASSES, "Debian fortunes")
 
 
-LEXNAMES = [
-    "adj.all",
-    "adj.pert",
-    "adv.all",
-    "noun.Tops",
-    "noun.act",
-    "noun.animal",
-    "noun.artifact",
-    "noun.attribute",
-    "noun.body",
-    "noun.cognition",
-    "noun.communication",
-    "noun.event",
-    "noun.feeling",
-    "noun.food",
-    "noun.group",
-    "noun.location",
-    "noun.motive",
-    "noun.object",
-    "noun.person",
-    "noun.phenomenon",
-    "noun.plant",
-    "noun.possession",
-    "noun.process",
-    "noun.quantity",
-    "noun.relation",
-    "noun.shape",
-    "noun.state",
-    "noun.substance",
-    "noun.time",
-    "verb.body",
-    "verb.change",
-    "verb.cognition",
-    "verb.communication",
-    "verb.competition",
-    "verb.consumption",
-    "verb.contact",
-    "verb.creation",
-    "verb.emotion",
-    "verb.motion",
-    "verb.perception",
-    "verb.possession",
-    "verb.social",
-    "verb.stative",
-    "verb.weather",
-]  # noqa: E501 -- data
+LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather"]  # noqa: E501 -- data
 
 
 def _wordnet(pos: str, cache: Path, min_share: float = 0.02) -> TaskData:
@@ -162,7 +117,9 @@ def tweets(cache: Path) -> TaskData:
     df = r_package_object("r-cran-dslabs", "trump_tweets", cache)
     keep = df[df["source"].isin(TWEET_SOURCES) & ~df["is_retweet"].fillna(False).astype(bool)]
     index = {c: i for i, c in enumerate(TWEET_SOURCES)}
-    return TaskData("tweets", [_squash(str(t)) for t in keep["text"]], [index[str(s)] for s in keep["source"]], TWEET_SOURCES, "Debian r-cran-dslabs")
+    return TaskData(
+        "tweets", [_squash(str(t)) for t in keep["text"]], [index[str(s)] for s in keep["source"]], TWEET_SOURCES, "Debian r-cran-dslabs"
+    )
 
 
 def bing(cache: Path) -> TaskData:

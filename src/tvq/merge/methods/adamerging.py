@@ -31,7 +31,8 @@ class AdaMerging(MergeMethod):
         learned = AdaMergingResult.load(self.options.coefficients)
         if sorted(learned.tasks) != sorted(self.tasks):
             raise ConfigError(
-                f"{self.options.coefficients}: coefficients are for tasks {', '.join(learned.tasks)}, but the merge has {', '.join(self.tasks)}"
+                f"{self.options.coefficients}: coefficients are for tasks {', '.join(learned.tasks)}, "
+                f"but the merge has {', '.join(self.tasks)}"
             )
         order = [learned.tasks.index(t) for t in self.tasks]
         for key in source.keys:
