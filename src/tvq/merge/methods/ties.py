@@ -547,7 +547,7 @@ class Ties(MergeMethod):
         """On a GPU, global TIES streams every tensor (its trim and majority come from the
         pre-pass: no pass of its own, and the whole-tensor path is the host's); per tensor, the
         cut-offs and majority take passes over the host's codes, so the host's rule holds."""
-        return TIES_BY_BLOCKS and self.options.scope == "global" or self.merges_by_blocks(key, numel)
+        return (TIES_BY_BLOCKS and self.options.scope == "global") or self.merges_by_blocks(key, numel)
 
     def block_merger(self, key: str, numel: int, passes: BlockPasses) -> BlockMerger:
         """The tensor's trim and majority sign from passes over its blocks (scope=tensor) or the
