@@ -233,8 +233,8 @@ def test_old_packs_read_and_decode_as_before():
 @pytest.mark.parametrize("name", list(PACK_V1_OPTIONS))
 def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
     """The same inputs and options give the manifest written before, key for key (the paths
-    of the inputs aside) and with the same digest once those are the same: every tensor file
-    byte for byte (its bytes and sha256 are in the manifest). The one addition is each task's
+    of the inputs aside, and the errors to fp32 rounding) and with the same digest once those
+    are the same: every tensor file byte for byte (its bytes and sha256 are in the manifest). The one addition is each task's
     ``rel_error_quantized`` (issue 14: the error over quantized tensors, not diluted by the
     exactly stored ones), which old manifests lack and still verify without, and so the format
     version, 2 instead of 1."""
@@ -252,6 +252,10 @@ def test_new_pack_writes_the_manifest_an_old_one_did(tmp_path, name):
     for task, before in zip(new["tasks"], old["tasks"], strict=True):
         task["source"]["path"] = before["source"]["path"]
         assert task.pop("rel_error_quantized") >= task["rel_error"] > 0  # the kept tensors add |τ|², no error
+        # a statistic of fp32 dot products, whose summation order follows the CPU's vector width:
+        # equal to a few ulps of fp32 on another machine, and then taken as written
+        assert task["rel_error"] == pytest.approx(before["rel_error"], rel=1e-6)
+        task["rel_error"] = before["rel_error"]
     assert json.dumps(_body(new), indent=1) == json.dumps(_body(old), indent=1)  # order of keys included
     assert manifest_checksum(_body(new)) == old["digest"]
 

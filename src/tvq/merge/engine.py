@@ -24,6 +24,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -174,10 +175,12 @@ def iter_model(
     executor: Executor | None = None,
     tasks: int = 1,
     statistics: NormStats | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | Chunked]]:
     """Merged float tensors (from the executor, in key order; those ``work.blocks`` streams, by
     blocks on the driver), running statistics as chosen (``statistics``, on the driver: they
-    are tiny), other tensors copied as they are."""
+    are tiny), other tensors copied as they are. ``tied`` (alias -> first name, ``TaskSource.tied``):
+    an alias gets its first name's merged tensor (held until then; streamed again if it streams)."""
     keys = pretrained.keys()
     chosen = set(statistics.keys) if statistics is not None else set()
     merged_keys = float_keys - chosen
@@ -185,15 +188,28 @@ def iter_model(
     streamed = blocks.plan(merged_keys) if blocks is not None else set()
     jobs = (MergeJob(k, work, dtype, (tasks + 3) * 4 * pretrained.meta(k).numel) for k in keys if k in merged_keys - streamed)
     merged = (executor or LocalExecutor()).map(merge_key, jobs)
+    aliases = {a: k for a, k in (tied or {}).items() if k in merged_keys}
+    waiting = Counter(k for k in aliases.values() if k not in streamed)  # aliases still to write, per held tensor
+    held: dict[str, torch.Tensor] = {}
     for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress):
-        if key in chosen:
+        first = aliases.get(key)
+        if first is not None and first in streamed:
+            assert blocks is not None
+            yield key, blocks.stream(first, dtype)
+        elif first is not None:
+            waiting[first] -= 1
+            yield key, held[first] if waiting[first] else held.pop(first)
+        elif key in chosen:
             assert statistics is not None
             yield key, statistics.value(key, dtype)
         elif key in streamed:
             assert blocks is not None
             yield key, blocks.stream(key, dtype)
         else:
-            yield key, (next(merged) if key in merged_keys else pretrained.get(key))
+            value = next(merged) if key in merged_keys else pretrained.get(key)
+            if waiting[key]:
+                held[key] = value
+            yield key, value
 
 
 def method_deltas(method: MergeMethod, source: TaskSource) -> Deltas:
@@ -273,7 +289,7 @@ def merge_state_dict(
     stats = output_statistics(source, norm_stats, task)
     m.prepare(source)
     merged = iter_model(pre, LocalWork(pre, method_deltas(m, source)), set(source.keys), parse_dtype(dtype), m.name, False,
-                        tasks=len(source.tasks), statistics=stats)  # fmt: skip
+                        tasks=len(source.tasks), statistics=stats, tied=source.tied)  # fmt: skip
     return dict(_whole(merged))
 
 
@@ -361,7 +377,8 @@ def merge(
     work = method_work(m, source, executor, unsafe_pickle, compute if m.runs_on_device() else None)
     report = write_model(pre, work, set(source.keys), out, label, source.tasks,
                          dtype=dtype_, hf_from=folder, max_shard_size=shard_bytes, progress=progress,
-                         executor=executor, overwrite=overwrite, statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
+                         executor=executor, overwrite=overwrite, statistics=stats, out_kind=out_kind, files=files,
+                         tied=source.tied)  # fmt: skip
     prepasses = work.blocks.prepass_bytes if work.blocks is not None else 0
     report.bytes_read = prepared + pass_bytes(source) + prepasses + (stats.bytes_read if stats is not None else 0)
     report.kept = m.kept_density(source)
@@ -441,7 +458,7 @@ def emr_task_model(
     report = write_model(pre, work, set(source.keys), out, f"emr [{task}]", pack.tasks,
                          dtype=parse_dtype(dtype), hf_from=hf_folder(pretrained),
                          max_shard_size=parse_size(max_shard_size), progress=progress, overwrite=overwrite,
-                         statistics=stats, out_kind=out_kind, files=files)  # fmt: skip
+                         statistics=stats, out_kind=out_kind, files=files, tied=source.tied)  # fmt: skip
     report.bytes_read = pass_bytes(source) + (stats.bytes_read if stats is not None else 0)
     return report
 
@@ -497,17 +514,20 @@ def write_model(
     statistics: NormStats | None = None,
     out_kind: OutKind = "auto",
     files: Mapping[str, str] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> MergeReport:
     """Write θ_pre + δ atomically: a folder or one safetensors file (``output_kind``); a folder
     gets ``hf_from``'s config and tokenizer files, then ``files`` (name -> text: card, recipe).
 
     ``work`` gives δ: a function of the key (run in process), or jobs' work for ``executor``;
-    ``statistics`` gives the running statistics (never merged; see ``tvq.merge.statistics``).
+    ``statistics`` gives the running statistics (never merged; see ``tvq.merge.statistics``);
+    ``tied`` names written as their first name's merged tensor (``TaskSource.tied``).
     ``overwrite=False`` refuses an ``out`` that another run created while this one worked."""
     if callable(work):
         work = LocalWork(pretrained, work)
     template = pickle_template(pretrained, out) if out_kind != "folder" else None
-    stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics)
+    stream = iter_model(pretrained, work, float_keys, dtype, f"merge {label}", progress, executor, len(tasks), statistics, tied)
+    float_keys = float_keys | set(tied or {})  # cast like their first names (shard sizes)
     meta = {"format": "pt", "tvq_merge": label, "tvq_tasks": json.dumps(tasks)}
     if statistics is not None:
         meta["tvq_norm_stats"] = statistics.choice.label

@@ -34,6 +34,7 @@ from tvq.io.readers import (
     open_checkpoint,
 )
 from tvq.io.stamps import input_stamp
+from tvq.io.tied import tied_names
 from tvq.normstats import statistic_keys
 from tvq.pack.reader import Pack, open_pack
 from tvq.quant.coded import CodedTensor
@@ -71,6 +72,16 @@ class TaskInput:
     codes: Callable[[str], CodedTensor | None] | None = None  # key -> τ̂ as table + codes (packs)
     buffers: Callable[[str], torch.Tensor | None] | None = None  # key -> the task's own non-float tensor (checkpoints)
     blocks: Callable[[str], BlockReader | None] | None = None  # key -> τ by element blocks, or None (read it whole)
+    same: Callable[[str, str], bool] | None = None  # (key, other) -> τ is the same, known without reading; None: compare
+
+    def same_tau(self, key: str, other: str) -> bool:
+        """Whether τ of ``key`` equals τ of ``other`` (tied weights): a tensor the task does not
+        hold is its tied name's; without ``same`` both are read and compared."""
+        if key not in self.vector or other not in self.vector:
+            return True
+        if self.same is not None:
+            return self.same(key, other)
+        return torch.equal(self.vector[key], self.vector[other])
 
     def nbytes(self, key: str, numel: int) -> int:
         """Input bytes that reading τ of ``key`` (``numel`` elements) costs."""
@@ -141,7 +152,8 @@ class TaskSource:
     ``keys`` are the tensors a merge method merges: every float tensor but the running
     statistics (``statistics``: detected by name when None; a module adds its normalization
     layers' buffers; an explicit list of keys is used as it is, ``[]`` merging every float
-    tensor as tvq did before issue 14). The statistics are chosen, not merged
+    tensor as tvq did before issue 14), nor the second names of tied weights (``tied``:
+    alias -> first name, merged once; ``tvq.io.tied``). The statistics are chosen, not merged
     (``tvq.merge.statistics``); task vectors still hold them."""
 
     def __init__(
@@ -160,17 +172,24 @@ class TaskSource:
         every_float = float_keys(pretrained)
         self.statistics = resolve_statistics(pretrained, statistics)
         stats = set(self.statistics)
-        self.keys = [k for k in every_float if k not in stats]
-        self.float_statistics = [k for k in every_float if k in stats]
+        merged = [k for k in every_float if k not in stats]
+        candidates = {a: k for a, k in tied_names(pretrained).items() if a not in stats and k not in stats}
         self._transform = transform
         self._meter = _ByteMeter()
         key_set = set(every_float)
         for name, tv in self.vectors.items():
             tv_keys = set(tv)
-            for key in sorted(key_set - tv_keys)[:1]:
+            for key in sorted(key_set - tv_keys - candidates.keys())[:1]:
                 raise CheckpointError(f"task {name!r}: tensor '{key}' is missing (the pretrained model {pretrained.path} has it)")
             for key in sorted(tv_keys - key_set)[:1]:
                 raise CheckpointError(f"task {name!r}: tensor '{key}' is not a float tensor of the pretrained model {pretrained.path}")
+        # tied weights whose τ is one tensor in every task merge once (tvq.io.tied); the others stay names of their own
+        self.tied = {a: k for a, k in candidates.items() if all(task.same_tau(a, k) for task in self.inputs)}
+        for task in self.inputs:
+            for key in [a for a in candidates.keys() - self.tied.keys() if a not in task.vector][:1]:
+                raise CheckpointError(f"task {task.name!r}: tensor '{key}' is missing (the pretrained model {pretrained.path} has it)")
+        self.keys = [k for k in merged if k not in self.tied]
+        self.float_statistics = [k for k in every_float if k in stats]
 
     def with_transform(self, transform: Transform) -> TaskSource:
         """The same source with every τ passed through ``transform`` (e.g. DARE); reads count in both."""
@@ -288,7 +307,7 @@ def pack_inputs(pack: Pack, pre: CheckpointReader) -> list[TaskInput]:
     origin = Origin("pack", str(pack.path))
     return [
         TaskInput(name, pack.task_vector(name), origin, partial(_pack_nbytes, pack, name, pre), partial(pack.coded, name),
-                  blocks=partial(pack.task_blocks, name))  # fmt: skip
+                  blocks=partial(pack.task_blocks, name), same=partial(pack.same_tensor, name))  # fmt: skip
         for name in pack.tasks
     ]
 
@@ -321,8 +340,13 @@ def checkpoint_input(name: str, pre: CheckpointReader, path: str | Path, unsafe_
     """τ = θ_ft − θ_pre of a fine-tuned checkpoint, reopenable from its path."""
     ft = open_checkpoint(path, unsafe_pickle)
     tv = TaskVector.from_checkpoints(pre, ft, name=name)
+    tied = tied_names(ft)
+
+    def same(key: str, other: str) -> bool:  # tied in the fine-tuned file too: one tensor, nothing to read
+        return tied.get(key) == other or torch.equal(tv[key], tv[other])
+
     return TaskInput(name, tv, Origin("finetuned", str(path)), partial(_checkpoint_nbytes, ft, pre), buffers=partial(_own_tensor, ft),
-                     blocks=partial(_checkpoint_blocks, ft, pre))  # fmt: skip
+                     blocks=partial(_checkpoint_blocks, ft, pre), same=same)  # fmt: skip
 
 
 def load_task_vectors(

@@ -135,6 +135,13 @@ class Pack:
     def entry(self, task: str, key: str) -> TensorEntry:
         return self._tensor_entry(self.manifest.task(task).file, key)
 
+    def same_tensor(self, task: str, key: str, other: str) -> bool:
+        """Whether τ̂ of ``key`` and ``other`` are the same for ``task``, from the manifest alone:
+        equal entries (scheme, parameters, sha256 of the stored bytes) in the task's file and the
+        RTVQ base's (tied weights quantized under two names are)."""
+        files = [self.manifest.task(task).file] + ([self.manifest.base_file] if self.manifest.base_file else [])
+        return all(self.manifest.files[rel].tensors.get(key) == self.manifest.files[rel].tensors.get(other) for rel in files)
+
     def _tensor_entry(self, rel: str, key: str) -> TensorEntry:
         try:
             return self.manifest.files[rel].tensors[key]
