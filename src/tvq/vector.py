@@ -17,6 +17,7 @@ from torch import nn
 
 from tvq.errors import CheckpointError, where
 from tvq.io.readers import CheckpointReader, as_reader, float_keys
+from tvq.io.tied import align_ties
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -138,7 +139,10 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
 def check_compatible(pretrained: CheckpointReader, other: CheckpointReader) -> None:
     """Same float keys and shapes in both checkpoints, or one clear error naming the tensor.
-    A tensor that is float in one and not in the other is named as such, not as missing."""
+    A tensor that is float in one and not in the other is named as such, not as missing.
+    Tied weights stored once in one and under every name in the other are first aligned:
+    ``other`` then lists them as ``pretrained`` does (``tvq.io.tied.align_ties``)."""
+    align_ties(pretrained, other)
     pre_keys = set(float_keys(pretrained))
     other_keys = set(float_keys(other))
     in_both = set(pretrained.keys()) & set(other.keys())

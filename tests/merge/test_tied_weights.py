@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from tvq import QuantizeOptions, quantize
 from tvq.errors import CheckpointError
 from tvq.io.readers import MemoryReader, open_checkpoint
-from tvq.io.tied import tied_names
+from tvq.io.tied import align_ties, tied_names
 from tvq.merge import load_task_vectors, merge, merge_state_dict
 from tvq.merge.source import TaskSource
 from tvq.pack.reader import open_pack
@@ -112,3 +112,35 @@ def test_a_module_state_dict_merges_its_tie_once():
     out = merge_state_dict("dare", pre, taus, {"seed": 5})
     assert torch.equal(out["head.weight"], out["embed.weight"])
     assert TaskSource(MemoryReader(pre), taus).keys == ["embed.weight", "layer.weight", "layer.bias"]
+
+
+def test_a_reader_aligns_a_tie_stored_once_to_one_listed_twice(files):
+    root = files["root"]
+    st, pt = open_checkpoint(files["st"]["t0"]), open_checkpoint(files["pt"]["t0"])
+    align_ties(open_checkpoint(root / "pre.pt"), st)  # the pretrained file lists head.weight: read it as embed.weight
+    assert "head.weight" in st and torch.equal(st.get("head.weight"), pt.get("head.weight"))
+    assert torch.equal(st.get_elements("head.weight", 5, 40), st.get_elements("embed.weight", 5, 40))
+    align_ties(open_checkpoint(root / "pre.safetensors"), pt)  # the pretrained file stores the tie once
+    assert "head.weight" not in pt and "embed.weight" in pt
+    untied = MemoryReader({"embed.weight": torch.zeros(3), "other": torch.zeros(3)})
+    align_ties(MemoryReader({"embed.weight": torch.ones(3)}), untied)  # nothing tied: nothing changes
+    assert untied.keys() == ["embed.weight", "other"]
+
+
+@pytest.mark.parametrize(("pre", "finetuned"), [("pre.pt", "st"), ("pre.safetensors", "pt")], ids=["pt-pre", "safetensors-pre"])
+def test_fine_tunes_that_store_the_tie_otherwise_merge_alike(files, tmp_path, pre, finetuned):
+    """A torch-saved pretrained model with Hugging Face safetensors fine-tunes (the tie stored
+    once), and the other way round: the same merge as when every file stores it alike."""
+    root = files["root"]
+    reader, vectors = load_task_vectors(root / "pre.safetensors", finetuned=files["st"])
+    merge("ties", reader, vectors, tmp_path / "expected.safetensors", {})
+    expected = load_file(tmp_path / "expected.safetensors")
+    reader, vectors = load_task_vectors(root / pre, finetuned=files[finetuned])
+    out = tmp_path / ("m.pt" if pre.endswith(".pt") else "m.safetensors")
+    merge("ties", reader, vectors, out, {})
+    got = torch.load(out, weights_only=True) if out.suffix == ".pt" else load_file(out)
+    assert set(got) == set(open_checkpoint(root / pre).keys())
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    quantize(root / pre, files[finetuned], tmp_path / "pack", QuantizeOptions(bits=2), progress=False)
+    assert sorted(open_pack(tmp_path / "pack").keys) == sorted(open_checkpoint(root / pre).keys())

@@ -118,6 +118,14 @@ class ReaderBase:
     def __iter__(self) -> Iterator[str]:
         return iter(self._metas)
 
+    def share(self, alias: str, name: str) -> None:
+        """Read ``alias`` as ``name``: a tie this file stores once (``tvq.io.tied.align_ties``)."""
+        self._metas[alias] = self._metas[name]
+
+    def hide(self, key: str) -> None:
+        """Leave ``key`` out: a tied name the model being compared with does not list."""
+        del self._metas[key]
+
     def float_bytes(self, bytes_per_element: int = 4) -> int:
         """Size of the floating-point tensors at a given precision (FP32 by default)."""
         return sum(m.numel * bytes_per_element for m in self._metas.values() if m.is_float)

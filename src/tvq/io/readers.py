@@ -184,6 +184,7 @@ class SafetensorsReader(_ReaderBase):
         files = sorted(set(shards.values())) if shards else [path]
         self._handles: dict[Path, SafetensorsFile] = {}
         self._file_of: dict[str, Path] = {}
+        self._stored: dict[str, str] = {}  # a shared name -> the name its file stores it under
         self._metas = {}
         for file in files:
             if not file.exists():
@@ -204,7 +205,7 @@ class SafetensorsReader(_ReaderBase):
         if file is None:
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint")
         try:
-            return self._handles[file].get_tensor(key)
+            return self._handles[file].get_tensor(self._stored.get(key, key))
         except Exception as exc:
             raise CheckpointError(f"{where(file, key)}: cannot read tensor ({exc})") from None
 
@@ -213,7 +214,16 @@ class SafetensorsReader(_ReaderBase):
         file = self._file_of.get(key)
         if file is None:
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint")
-        return self._handles[file].get_elements(key, start, end)
+        return self._handles[file].get_elements(self._stored.get(key, key), start, end)
+
+    def share(self, alias: str, name: str) -> None:
+        super().share(alias, name)
+        self._file_of[alias] = self._file_of[name]
+        self._stored[alias] = self._stored.get(name, name)
+
+    def hide(self, key: str) -> None:
+        super().hide(key)
+        del self._file_of[key]
 
 
 class MemoryReader(_ReaderBase):
@@ -233,6 +243,14 @@ class MemoryReader(_ReaderBase):
     def get_elements(self, key: str, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` of the flattened tensor (a view: it is in memory already)."""
         return self.get(key).reshape(-1)[start:end]
+
+    def share(self, alias: str, name: str) -> None:
+        super().share(alias, name)
+        self._tensors[alias] = self._tensors[name]
+
+    def hide(self, key: str) -> None:
+        super().hide(key)
+        del self._tensors[key]
 
 
 def element_reader(reader: CheckpointReader) -> SafetensorsReader | MemoryReader | None:

@@ -52,6 +52,14 @@ class TorchPickleReader(ReaderBase):
             raise CheckpointError(f"{where(self.path, key)}: no such tensor in this checkpoint")
         return read_tensor(self.archive, self._fd, ref, key)
 
+    def share(self, alias: str, name: str) -> None:
+        super().share(alias, name)
+        self.refs[alias] = self.refs[name]
+
+    def hide(self, key: str) -> None:
+        super().hide(key)
+        del self.refs[key]
+
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
         if fd is not None:
