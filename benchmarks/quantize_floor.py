@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -83,19 +83,24 @@ def read_all(files: list[Path]) -> int:
     return total
 
 
-def minimal(pre_dir: Path, ft_dirs: list[Path], bits: int) -> int:
-    """Per-tensor min–max TVQ of every float tensor at ``bits``, one thread, torch ops only."""
+def matrices(pre_dir: Path, ft_dirs: list[Path]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(θ_pre, every θ_t) of each float tensor of two or more dimensions, as stored."""
     pre = open_checkpoint(pre_dir)
     fts = [open_checkpoint(d) for d in ft_dirs]
-    written = 0
     for key in pre.keys():  # noqa: SIM118 -- a reader, not a dict
-        if not pre.meta(key).is_float or len(pre.meta(key).shape) < 2:
-            continue
-        base = pre.get(key).float().reshape(-1)
+        if pre.meta(key).is_float and len(pre.meta(key).shape) >= 2:
+            yield pre.get(key), [ft.get(key) for ft in fts]
+
+
+def minimal(pre_dir: Path, ft_dirs: list[Path], bits: int) -> int:
+    """Per-tensor min–max TVQ of every float tensor at ``bits``, one thread, torch ops only."""
+    written = 0
+    for pre, thetas in matrices(pre_dir, ft_dirs):
+        base = pre.float().reshape(-1)
         tau = torch.empty_like(base)
         q = torch.empty_like(base)
-        for ft in fts:
-            torch.sub(ft.get(key).reshape(-1), base, out=tau)  # bf16 - fp32 promotes exactly
+        for theta in thetas:
+            torch.sub(theta.reshape(-1), base, out=tau)  # bf16 - fp32 promotes exactly
             lo, hi = torch.aminmax(tau)
             if float(lo) == float(hi):
                 continue
@@ -111,13 +116,9 @@ def kernels_only(pre_dir: Path, ft_dirs: list[Path], bits: int) -> int:
     every task of a tensor at once), one thread, on the tensors ``minimal`` quantizes: what the
     arithmetic of ``tvq quantize`` costs with nothing around it (no statistics, hashing, entropy
     coding or writing); tensors the kernels do not take are skipped."""
-    pre = open_checkpoint(pre_dir)
-    fts = [open_checkpoint(d) for d in ft_dirs]
     written = 0
-    for key in pre.keys():  # noqa: SIM118 -- a reader, not a dict
-        if not pre.meta(key).is_float or len(pre.meta(key).shape) < 2:
-            continue
-        results = kernels.encode_minmax([ft.get(key) for ft in fts], pre.get(key), QuantSpec(bits), stats=False)
+    for pre, thetas in matrices(pre_dir, ft_dirs):
+        results = kernels.encode_minmax(thetas, pre, QuantSpec(bits), stats=False)
         written += sum(r.packed.numel() for r in results or () if r.packed is not None)
     return written
 
