@@ -163,3 +163,30 @@ def test_global_pre_pass_from_code_histograms_is_the_dense_one(inputs: dict, pac
     assert coded.kept == dense.kept
     if density == 0.97 and pack == "tvq2":
         assert float(coded.thresholds.min()) == 0.0  # the zeros' index-order path was taken
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 9])
+def test_coded_sum_compiled_is_the_torch_loop_bit_for_bit(tasks: int, monkeypatch) -> None:
+    """Task arithmetic's gather-and-add from codes: the compiled loop (numba) gives the torch
+    loop's bytes, for uint8, int16 and int32 codes, tables of different sizes, ragged lengths."""
+    from tvq.merge import coded as coded_module
+
+    g = torch.Generator().manual_seed(tasks)
+    n = coded_module._CHUNK + 4097  # a chunk and a ragged run beyond it
+    sizes = [4, 300, 16, 2, 1024, 8, 1, 64, 256][:tasks]
+    codes = []
+    for t, v in enumerate(sizes):
+        dtype = {1: torch.int16, 4: torch.int32}.get(t, torch.uint8)  # the wide tables' codes
+        table = torch.randn(v, generator=g) * 10.0 ** torch.randint(-3, 3, (v,), generator=g)
+        codes.append(CodedTensor(table, torch.randint(0, v, (n,), generator=g).to(dtype)))
+    assert coded_module._sum_kernel(codes) is not None
+    compiled = coded_module.coded_sum(codes)
+    monkeypatch.setenv("TVQ_SUM_KERNEL", "torch")
+    assert coded_module._sum_kernel(codes) is None
+    reference = coded_module.coded_sum(codes)
+    assert torch.equal(compiled.view(torch.int32), reference.view(torch.int32))
+    dense = torch.stack([c.table[c.index.long()] for c in codes])
+    expected = dense[0].clone()
+    for row in dense[1:]:
+        expected += row  # the dense sum in task order
+    assert torch.equal(compiled.view(torch.int32), expected.view(torch.int32))

@@ -13,12 +13,18 @@ sign) come exactly from code histograms. This is what makes TIES from a pack fas
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import numpy as np
 import torch
 
 from tvq.quant.coded import CodedTensor
 
 MAX_COMBINATIONS = 1 << 20  # lookup tables up to 4 MiB; beyond that, merge the dense tensors
 _CHUNK = 1 << 20
+MIN_COMPILED = 1 << 16  # fewer elements keep the torch loop: a small model's merge never imports numba
 
 
 def combinations(coded: list[CodedTensor]) -> int:
@@ -76,9 +82,20 @@ def lookup(lut: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def coded_sum(coded: list[CodedTensor]) -> torch.Tensor:
     """Σ_t τ̂_t in task order (``tvq.merge.ops.task_sum``'s order), gathering each task's values
-    from its own table chunk by chunk: the dense sum's bytes without dense task vectors."""
+    from its own table chunk by chunk: the dense sum's bytes without dense task vectors (in one
+    compiled loop where numba is installed: the same fp32 adds in the same order)."""
     n = coded[0].index.numel()
     out = torch.empty(n, dtype=torch.float32)
+    kernel = _sum_kernel(coded)
+    if kernel is not None:
+        tables = torch.zeros(len(coded), max(c.values for c in coded), dtype=torch.float32)
+        for t, c in enumerate(coded):
+            tables[t, : c.values] = c.table
+        flat = out.numpy()
+        for start in range(0, n, _CHUNK):
+            end = min(start + _CHUNK, n)
+            kernel(stacked_codes(coded, start, end), tables.numpy(), flat[start:end])
+        return out
     buf = torch.empty(min(_CHUNK, n), dtype=torch.float32)
     index = torch.empty(min(_CHUNK, n), dtype=torch.int32)
     for start in range(0, n, _CHUNK):
@@ -90,4 +107,27 @@ def coded_sum(coded: list[CodedTensor]) -> torch.Tensor:
                 torch.index_select(c.table, 0, idx, out=out[start:end])
             else:
                 out[start:end] += torch.index_select(c.table, 0, idx, out=buf[:m])
+    return out
+
+
+def _sum_kernel(coded: list[CodedTensor]) -> Callable[..., object] | None:
+    """The compiled gather-and-add loop for host codes of at least ``MIN_COMPILED`` elements, or
+    None (numba missing, ``TVQ_SUM_KERNEL=torch``, small or device tensors: the torch loop)."""
+    if coded[0].index.numel() < MIN_COMPILED or os.environ.get("TVQ_SUM_KERNEL") == "torch":
+        return None
+    if any(c.index.device.type != "cpu" or c.table.device.type != "cpu" for c in coded):
+        return None
+    try:
+        from tvq.merge._sum_jit import gather_sum
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return None
+    return cast(Callable[..., object], gather_sum)
+
+
+def stacked_codes(coded: Sequence[CodedTensor], start: int, end: int) -> np.ndarray:
+    """Codes ``[start, end)`` of every task as one ``[T, m]`` array (uint8, or int32 when any task's are wider)."""
+    dtype = np.uint8 if all(c.index.dtype == torch.uint8 for c in coded) else np.int32
+    out = np.empty((len(coded), end - start), dtype=dtype)
+    for t, c in enumerate(coded):
+        out[t] = c.index[start:end].numpy()
     return out

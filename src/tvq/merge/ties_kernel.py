@@ -28,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from tvq.merge.coded import stacked_codes
 from tvq.merge.ops import _M32, ALL_TIES, Trim, _mix32_int
 from tvq.quant.coded import CodedTensor
 
@@ -91,15 +92,6 @@ class CodeTrim:
         return self.values, self.tied, self.lo, self.high, self.hash_cut, self.index_cut
 
 
-def _stack(coded: Sequence[CodedTensor], start: int, end: int) -> np.ndarray:
-    """Codes ``[start, end)`` of every task as one ``[T, m]`` array (uint8, or int32 when any task's are wider)."""
-    dtype = np.uint8 if all(c.index.dtype == torch.uint8 for c in coded) else np.int32
-    out = np.empty((len(coded), end - start), dtype=dtype)
-    for t, c in enumerate(coded):
-        out[t] = c.index[start:end].numpy()
-    return out
-
-
 def _spans(n: int) -> list[tuple[int, int]]:
     return [(at, min(at + CHUNK, n)) for at in range(0, n, CHUNK)]
 
@@ -121,7 +113,7 @@ def coded_votes(coded: Sequence[CodedTensor], trim: CodeTrim, start: int = 0, ke
 
     def votes(span: tuple[int, int]) -> tuple[int, np.ndarray]:
         counts = np.zeros(len(coded), dtype=np.int64)
-        return int(jit.ties_votes(_stack(coded, *span), *trim.args(), start + span[0], counts)), counts
+        return int(jit.ties_votes(stacked_codes(coded, *span), *trim.args(), start + span[0], counts)), counts
 
     results = _map(votes, _spans(coded[0].index.numel()))
     if kept is not None:
@@ -144,7 +136,7 @@ def coded_ties(coded: Sequence[CodedTensor], trim: CodeTrim, majority: float | N
     def merge(span: tuple[int, int]) -> tuple[int, np.ndarray]:
         begin, end = span
         pending = np.empty(end - begin, dtype=np.int64)
-        votes, waiting = jit.ties_block(_stack(coded, begin, end), *trim.args(), start + begin, known, mean, flat[begin:end], pending)
+        votes, waiting = jit.ties_block(stacked_codes(coded, begin, end), *trim.args(), start + begin, known, mean, flat[begin:end], pending)
         return int(votes), pending[:waiting] + begin
 
     results = _map(merge, _spans(n))
