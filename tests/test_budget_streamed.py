@@ -181,3 +181,63 @@ def test_the_compiled_passes_give_the_torch_numbers(dtype, numel, monkeypatch):
     assert error_model.compiled_stats(bad, pre) is None and error_model.compiled_stats(pre, pre) is None  # Inf; all zero
     other = pre.float() if dtype != torch.float32 else pre.bfloat16()
     assert error_model.compiled_stats(ft.double(), pre.double()) is None and error_model.compiled_stats(ft, other) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("quantizer", ["minmax", "mse"])
+def test_the_compiled_offsets_give_the_torch_numbers(dtype, quantizer, monkeypatch):
+    """RTVQ with error correction by compiled passes over the stored inputs: β, every base width's
+    bytes, and each task's offsets τ_t − β̂ summarised as the torch passes summarise them (every
+    value, a dense and a sparse sample), bit for bit; an input torch must judge is left to it."""
+    pytest.importorskip("numba")
+    from tvq.quant import histogram
+    from tvq.quant.chunks import mean_of
+
+    monkeypatch.setattr(histogram, "MIN_ELEMENTS", 0)
+    monkeypatch.delenv(histogram.ENV, raising=False)
+    g = torch.Generator().manual_seed(3)
+    numel = 30_011
+    pre = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+    fts = [(pre.float() + torch.randn(numel, generator=g) * 1e-3 * (t + 1)).to(dtype) for t in range(3)]
+    options = QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True, quantizer=quantizer).validated()
+    bases = (2, 3, 8)
+    for sample in (1 << 20, 10_000, 1_000):
+        found = budget._compiled_offset_stats(pre, fts, options, bases, 100, sample=sample, offset_sample=sample)
+        assert found is not None
+        cross, beta_stats, priced = found
+        taus = [t.float() - pre.float() for t in fts]
+        for got, tau in zip(cross, taus, strict=True):
+            _same(got, ValueStats.of(tau, sample=sample))
+        beta = mean_of(fts) - pre.float()
+        _same(beta_stats, ValueStats.of(beta, sample=sample))
+        for bb in bases:
+            beta_hat, nbytes = budget._base_estimate(beta, bb, options, 100, beta_stats)
+            assert priced[bb][0] == nbytes
+            for got, tau in zip(priced[bb][1], taus, strict=True):
+                _same(got, ValueStats.of(tau - beta_hat, sample=sample))
+    same = budget._compiled_offset_stats(pre, [fts[0]] * 3, options, bases, 100)  # the mean of equal tensors is the first
+    assert same is not None
+    _same(same[1], ValueStats.of(fts[0].float() - pre.float()))
+    frozen = budget._compiled_offset_stats(pre, [fts[0], pre, fts[2]], options, bases, 100)  # a task that left it alone: τ = 0
+    assert frozen is not None
+    _same(frozen[0][1], ValueStats.of(torch.zeros(numel)))
+    bad = fts[1].clone()
+    bad[11] = float("inf")
+    with pytest.raises(EncodeError):  # torch names it (the caller names the file)
+        budget._compiled_offset_stats(pre, [fts[0], bad, fts[2]], options, bases, 100)
+    assert budget._compiled_offset_stats(pre, [fts[0], fts[1].double(), fts[2]], options, bases, 100) is None
+
+
+@pytest.mark.parametrize("options", [QuantizeOptions(bits=2, residual=True, error_correction=True),
+                                     QuantizeOptions(bits=2, residual=True, error_correction=True, quantizer="mse")],
+                         ids=["ec", "ec-mse"])  # fmt: skip
+def test_the_compiled_rtvq_analysis_is_the_torch_one(family, options, monkeypatch):
+    pytest.importorskip("numba")
+    from tvq.quant import histogram
+
+    pre, fts = family
+    monkeypatch.setenv(histogram.ENV, "torch")
+    reference = _table(budget.analyse(pre, fts, options.validated(), progress=False, cross=True))
+    monkeypatch.setattr(histogram, "MIN_ELEMENTS", 0)
+    monkeypatch.delenv(histogram.ENV)
+    assert _table(budget.analyse(pre, fts, options.validated(), progress=False, cross=True, threads=2)) == reference

@@ -46,6 +46,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -56,11 +57,11 @@ from tvq.encode.pipeline import QuantizeReport, quantize
 from tvq.errors import CheckpointError, ConfigError, EncodeError, where
 from tvq.execute import Executor, LocalExecutor, one_torch_thread
 from tvq.io.readers import CheckpointReader, open_checkpoint
-from tvq.quant import affine
+from tvq.quant import affine, histogram
 from tvq.quant.affine import MappingType, QuantSpec, RangeEstimator, clipped_params
 from tvq.quant.chunks import CHUNK, ChunkSource, Converted, Mean, View, difference, mean_of
 from tvq.quant.entropy import estimated_bytes
-from tvq.quant.error_model import SAMPLE, ValueStats, compiled_stats, mse_clips, release_work_buffers, work_buffer
+from tvq.quant.error_model import BINS, SAMPLE, ValueStats, compiled_stats, kernel_elements, mse_clips, release_work_buffers, sample_step, work_buffer
 from tvq.quant.packing import packed_nbytes
 from tvq.quant.schemes import fake_quantize_with, get_scheme
 from tvq.quant.selection import KeyRule, TensorRole, tensor_role
@@ -87,6 +88,12 @@ ANCHOR_SLACK = 0.08
 # manifest) when the estimate leaves this much; else it is written as the bare fixed scheme.
 RECORD_ROOM = 512
 MAX_WRITES = 6
+# Values histogrammed per error-corrected offset at most (an evenly spaced sample beyond; the ranges
+# are exact, from every value): RTVQ prices every task's offsets at every base width, 24 histograms
+# of a tensor for 4 tasks, and a quarter of ``SAMPLE`` puts them at a quarter of the analysis' time
+# instead of two thirds, with estimates within a fraction of a percent of the larger sample's
+# (docs/pack-format.md, "Bit allocation under a budget").
+OFFSET_SAMPLE = SAMPLE // 4
 
 
 @dataclass
@@ -164,6 +171,77 @@ def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions, entr
     else:
         qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse")))
     return _dequantized(affine.quantize(flat, qp), qp, tuple(beta.shape), reuse), nbytes
+
+
+def _base_params(stats: ValueStats, bits: int, options: QuantizeOptions, entry: int) -> tuple[affine.QParams | None, int]:
+    """The RTVQ base's parameters on a histogram grid (None: β is a constant, stored as such) and its
+    bytes, ``entry`` included, from β's statistics: what ``_base_estimate`` quantizes β with."""
+    nbytes = _priced(stats, bits, options.quantizer, options)[1] + entry + (24 if options.quantizer == "mse" else 0)
+    if stats.constant:
+        return None, nbytes
+    if options.quantizer == "minmax":  # ``choose_qparams`` of the min–max spec: from β's own min and max
+        return affine.params_from_minmax(get_scheme("minmax", bits).spec(bits, {}), stats.lo, stats.hi), nbytes
+    return clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse"))), nbytes
+
+
+OffsetStats = tuple[list[ValueStats], ValueStats, dict[int, tuple[int, list[ValueStats]]]]  # τ_t's, β's; per base width: bytes, offsets'
+
+
+def _compiled_offset_stats(pre: torch.Tensor, thetas: list[torch.Tensor], options: QuantizeOptions, base_list: tuple[int, ...],
+                           entry: int, sample: int = SAMPLE, offset_sample: int | None = None) -> OffsetStats | None:  # fmt: skip
+    """RTVQ with error correction on a histogram grid, by compiled passes over the stored inputs
+    (``tvq.quant.histogram.offset_kernels``): each τ_t's statistics, β's, and per base width its
+    bytes and the statistics of every task's offsets τ_t − β̂, the numbers of the torch passes bit
+    for bit, with no fp32 copy of τ_t nor β̂ (one pass ranges every offset of every base width).
+    None where the kernels do not apply (as ``compiled_stats``) or values need torch's judgement."""
+    numel = pre.numel()
+    kernels = histogram.offset_kernels(numel)
+    dtypes = {t.dtype for t in thetas} | {pre.dtype}
+    if kernels is None or len(dtypes) != 1 or dtypes.pop() not in (torch.bfloat16, torch.float32):
+        return None
+    if any(t.device.type != "cpu" for t in (pre, *thetas)):
+        return None
+    found = [compiled_stats(t, pre, sample=sample) for t in thetas]
+    missing = [t for t, stats in zip(thetas, found, strict=True) if stats is None]
+    rest = iter(_torch_stats_all(missing, pre, sample) if missing else [])
+    cross = [stats if stats is not None else next(rest) for stats in found]  # torch's where τ_t = 0 (a task that left it alone)
+    beta_pass, ranges, counter = kernels
+    bf16 = pre.dtype == torch.bfloat16
+    inputs = tuple(kernel_elements(t) for t in thetas)
+    p = kernel_elements(pre)
+    beta = work_buffer("beta", numel, torch.float32)
+    same, finite = beta_pass(inputs, p, bf16, beta.numpy())
+    if same:  # ``Mean``: the mean of identical tensors is the first one
+        beta.copy_(thetas[0].reshape(-1)).sub_(pre.reshape(-1))
+        finite = bool(torch.isfinite(beta).all())
+    beta_stats = compiled_stats(beta, None, sample=sample) if finite else None
+    if beta_stats is None:
+        return None
+    params = {bb: _base_params(beta_stats, bb, options, entry) for bb in base_list}
+    scale = np.array([qp.fp32["scale"].item() if qp else 1.0 for qp, _ in params.values()], np.float32)
+    zero = np.array([qp.fp32["zero_point"].item() if qp else 0.0 for qp, _ in params.values()], np.float32)
+    qmax = np.array([2**bb - 1 for bb in params], np.float32)
+    constant = np.array([qp is None for qp, _ in params.values()], np.bool_)
+    lo = np.empty((len(params), len(thetas)), np.float32)
+    hi = np.empty_like(lo)
+    if not ranges(inputs, p, bf16, beta.numpy(), scale, zero, qmax, constant, lo, hi):
+        return None
+    step = sample_step(numel, OFFSET_SAMPLE if offset_sample is None else offset_sample)
+    widths = [[(float(h) - float(low)) / BINS if h > low else 1.0 for low, h in zip(row_lo, row_hi, strict=True)]
+              for row_lo, row_hi in zip(lo, hi, strict=True)]  # fmt: skip
+    inv = np.array([[1.0 / w for w in row] for row in widths], np.float32)
+    sampled = len(range(0, numel, step))
+    counts = np.zeros((len(params), len(thetas), BINS), np.int32)  # at most 2^22 values each: a histogram stays in L2
+    taus = work_buffer("kept", len(thetas) * sampled, torch.float32).view(len(thetas), sampled)
+    betas, hat = (work_buffer(name, sampled, torch.float32).numpy() for name in ("sampled_beta", "hat"))
+    counter(inputs, p, bf16, beta.numpy(), scale, zero, qmax, constant, step, lo, inv, np.float32(BINS - 1), counts, taus.numpy(), betas, hat)
+
+    def offsets(k: int) -> list[ValueStats]:
+        return [ValueStats.of_counts(float(lo[k, t]), float(hi[k, t]), numel, widths[k][t], torch.from_numpy(counts[k, t]), sampled)
+                for t in range(len(thetas))]  # fmt: skip
+
+    bases = {bb: (nbytes, offsets(k)) for k, (bb, (_, nbytes)) in enumerate(params.items())}
+    return cross, beta_stats, bases
 
 
 def _dequantized(codes: torch.Tensor, qp: affine.QParams, shape: tuple[int, ...], reuse: bool) -> torch.Tensor:
@@ -454,6 +532,16 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
         for (scheme, b), (err, nbytes) in _grid_costs(xs, bits_list, options, entry).items():
             opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
         return opts_for_key + (cross_options([ValueStats.of(x) for x in xs]) if options.target == "task_vector" else [])
+    if options.error_correction and options.quantizer in HISTOGRAM_SCHEMES:
+        compiled = _compiled_offset_stats(pre_t, [r.get(key) for r in readers.values()], options, base_list, entry)
+        if compiled is not None:  # the same numbers as the torch passes below, from the stored inputs
+            task_stats, base_stats, priced_bases = compiled
+            opts_for_key += cross_options(task_stats)
+            for bb, (own_base, offset_stats) in priced_bases.items():
+                on_minmax = own_base if options.quantizer != "mse" else _priced(base_stats, bb, "minmax", options)[1] + entry
+                for (scheme, b), (err, nbytes) in _stats_costs(offset_stats, bits_list, options, entry).items():
+                    opts_for_key.append(Option(b, bb, (on_minmax if scheme == "minmax" else own_base) + nbytes, weight * err, scheme))
+            return opts_for_key
     # RTVQ: each θ_t as stored, converted where used (θ_t − p32 and the mean promote a bf16 θ_t exactly,
     # as θ_t.float() would; fp64 is rounded once first), so no fp32 copy of the inputs is held; the fp32
     # work tensors in this thread's reused buffers (``work_buffer``: no fresh pages per tensor)
@@ -509,7 +597,7 @@ def _offset_costs(taus: list[torch.Tensor], beta_hat: torch.Tensor, bits_list: t
     if options.quantizer not in HISTOGRAM_SCHEMES:
         return _grid_costs([t - beta_hat for t in taus], bits_list, options, entry)
     hat = View(beta_hat)
-    stats = ValueStats.streamed_all([difference(View(t), hat) for t in taus], beta_hat.numel())
+    stats = ValueStats.streamed_all([difference(View(t), hat) for t in taus], beta_hat.numel(), sample=OFFSET_SAMPLE)
     return _stats_costs(stats, bits_list, options, entry)
 
 
@@ -530,15 +618,15 @@ def _streamed_stats_all(thetas: list[torch.Tensor], pre: torch.Tensor | None) ->
     return [stats if stats is not None else next(summarised) for stats in found]
 
 
-def _torch_stats_all(thetas: list[torch.Tensor], pre: torch.Tensor | None) -> list[ValueStats]:
+def _torch_stats_all(thetas: list[torch.Tensor], pre: torch.Tensor | None, sample: int = SAMPLE) -> list[ValueStats]:
     """``_streamed_stats_all`` in torch: a chunk of every task in turn, θ_pre converted once per chunk."""
     numel = thetas[0].numel() if thetas else 0
     shared = Converted(pre) if pre is not None else None
     sources: list[ChunkSource] = [Converted(t) if shared is None else difference(Converted(t), shared) for t in thetas]
-    if numel > SAMPLE:
-        return ValueStats.streamed_all(sources, numel)  # the range and the sample in one pass
+    if numel > sample:
+        return ValueStats.streamed_all(sources, numel, sample=sample)  # the range and the sample in one pass
     # every value is histogrammed: formed once, at most SAMPLE fp32 values (16 MiB) per task, in this thread's buffers
-    return [ValueStats.of(x) for x in _formed(sources, numel)]
+    return [ValueStats.of(x, sample=sample) for x in _formed(sources, numel)]
 
 
 def _formed(sources: list[ChunkSource], numel: int) -> list[torch.Tensor]:

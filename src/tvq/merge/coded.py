@@ -13,8 +13,11 @@ sign) come exactly from code histograms. This is what makes TIES from a pack fas
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Sequence
+from functools import cache
+from types import ModuleType
 from typing import cast
 
 import numpy as np
@@ -117,11 +120,18 @@ def _sum_kernel(coded: list[CodedTensor]) -> Callable[..., object] | None:
         return None
     if any(c.index.device.type != "cpu" or c.table.device.type != "cpu" for c in coded):
         return None
+    module = _sum_jit()
+    return None if module is None else cast(Callable[..., object], module.gather_sum)
+
+
+@cache
+def _sum_jit() -> ModuleType | None:
+    """The compiled loop's module (numba imported with it, on first need), or None where numba
+    cannot be imported (then the torch loop sums)."""
     try:
-        from tvq.merge._sum_jit import gather_sum
+        return importlib.import_module("tvq.merge._sum_jit")
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
-    return cast(Callable[..., object], gather_sum)
 
 
 def stacked_codes(coded: Sequence[CodedTensor], start: int, end: int) -> np.ndarray:

@@ -106,15 +106,18 @@ class ValueStats:
     @classmethod
     def of_counts(cls, lo: float, hi: float, numel: int, width: float, counts: torch.Tensor, sampled: int) -> ValueStats:
         """From the range of a tensor of ``numel`` values and the bin counts of ``sampled`` of them, scaled."""
-        count = counts.to(torch.float64) * (numel / max(sampled, 1))
+        # the three prefix sums in one [3, bins + 1] tensor, each row from 0 (the same values as summing
+        # each alone: one cumsum call instead of three, and no concatenation)
+        out = torch.empty(3, counts.numel() + 1, dtype=torch.float64)
+        out[:, 0] = 0
+        count, total, squares = out[0, 1:], out[1, 1:], out[2, 1:]
+        count.copy_(counts).mul_(numel / max(sampled, 1))
         # values spread evenly inside a bin: Σx = n·c and Σx² = n·(c² + w²/12) (exact as w → 0)
-        centre = lo + (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * width
-        total, squares = count * centre, count * (centre * centre + width * width / 12)
-
-        def prefix(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t.new_zeros(1), t.cumsum(0)])
-
-        return cls(lo, hi, numel, width, prefix(count), prefix(total), prefix(squares))
+        centre = torch.arange(counts.numel(), dtype=torch.float64).add_(0.5).mul_(width).add_(lo)
+        torch.mul(count, centre, out=total)
+        torch.mul(count, centre.mul_(centre).add_(width * width / 12), out=squares)
+        out[:, 1:].cumsum_(1)
+        return cls(lo, hi, numel, width, out[0], out[1], out[2])
 
     @property
     def constant(self) -> bool:
@@ -255,8 +258,8 @@ def compiled_stats(theta: torch.Tensor, pre: torch.Tensor | None, bins: int = BI
         return None
     ranger, count = kernels
     bf16 = theta.dtype == torch.bfloat16
-    t = _elements(theta)
-    p = t if pre is None else _elements(pre)
+    t = kernel_elements(theta)
+    p = t if pre is None else kernel_elements(pre)
     lo, hi, plain = ranger(t, p, bf16, pre is not None)
     if not plain:
         return None
@@ -268,7 +271,7 @@ def compiled_stats(theta: torch.Tensor, pre: torch.Tensor | None, bins: int = BI
     return ValueStats.of_counts(lo, hi, numel, width, counts, len(range(0, numel, step)))
 
 
-def _elements(t: torch.Tensor) -> np.ndarray:
+def kernel_elements(t: torch.Tensor) -> np.ndarray:
     """A bf16 or fp32 CPU tensor's flat elements for the kernels: bf16 as its uint16 bits."""
     flat = t.reshape(-1)
     return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()

@@ -6,11 +6,14 @@ pass forming x = θ_t − θ_pre in fp32 and several more per value (subtract th
 clamp, convert to int32, ``bincount``). Here ``_range`` forms x from the bf16 or fp32 inputs a
 block at a time and keeps min and max; ``_count_inputs`` forms x again and counts its bin, x
 never stored; ``_count`` bins values already formed. Every fp32 operation is torch's, in its
-order and without fused multiply-add (numba's default, no ``fastmath``; only the min/max loop
-allows ``nnan``/``nsz``, and a non-finite value or a zero at either end is left to torch): the
+order and without fused multiply-add (numba's default, no ``fastmath``; min and max compare
+integer order keys of the values, and a non-finite value or a zero at either end is left to torch): the
 bin of x is ⌊clamp((x − lo₃₂) · inv₃₂, 0, bins − 1)⌋, where lo₃₂ and inv₃₂ are the fp32
 roundings of the scalars (as torch rounds a Python float operand of an fp32 tensor). So the
-numbers are torch's to the bit (``tests/test_budget_streamed.py``). Without numba, or with
+numbers are torch's to the bit (``tests/test_budget_streamed.py``). RTVQ with error
+correction prices every task's offsets τ_t − β̂ at every base width: ``_beta`` forms β (the
+mean, as ``tvq.quant.chunks.Mean``), ``_offset_ranges`` ranges all of them in one pass with each
+β̂ formed a block at a time, and ``_offset_counts`` bins their sample. Without numba, or with
 ``TVQ_HISTOGRAM_KERNEL=torch``, callers take the torch path.
 
 Jitted on first use (importing numba costs ~0.3 s, compiling a few seconds once per install:
@@ -41,6 +44,7 @@ def _count(x: np.ndarray, lo: np.float32, inv: np.float32, top: np.float32, coun
 
 
 BLOCK = 4096  # elements converted per block: the fp32 operands stay in L1
+ROUNDER = np.float32(1.5 * 2**23)  # x + ROUNDER − ROUNDER rounds x (|x| < 2^22) to the nearest integer, ties to even
 
 
 def _load(src: np.ndarray, bf16: bool, out: np.ndarray) -> None:
@@ -64,12 +68,30 @@ def _block(theta: np.ndarray, pre: np.ndarray, bf16: bool, has_pre: bool, start:
 
 
 def _extent(x: np.ndarray, m: int, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
-    """(min, max) of a block with ``lo`` and ``hi``, vectorized (compiled with ``nnan`` and ``nsz``:
-    a NaN or a zero's sign may be lost here; ``_finite`` and the caller see to those)."""
+    """(min, max) of a block with ``lo`` and ``hi``, by order keys (``_key``: integer min and max
+    vectorize, float ones do not here). Exact for every value but NaN and a zero's sign, which
+    ``_finite`` and the caller see to (a NaN has a key too, so it goes unnoticed here)."""
+    bits = x.view(np.int32)
+    mask = np.int32(0x7FFFFFFF)
+    low, high = _key(lo), _key(hi)
     for i in range(m):
-        lo = min(lo, x[i])
-        hi = max(hi, x[i])
-    return lo, hi
+        b = bits[i]
+        k = b ^ ((b >> np.int32(31)) & mask)
+        low = min(low, k)
+        high = max(high, k)
+    return _unkey(low), _unkey(high)
+
+
+def _key(v: np.float32) -> np.int32:
+    """An int32 ordered as the fp32 values are (−0 just below +0): the bits, the magnitude's flipped when negative."""
+    b = np.array([v], np.float32).view(np.int32)[0]
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+def _unkey(k: np.int32) -> np.float32:
+    """The fp32 value of an order key (``_key`` is its own inverse on the bits)."""
+    b = k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF))
+    return np.array([b], np.int32).view(np.float32)[0]
 
 
 def _finite(bits: np.ndarray, m: int) -> bool:
@@ -143,6 +165,143 @@ def _count_inputs(theta: np.ndarray, pre: np.ndarray, bf16: bool, has_pre: bool,
         counts[np.int64(v)] += 1
 
 
+def _base_block(beta: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: np.ndarray, constant: np.ndarray, m: int,
+                hats: np.ndarray) -> None:  # fmt: skip
+    """``hats[k, :m]`` = β̂ of the base grid k for the block ``beta[:m]``: the codes
+    clamp(round(β·scale + zero_point), 0, qmax), then (code − zero_point) / scale, each fp32 op
+    torch's (``tvq.quant.affine.quantize_into``, ``dequantize_``; clamping before rounding to
+    even changes no code, and a code's zero sign no offset's value); a constant base is β itself."""
+    zero32 = np.float32(0.0)
+    for k in range(scale.shape[0]):
+        h = hats[k]
+        if constant[k]:
+            for i in range(m):
+                h[i] = beta[i]
+            continue
+        s, z, top = scale[k], zero[k], qmax[k]
+        for i in range(m):  # clamped first, then rounded half to even by adding and taking 1.5·2^23 (vectorizes; rint does not)
+            q = min(max(beta[i] * s + z, zero32), top)
+            q = (q + ROUNDER) - ROUNDER
+            h[i] = (q - z) / s
+
+
+def _beta(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray) -> tuple[bool, bool]:
+    """β = (Σ_t θ_t) / T − θ_pre in fp32, summed in order from zero (``tvq.quant.chunks.Mean``,
+    then the subtraction), into ``beta``; (whether every θ_t equals θ_0, as ``torch.equal``:
+    the caller then takes β = θ_0 − θ_pre, as ``Mean`` does; whether every β is finite)."""
+    n = pre.shape[0]
+    tasks = len(thetas)
+    divisor = np.float32(tasks)
+    x = np.empty(BLOCK, np.float32)
+    x0 = np.empty(BLOCK, np.float32)
+    p = np.empty(BLOCK, np.float32)
+    same = True
+    finite = True
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        out = beta[start : start + m]
+        _load(thetas[0][start : start + m], bf16, x0)
+        for i in range(m):
+            out[i] = np.float32(0.0) + x0[i]
+        for t in range(1, tasks):
+            _load(thetas[t][start : start + m], bf16, x)
+            differs = False
+            for i in range(m):
+                out[i] = out[i] + x[i]
+                differs |= x[i] != x0[i]
+            same = same and not differs
+        _load(pre[start : start + m], bf16, p)
+        for i in range(m):
+            out[i] = out[i] / divisor
+        for i in range(m):
+            out[i] = out[i] - p[i]
+        finite = finite and _finite(out.view(np.uint32), m)
+    return same, finite
+
+
+def _extent_of_difference(x: np.ndarray, h: np.ndarray, m: int, d: np.ndarray, lo: np.float32,
+                          hi: np.float32) -> tuple[np.float32, np.float32]:  # fmt: skip
+    """(min, max) of x − h over a block with ``lo`` and ``hi`` (``_extent``; the difference in ``d``)."""
+    for i in range(m):
+        d[i] = x[i] - h[i]
+    return _extent(d, m, lo, hi)
+
+
+def _offset_ranges(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                   qmax: np.ndarray, constant: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:  # fmt: skip
+    """``lo[k, t]``, ``hi[k, t]``: the range of the error-corrected offsets (θ_t − θ_pre) − β̂_k in
+    fp32 for every base grid k and task t, in one pass over the inputs (β̂_k formed a block at a
+    time, never stored). The caller has checked every τ_t and β finite (so an offset is finite
+    unless it overflows, which shows in its range); whether every range is finite with no end
+    zero (else torch decides)."""
+    n = pre.shape[0]
+    grids = scale.shape[0]
+    x = np.empty(BLOCK, np.float32)
+    p = np.empty(BLOCK, np.float32)
+    d = np.empty(BLOCK, np.float32)
+    hats = np.empty((grids, BLOCK), np.float32)
+    lo[:, :] = np.inf
+    hi[:, :] = -np.inf
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        _base_block(beta[start : start + m], scale, zero, qmax, constant, m, hats)
+        _load(pre[start : start + m], bf16, p)
+        for t in range(len(thetas)):
+            _load(thetas[t][start : start + m], bf16, x)
+            for i in range(m):
+                x[i] = x[i] - p[i]
+            for k in range(grids):
+                lo[k, t], hi[k, t] = _extent_of_difference(x, hats[k], m, d, lo[k, t], hi[k, t])
+    plain = n > 0
+    for k in range(grids):
+        for t in range(len(thetas)):
+            plain = plain and np.isfinite(lo[k, t]) and np.isfinite(hi[k, t]) and lo[k, t] != 0 and hi[k, t] != 0
+    return plain
+
+
+def _offset_counts(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                   qmax: np.ndarray, constant: np.ndarray, step: int, lo: np.ndarray, inv: np.ndarray, top: np.float32,
+                   counts: np.ndarray, taus: np.ndarray, betas: np.ndarray, hat: np.ndarray) -> None:  # fmt: skip
+    """``counts[k, t]``: the bins (``_count``'s, with ``lo[k, t]`` and ``inv[k, t]``) of the offsets
+    (θ_t − θ_pre) − β̂_k at elements 0, step, 2·step, …: the sample of every τ_t and of β gathered
+    once (into ``taus``, ``betas``; ``hat`` holds one β̂_k at a time), then one histogram at a time."""
+    grids = scale.shape[0]
+    sampled = betas.shape[0]
+    zero32 = np.float32(0.0)
+    p = np.empty(BLOCK, np.float32)
+    pbits = p.view(np.uint32)
+    for s0 in range(0, sampled, BLOCK):
+        m = min(BLOCK, sampled - s0)
+        for i in range(m):
+            betas[s0 + i] = beta[(s0 + i) * step]
+            if bf16:
+                pbits[i] = np.uint32(pre[(s0 + i) * step]) << np.uint32(16)
+            else:
+                p[i] = pre[(s0 + i) * step]
+        for t in range(len(thetas)):
+            theta = thetas[t]
+            out = taus[t, s0 : s0 + m]
+            if bf16:
+                bits = out.view(np.uint32)
+                for i in range(m):
+                    bits[i] = np.uint32(theta[(s0 + i) * step]) << np.uint32(16)
+            else:
+                for i in range(m):
+                    out[i] = theta[(s0 + i) * step]
+            for i in range(m):
+                out[i] = out[i] - p[i]
+    for k in range(grids):
+        _base_block(betas, scale[k : k + 1], zero[k : k + 1], qmax[k : k + 1], constant[k : k + 1], sampled, hat.reshape(1, -1))
+        for t in range(len(thetas)):
+            c = counts[k, t]
+            low, scaling = lo[k, t], inv[k, t]
+            x = taus[t]
+            for i in range(sampled):
+                v = ((x[i] - hat[i]) - low) * scaling
+                v = min(max(v, zero32), top)
+                c[np.int64(v)] += 1
+
+
 _lock = threading.Lock()
 _jitted: dict[str, Callable[..., Any]] = {}
 
@@ -159,10 +318,19 @@ def input_kernels(n: int) -> tuple[Callable[..., tuple[float, float, bool]], Cal
     return None if ranger is None or count is None else (ranger, count)
 
 
+def offset_kernels(n: int) -> tuple[Callable[..., tuple[bool, bool]], Callable[..., bool], Callable[..., None]] | None:
+    """The compiled passes of RTVQ's error-corrected offsets (``_beta``, ``_offset_ranges``,
+    ``_offset_counts``), or None (as :func:`counter`)."""
+    found = (_kernel("beta", _beta, n), _kernel("offset_ranges", _offset_ranges, n), _kernel("offset_counts", _offset_counts, n))
+    return None if any(k is None for k in found) else found  # type: ignore[return-value]
+
+
 # callees first: a caller compiled later sees them jitted (numba calls jitted functions only)
-_KERNELS: dict[str, tuple[str, ...]] = {"count": ("_count",), "range": ("_load", "_block", "_extent", "_finite", "_range"),
-                                        "count_inputs": ("_load", "_block", "_count_inputs")}  # fmt: skip
-_FASTMATH = {"_extent": {"nnan", "nsz"}}
+_KERNELS: dict[str, tuple[str, ...]] = {"count": ("_count",), "range": ("_load", "_block", "_key", "_unkey", "_extent", "_finite", "_range"),
+                                        "count_inputs": ("_load", "_block", "_count_inputs"), "beta": ("_load", "_finite", "_beta"),
+                                        "offset_ranges": ("_load", "_key", "_unkey", "_extent", "_extent_of_difference", "_base_block",
+                                                          "_offset_ranges"),
+                                        "offset_counts": ("_base_block", "_offset_counts")}  # fmt: skip
 
 
 def _kernel(name: str, fn: Callable[..., Any], n: int) -> Callable[..., Any] | None:
@@ -178,7 +346,7 @@ def _kernel(name: str, fn: Callable[..., Any], n: int) -> Callable[..., Any] | N
                 module = globals()
                 for callee in _KERNELS[name]:
                     if not hasattr(module[callee], "py_func"):  # not jitted yet
-                        module[callee] = _jit(numba, module[callee], _FASTMATH.get(callee))
+                        module[callee] = _jit(numba, module[callee])
                 _jitted[name] = module[_KERNELS[name][-1]]
     kernel = _jitted[name]
     return None if kernel is _missing else kernel
