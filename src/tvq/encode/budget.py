@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tvq.encode import code_sample
 from tvq.encode.checks import KeyInputs, check_average
 from tvq.encode.key import encode_kept
 from tvq.encode.options import BitPlan, QuantizeOptions
@@ -88,6 +89,10 @@ ANCHOR_SLACK = 0.08
 # manifest) when the estimate leaves this much; else it is written as the bare fixed scheme.
 RECORD_ROOM = 512
 MAX_WRITES = 6
+# An anchor whose estimate is over the budget is written only when its codes, measured on a sample
+# (``measured_ladder``), put it at most this much over: the sample is within a fraction of a percent
+# of the coder on large tensors and exact on small ones; the written pack decides.
+MEASURED_SLACK = 0.02
 # Values histogrammed per error-corrected offset at most (an evenly spaced sample beyond; the ranges
 # are exact, from every value): RTVQ prices every task's offsets at every base width, 24 histograms
 # of a tensor for 4 tasks, and a quarter of ``SAMPLE`` puts them at a quarter of the analysis' time
@@ -103,6 +108,7 @@ class Option:
     nbytes: int
     error: float
     scheme: str | None = None  # the quantizer of the task tensors (offsets); None: the pack's own
+    ranges: tuple[tuple[float, float], ...] | None = None  # TVQ on min–max: each task vector's range (``code_sample``)
 
 
 def _aux_bytes(numel: int, options: QuantizeOptions) -> int:
@@ -516,13 +522,13 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
 
     def cross_options(stats: list[ValueStats]) -> list[Option]:
         costs = _stats_costs(stats, cross_bits, options, entry, schemes=cross_schemes(options)) if cross_bits else {}
-        return [Option(b, None, nbytes, weight * err, scheme) for (scheme, b), (err, nbytes) in costs.items()]
+        return [Option(b, None, nbytes, weight * err, scheme, _ranges(stats, scheme, options)) for (scheme, b), (err, nbytes) in costs.items()]
 
     if not options.residual and options.quantizer in HISTOGRAM_SCHEMES:
         pre_t = pre.get(key) if options.target == "task_vector" else None
         stats = _streamed_stats_all([r.get(key) for r in readers.values()], pre_t)
         for (scheme, b), (err, nbytes) in _stats_costs(stats, bits_list, options, entry).items():
-            opts_for_key.append(Option(b, None, nbytes, weight * err, scheme))
+            opts_for_key.append(Option(b, None, nbytes, weight * err, scheme, _ranges(stats, scheme, options)))
         return opts_for_key
     pre_t = pre.get(key)
     if not options.residual:
@@ -582,6 +588,12 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
     for bb, (_, base_bytes) in bases.items():
         opts_for_key += [Option(b, bb, base_bytes + off_bytes[b], weight * pair_error[bb, b]) for b in bits_list]
     return opts_for_key
+
+
+def _ranges(stats: list[ValueStats], scheme: str, options: QuantizeOptions) -> tuple[tuple[float, float], ...] | None:
+    """Each task vector's range, which fixes its min–max TVQ grid (for measuring an anchor's codes,
+    ``tvq.encode.code_sample``); None for other grids, and for FQ (its values are not τ)."""
+    return tuple((st.lo, st.hi) for st in stats) if scheme == "minmax" and options.target == "task_vector" else None
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:
@@ -838,6 +850,50 @@ def anchor_ladder(analysis: Analysis, T: int, options: QuantizeOptions, budget_b
     return [a for a in anchors(table, options) if fixed + a.nbytes <= budget * (1 + ANCHOR_SLACK)]
 
 
+def measured_ladder(ladder: list[Anchor], analysis: Analysis, pre: CheckpointReader, readers: Mapping[str, CheckpointReader],
+                    options: QuantizeOptions, T: int, budget_bits: float | None, budget_bytes: int | None, threads: int = 1,
+                    progress: bool = False) -> list[Anchor]:  # fmt: skip
+    """The ladder without the anchors whose estimate is over the budget and whose codes, measured on
+    a sample (``tvq.encode.code_sample``), still put them over it by more than ``MEASURED_SLACK``:
+    writing one would cost a whole pack for nothing. The estimate's margin for the coder (up to a
+    few % over what it writes, tests/test_allocate.py) is why such an anchor is tried at all."""
+    _, fixed, n_params = analysis
+    budget = total_budget(n_params, T, budget_bits, budget_bytes)
+    kept = []
+    for anchor in ladder:
+        if fixed + anchor.nbytes > budget:
+            measured = _measured_nbytes(anchor, pre, readers, options, threads, progress)
+            if measured is not None and fixed + measured > budget * (1 + MEASURED_SLACK):
+                continue
+        kept.append(anchor)
+    return kept
+
+
+def _measured_nbytes(anchor: Anchor, pre: CheckpointReader, readers: Mapping[str, CheckpointReader], options: QuantizeOptions,
+                     threads: int, progress: bool) -> int | None:  # fmt: skip
+    """An anchor's bytes with its codes measured on a sample (entries as the analysis prices them),
+    or None where it cannot be (not TVQ on min–max for every tensor)."""
+    if any(o.ranges is None or o.base_bits is not None for o in anchor.selection.values()):
+        return None
+    names = list(readers)
+    strong = options.entropy == "max"
+
+    def tensor_bytes(key: str) -> int:
+        option = anchor.selection[key]
+        assert option.ranges is not None  # checked above
+        total = 0
+        for name, (lo, hi) in zip(names, option.ranges, strict=True):
+            coded = code_sample.coded_bytes(pre, readers[name], key, option.bits, lo, hi, strong)
+            plain = packed_nbytes(pre.meta(key).numel, option.bits)
+            total += coded + entry_bytes(key) + (CODED_RECORD["q"] if 0 < coded < plain else 0)
+        return total
+
+    keys = sorted(anchor.selection, key=lambda k: -pre.meta(k).numel)
+    with one_torch_thread(), ThreadPoolExecutor(max(threads, 1)) as pool:
+        found = tqdm(pool.map(tensor_bytes, keys), total=len(keys), desc=f"measure {anchor.name}", unit="tensor", disable=not progress)
+        return sum(found)
+
+
 def anchor_options(options: QuantizeOptions, anchor: Anchor) -> QuantizeOptions:
     """The caller's options (a copy) in the anchor's family, widths and grid: TVQ INT b for an
     RTVQ request where a TVQ anchor won, and the other way round."""
@@ -910,6 +966,8 @@ def quantize_within_budget(
     threads = executor.threads if isinstance(executor, LocalExecutor) else 1  # a cluster's executor: the analysis runs here
     analysis = analyse(pretrained, finetuned, options, sensitivity=sensitivity, progress=progress, threads=threads, cross=cross, exact=exact)
     ladder = anchor_ladder(analysis, T, options, budget_bits, budget_bytes) if allocation == "anchored" else []
+    if ladder and options.entropy != "off":
+        ladder = measured_ladder(ladder, analysis, pre, readers, options, T, budget_bits, budget_bytes, threads, progress)
 
     def write(planned: QuantizeOptions, attempt: int) -> QuantizeReport:
         return quantize(pretrained, finetuned, out, planned, overwrite=overwrite or attempt > 0, unsafe_pickle=unsafe_pickle,
