@@ -93,12 +93,12 @@ MAX_WRITES = 6
 # (``measured_ladder``), put it at most this much over: the sample is within a fraction of a percent
 # of the coder on large tensors and exact on small ones; the written pack decides.
 MEASURED_SLACK = 0.02
-# Values histogrammed per error-corrected offset at most (an evenly spaced sample beyond; the ranges
-# are exact, from every value): RTVQ prices every task's offsets at every base width, 24 histograms
-# of a tensor for 4 tasks, and a quarter of ``SAMPLE`` puts them at a quarter of the analysis' time
-# instead of two thirds, with estimates within a fraction of a percent of the larger sample's
-# (docs/pack-format.md, "Bit allocation under a budget").
-OFFSET_SAMPLE = SAMPLE // 4
+# Values histogrammed per task vector and per error-corrected offset in RTVQ's analysis at most (an
+# evenly spaced sample beyond; the ranges are exact, from every value): RTVQ prices every task's
+# offsets at every base width, 28 histograms of a tensor for 4 tasks, and a quarter of ``SAMPLE``
+# puts them at a small share of the analysis' time instead of two thirds, with estimates within a
+# fraction of a percent of the larger sample's (docs/pack-format.md, "Bit allocation under a budget").
+RTVQ_SAMPLE = SAMPLE // 4
 
 
 @dataclass
@@ -147,8 +147,13 @@ def _priced(stats: ValueStats, bits: int, scheme: str, options: QuantizeOptions)
     """(squared error, bytes on disk) of one tensor at ``bits`` with ``scheme`` (min–max or MSE
     clip), its codes priced as the encoder will store them: entropy-coded where that pays, with
     the manifest's record of the coding."""
+    return _priced_with(stats, stats.best(bits, _clips(scheme)), bits, options)
+
+
+def _priced_with(stats: ValueStats, best: tuple[float, float, float], bits: int, options: QuantizeOptions) -> tuple[float, int]:
+    """``_priced`` from the grid's (error, code entropy, most frequent share): ``stats.best``'s."""
     numel = stats.numel
-    error, entropy_bits, p_max = stats.best(bits, _clips(scheme))
+    error, entropy_bits, p_max = best
     if stats.constant:
         return error, 0
     plain = packed_nbytes(numel, bits)
@@ -194,12 +199,15 @@ OffsetStats = tuple[list[ValueStats], ValueStats, dict[int, tuple[int, list[Valu
 
 
 def _compiled_offset_stats(pre: torch.Tensor, thetas: list[torch.Tensor], options: QuantizeOptions, base_list: tuple[int, ...],
-                           entry: int, sample: int = SAMPLE, offset_sample: int | None = None) -> OffsetStats | None:  # fmt: skip
+                           entry: int, sample: int = SAMPLE, rtvq_sample: int | None = None) -> OffsetStats | None:  # fmt: skip
     """RTVQ with error correction on a histogram grid, by compiled passes over the stored inputs
     (``tvq.quant.histogram.offset_kernels``): each τ_t's statistics, β's, and per base width its
     bytes and the statistics of every task's offsets τ_t − β̂, the numbers of the torch passes bit
-    for bit, with no fp32 copy of τ_t nor β̂ (one pass ranges every offset of every base width).
-    None where the kernels do not apply (as ``compiled_stats``) or values need torch's judgement."""
+    for bit (τ_t and the offsets histogrammed on ``rtvq_sample`` values, default ``RTVQ_SAMPLE``;
+    β on ``sample``), with no fp32 copy of τ_t nor β̂: one pass forms β, one ranges every τ_t and
+    every offset of every base width, one bins their samples. None where the kernels do not apply
+    (as ``compiled_stats``) or an offset needs torch's judgement (a zero end); a τ_t that does (a
+    task that left the tensor alone: τ_t = 0) is summarised by torch."""
     numel = pre.numel()
     kernels = histogram.offset_kernels(numel)
     dtypes = {t.dtype for t in thetas} | {pre.dtype}
@@ -207,10 +215,6 @@ def _compiled_offset_stats(pre: torch.Tensor, thetas: list[torch.Tensor], option
         return None
     if any(t.device.type != "cpu" for t in (pre, *thetas)):
         return None
-    found = [compiled_stats(t, pre, sample=sample) for t in thetas]
-    missing = [t for t, stats in zip(thetas, found, strict=True) if stats is None]
-    rest = iter(_torch_stats_all(missing, pre, sample) if missing else [])
-    cross = [stats if stats is not None else next(rest) for stats in found]  # torch's where τ_t = 0 (a task that left it alone)
     beta_pass, ranges, counter = kernels
     bf16 = pre.dtype == torch.bfloat16
     inputs = tuple(kernel_elements(t) for t in thetas)
@@ -224,28 +228,38 @@ def _compiled_offset_stats(pre: torch.Tensor, thetas: list[torch.Tensor], option
     if beta_stats is None:
         return None
     params = {bb: _base_params(beta_stats, bb, options, entry) for bb in base_list}
-    scale = np.array([qp.fp32["scale"].item() if qp else 1.0 for qp, _ in params.values()], np.float32)
-    zero = np.array([qp.fp32["zero_point"].item() if qp else 0.0 for qp, _ in params.values()], np.float32)
-    qmax = np.array([2**bb - 1 for bb in params], np.float32)
-    constant = np.array([qp is None for qp, _ in params.values()], np.bool_)
-    lo = np.empty((len(params), len(thetas)), np.float32)
+    grids = [*params.values(), (None, 0)]  # the last "grid" is zero: its offsets are the task vectors
+    scale = np.array([qp.fp32["scale"].item() if qp else 1.0 for qp, _ in grids], np.float32)
+    zero = np.array([qp.fp32["zero_point"].item() if qp else 0.0 for qp, _ in grids], np.float32)
+    qmax = np.array([2**bb - 1 for bb in params] + [1], np.float32)
+    mode = np.array([0 if qp else 1 for qp, _ in params.values()] + [2], np.int8)
+    lo = np.empty((len(grids), len(thetas)), np.float32)
     hi = np.empty_like(lo)
-    if not ranges(inputs, p, bf16, beta.numpy(), scale, zero, qmax, constant, lo, hi):
+    ranges(inputs, p, bf16, beta.numpy(), scale, zero, qmax, mode, lo, hi)
+    plain = np.isfinite(lo) & np.isfinite(hi) & (lo != 0) & (hi != 0)
+    if not plain[:-1].all():
         return None
-    step = sample_step(numel, OFFSET_SAMPLE if offset_sample is None else offset_sample)
+    rtvq = RTVQ_SAMPLE if rtvq_sample is None else rtvq_sample
+    step = sample_step(numel, rtvq)
+    # a τ_t torch must judge gets a harmless range here (its bins are not used)
+    lo[-1], hi[-1] = np.where(plain[-1], lo[-1], -1.0), np.where(plain[-1], hi[-1], 1.0)
     widths = [[(float(h) - float(low)) / BINS if h > low else 1.0 for low, h in zip(row_lo, row_hi, strict=True)]
               for row_lo, row_hi in zip(lo, hi, strict=True)]  # fmt: skip
     inv = np.array([[1.0 / w for w in row] for row in widths], np.float32)
     sampled = len(range(0, numel, step))
-    counts = np.zeros((len(params), len(thetas), BINS), np.int32)  # at most 2^22 values each: a histogram stays in L2
+    counts = np.zeros((len(grids), len(thetas), BINS), np.int32)  # at most 2^22 values each: a histogram stays in L2
     taus = work_buffer("kept", len(thetas) * sampled, torch.float32).view(len(thetas), sampled)
     betas, hat = (work_buffer(name, sampled, torch.float32).numpy() for name in ("sampled_beta", "hat"))
-    counter(inputs, p, bf16, beta.numpy(), scale, zero, qmax, constant, step, lo, inv, np.float32(BINS - 1), counts, taus.numpy(), betas, hat)
+    counter(inputs, p, bf16, beta.numpy(), scale, zero, qmax, mode, step, lo, inv, np.float32(BINS - 1), counts, taus.numpy(), betas, hat)
 
     def offsets(k: int) -> list[ValueStats]:
         return [ValueStats.of_counts(float(lo[k, t]), float(hi[k, t]), numel, widths[k][t], torch.from_numpy(counts[k, t]), sampled)
                 for t in range(len(thetas))]  # fmt: skip
 
+    cross = offsets(len(grids) - 1)
+    judged = [t for t in range(len(thetas)) if not plain[-1, t]]
+    for t, stats in zip(judged, _torch_stats_all([thetas[t] for t in judged], pre, rtvq) if judged else [], strict=True):
+        cross[t] = stats
     bases = {bb: (nbytes, offsets(k)) for k, (bb, (_, nbytes)) in enumerate(params.items())}
     return cross, beta_stats, bases
 
@@ -285,11 +299,21 @@ def _grid_costs(xs: list[torch.Tensor], bits_list: tuple[int, ...], options: Qua
 def _stats_costs(stats: list[ValueStats], bits_list: tuple[int, ...], options: QuantizeOptions, entry: int = ENTRY_OVERHEAD,
                  schemes: tuple[str, ...] | None = None) -> dict[tuple[str, int], tuple[float, int]]:  # fmt: skip
     """``_grid_costs`` of the histogram grids (``schemes``, default the options'), from the tensors' statistics."""
-    out = {}
+    return _grouped_costs([stats], bits_list, options, entry, schemes)[0]
+
+
+def _grouped_costs(groups: list[list[ValueStats]], bits_list: tuple[int, ...], options: QuantizeOptions, entry: int = ENTRY_OVERHEAD,
+                   schemes: tuple[str, ...] | None = None) -> list[dict[tuple[str, int], tuple[float, int]]]:  # fmt: skip
+    """``_stats_costs`` of each group of statistics (e.g. every base width's offsets), every grid of
+    all of them estimated at once (``ValueStats.best_of_all``): the same numbers."""
+    flat = [st for group in groups for st in group]
+    out: list[dict[tuple[str, int], tuple[float, int]]] = [{} for _ in groups]
     for scheme in schemes or _schemes(options):
         for b in bits_list:
-            priced = [_priced(st, b, scheme, options) for st in stats]
-            out[scheme, b] = (sum(e for e, _ in priced), sum(n + entry + (24 if scheme == "mse" else 0) for _, n in priced))
+            best = iter(ValueStats.best_of_all(flat, b, _clips(scheme)))
+            for costs, group in zip(out, groups, strict=True):
+                priced = [_priced_with(st, next(best), b, options) for st in group]
+                costs[scheme, b] = (sum(e for e, _ in priced), sum(n + entry + (24 if scheme == "mse" else 0) for _, n in priced))
     return out
 
 
@@ -543,9 +567,10 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
         if compiled is not None:  # the same numbers as the torch passes below, from the stored inputs
             task_stats, base_stats, priced_bases = compiled
             opts_for_key += cross_options(task_stats)
-            for bb, (own_base, offset_stats) in priced_bases.items():
+            grouped = _grouped_costs([offset_stats for _, offset_stats in priced_bases.values()], bits_list, options, entry)
+            for (bb, (own_base, _)), offset_costs in zip(priced_bases.items(), grouped, strict=True):
                 on_minmax = own_base if options.quantizer != "mse" else _priced(base_stats, bb, "minmax", options)[1] + entry
-                for (scheme, b), (err, nbytes) in _stats_costs(offset_stats, bits_list, options, entry).items():
+                for (scheme, b), (err, nbytes) in offset_costs.items():
                     opts_for_key.append(Option(b, bb, (on_minmax if scheme == "minmax" else own_base) + nbytes, weight * err, scheme))
             return opts_for_key
     # RTVQ: each θ_t as stored, converted where used (θ_t − p32 and the mean promote a bf16 θ_t exactly,
@@ -554,7 +579,7 @@ def _key_options(key: str, pre: CheckpointReader, readers: dict[str, CheckpointR
     p32 = _work("p32", pre_t.shape).copy_(pre_t)  # as pre_t.float()
     fts = [_operand(r.get(key)) for r in readers.values()]
     taus = [torch.sub(t, p32, out=_work(f"tau{i}", p32.shape)) for i, t in enumerate(fts)]
-    opts_for_key += cross_options([ValueStats.of(t) for t in taus])
+    opts_for_key += cross_options([ValueStats.of(t, sample=RTVQ_SAMPLE) for t in taus])
     if options.error_correction:  # τ − (β̂ + q(offset)) = offset − q(offset), offsets from β̂
         beta = _work("beta", p32.shape)
         Mean(fts, 0).compute(0, beta.numel(), beta.view(-1))  # ``mean_of``, in place
@@ -609,7 +634,7 @@ def _offset_costs(taus: list[torch.Tensor], beta_hat: torch.Tensor, bits_list: t
     if options.quantizer not in HISTOGRAM_SCHEMES:
         return _grid_costs([t - beta_hat for t in taus], bits_list, options, entry)
     hat = View(beta_hat)
-    stats = ValueStats.streamed_all([difference(View(t), hat) for t in taus], beta_hat.numel(), sample=OFFSET_SAMPLE)
+    stats = ValueStats.streamed_all([difference(View(t), hat) for t in taus], beta_hat.numel(), sample=RTVQ_SAMPLE)
     return _stats_costs(stats, bits_list, options, entry)
 
 

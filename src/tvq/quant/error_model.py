@@ -162,6 +162,17 @@ class ValueStats:
         return [(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p))
                 for v, h, p, e in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True)]  # fmt: skip
 
+    @staticmethod
+    def best_of_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float] = (1.0,)) -> list[tuple[float, float, float]]:
+        """``[s.best(bits, clips) for s in stats]``, the same numbers, computed for all of them at
+        once (the analysis prices thousands of tensors × tasks × widths: per call, the fixed cost
+        of a dozen small torch ops was most of its Python time)."""
+        plain = [s for s in stats if not s.constant]
+        if len(plain) < 2:
+            return [s.best(bits, clips) for s in stats]
+        found = iter(_best_all(plain, bits, clips))
+        return [(0.0, 0.0, 1.0) if s.constant else next(found) for s in stats]
+
     def best_clip(self, bits: int, clips: Sequence[float]) -> float:
         """The clip factor of least estimated error (the first of equals, as the MSE search)."""
         return clips[self._best(bits, clips)[0]]
@@ -179,6 +190,49 @@ class ValueStats:
     def error(self, bits: int, clips: Sequence[float] = (1.0,)) -> float:
         """The least estimated error over ``clips`` (one clip factor: min–max)."""
         return min(self.affine_errors(bits, clips))
+
+
+def _best_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float]) -> list[tuple[float, float, float]]:
+    """``ValueStats.grids`` of several non-constant statistics with as many bins, stacked: every
+    element computed by the same float64 operations, each row reduced alone; then ``best``."""
+    qmax = 2**bits - 1
+    bins = stats[0].count.numel() - 1
+    if any(s.count.numel() - 1 != bins for s in stats):
+        return [s.best(bits, clips) for s in stats]
+    lo = torch.tensor([s.lo for s in stats], dtype=torch.float64)[:, None]
+    hi = torch.tensor([s.hi for s in stats], dtype=torch.float64)[:, None]
+    width = torch.tensor([s.width for s in stats], dtype=torch.float64)[:, None, None]
+    factor = torch.tensor(list(clips), dtype=torch.float64)[None, :]
+    a_lo, a_hi = factor * lo, factor * hi  # [S, C]
+    empty = a_hi <= a_lo
+    scale, zero_point = affine_from_range(a_lo, torch.where(empty, a_lo + 1, a_hi), bits)
+    bad = ~empty & ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(zero_point))
+    if bool(bad.any()):  # the first such tensor's message, as its own ``grids`` gives it
+        first = int(bad.any(dim=1).nonzero()[0, 0])
+        raise EncodeError(f"its range [{stats[first].lo:.7g}, {stats[first].hi:.7g}] cannot be quantized in float32 at {bits} bits")
+    scale, zero_point = scale[:, :, None], zero_point[:, :, None]
+    codes = torch.arange(qmax + 1, dtype=torch.float64)
+    rec = (codes - zero_point) / scale  # [S, C, levels]
+    boundary = (codes[:-1] + 0.5 - zero_point) / scale
+    first_bin = torch.ceil((boundary - lo[:, :, None]) / width - 0.5).clamp(0, bins).to(torch.int64)
+    S, C = len(stats), len(clips)
+    edge = torch.cat([first_bin.new_zeros(S, C, 1), first_bin, first_bin.new_full((S, C, 1), bins)], dim=2)
+
+    def per_code(name: str) -> torch.Tensor:
+        at = torch.stack([getattr(s, name)[e] for s, e in zip(stats, edge, strict=True)])
+        return at[:, :, 1:] - at[:, :, :-1]
+
+    n = per_code("count")
+    err = (n * rec * rec - 2 * rec * per_code("total") + per_code("squares")).sum(dim=2).clamp_min(0)
+    total = n.sum(dim=2, keepdim=True).clamp_min(1e-300)
+    entropy = -(n * torch.log2(torch.where(n > 0, n / total, torch.ones_like(n)))).sum(dim=2)
+    p_max = (n.max(dim=2).values / total[:, :, 0]).clamp(0, 1)
+    out = []
+    for row_err, row_h, row_p, row_empty in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True):
+        grids = [(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p))
+                 for v, h, p, e in zip(row_err, row_h, row_p, row_empty, strict=True)]  # fmt: skip
+        out.append(grids[min(range(len(grids)), key=lambda j: grids[j][0])])
+    return out
 
 
 INDEX_BLOCK = 1 << 20  # bin indices counted per bincount (int32: 4 MiB per thread)

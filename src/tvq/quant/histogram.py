@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,20 +71,27 @@ def _extent(x: np.ndarray, m: int, lo: np.float32, hi: np.float32) -> tuple[np.f
     """(min, max) of a block with ``lo`` and ``hi``, by order keys (``_key``: integer min and max
     vectorize, float ones do not here). Exact for every value but NaN and a zero's sign, which
     ``_finite`` and the caller see to (a NaN has a key too, so it goes unnoticed here)."""
-    bits = x.view(np.int32)
     mask = np.int32(0x7FFFFFFF)
     low, high = _key(lo), _key(hi)
     for i in range(m):
-        b = bits[i]
+        b = _f32_bits(x[i])
         k = b ^ ((b >> np.int32(31)) & mask)
         low = min(low, k)
         high = max(high, k)
     return _unkey(low), _unkey(high)
 
 
+def _f32_bits(v: np.float32) -> np.int32:
+    """The bits of an fp32 value as an int32 (compiled: one LLVM bitcast, ``_bitcast_intrinsic``)."""
+    return np.array([v], np.float32).view(np.int32)[0]
+
+
+_f32_bits_python = _f32_bits
+
+
 def _key(v: np.float32) -> np.int32:
     """An int32 ordered as the fp32 values are (−0 just below +0): the bits, the magnitude's flipped when negative."""
-    b = np.array([v], np.float32).view(np.int32)[0]
+    b = _f32_bits(v)
     return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
 
 
@@ -165,18 +172,23 @@ def _count_inputs(theta: np.ndarray, pre: np.ndarray, bf16: bool, has_pre: bool,
         counts[np.int64(v)] += 1
 
 
-def _base_block(beta: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: np.ndarray, constant: np.ndarray, m: int,
+def _base_block(beta: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: np.ndarray, mode: np.ndarray, m: int,
                 hats: np.ndarray) -> None:  # fmt: skip
     """``hats[k, :m]`` = β̂ of the base grid k for the block ``beta[:m]``: the codes
     clamp(round(β·scale + zero_point), 0, qmax), then (code − zero_point) / scale, each fp32 op
     torch's (``tvq.quant.affine.quantize_into``, ``dequantize_``; clamping before rounding to
-    even changes no code, and a code's zero sign no offset's value); a constant base is β itself."""
+    even changes no code, and a code's zero sign no offset's value). ``mode[k]``: 0 that grid,
+    1 β itself (a constant base), 2 zero (so the "offsets" are the task vectors themselves)."""
     zero32 = np.float32(0.0)
     for k in range(scale.shape[0]):
         h = hats[k]
-        if constant[k]:
+        if mode[k] == 1:
             for i in range(m):
                 h[i] = beta[i]
+            continue
+        if mode[k] == 2:
+            for i in range(m):
+                h[i] = zero32
             continue
         s, z, top = scale[k], zero[k], qmax[k]
         for i in range(m):  # clamped first, then rounded half to even by adding and taking 1.5·2^23 (vectorizes; rint does not)
@@ -219,48 +231,45 @@ def _beta(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray) -> tuple[b
     return same, finite
 
 
-def _extent_of_difference(x: np.ndarray, h: np.ndarray, m: int, d: np.ndarray, lo: np.float32,
-                          hi: np.float32) -> tuple[np.float32, np.float32]:  # fmt: skip
-    """(min, max) of x − h over a block with ``lo`` and ``hi`` (``_extent``; the difference in ``d``)."""
+def _extent_of_difference(x: np.ndarray, h: np.ndarray, m: int, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
+    """(min, max) of x − h over a block with ``lo`` and ``hi`` (``_extent``), the difference never stored."""
+    mask = np.int32(0x7FFFFFFF)
+    low, high = _key(lo), _key(hi)
     for i in range(m):
-        d[i] = x[i] - h[i]
-    return _extent(d, m, lo, hi)
+        b = _f32_bits(x[i] - h[i])
+        k = b ^ ((b >> np.int32(31)) & mask)
+        low = min(low, k)
+        high = max(high, k)
+    return _unkey(low), _unkey(high)
 
 
 def _offset_ranges(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-                   qmax: np.ndarray, constant: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:  # fmt: skip
-    """``lo[k, t]``, ``hi[k, t]``: the range of the error-corrected offsets (θ_t − θ_pre) − β̂_k in
-    fp32 for every base grid k and task t, in one pass over the inputs (β̂_k formed a block at a
-    time, never stored). The caller has checked every τ_t and β finite (so an offset is finite
-    unless it overflows, which shows in its range); whether every range is finite with no end
-    zero (else torch decides)."""
+                   qmax: np.ndarray, mode: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:  # fmt: skip
+    """``lo[k, t]``, ``hi[k, t]``: the range of (θ_t − θ_pre) − β̂_k in fp32 for every grid k
+    (``_base_block``) and task t, in one pass over the inputs (β̂_k formed a block at a time,
+    never stored). A NaN or an infinity in them always lands at an end (``_key``), so the caller
+    sees it there, and judges zero ends."""
     n = pre.shape[0]
     grids = scale.shape[0]
     x = np.empty(BLOCK, np.float32)
     p = np.empty(BLOCK, np.float32)
-    d = np.empty(BLOCK, np.float32)
     hats = np.empty((grids, BLOCK), np.float32)
     lo[:, :] = np.inf
     hi[:, :] = -np.inf
     for start in range(0, n, BLOCK):
         m = min(BLOCK, n - start)
-        _base_block(beta[start : start + m], scale, zero, qmax, constant, m, hats)
+        _base_block(beta[start : start + m], scale, zero, qmax, mode, m, hats)
         _load(pre[start : start + m], bf16, p)
         for t in range(len(thetas)):
             _load(thetas[t][start : start + m], bf16, x)
             for i in range(m):
                 x[i] = x[i] - p[i]
             for k in range(grids):
-                lo[k, t], hi[k, t] = _extent_of_difference(x, hats[k], m, d, lo[k, t], hi[k, t])
-    plain = n > 0
-    for k in range(grids):
-        for t in range(len(thetas)):
-            plain = plain and np.isfinite(lo[k, t]) and np.isfinite(hi[k, t]) and lo[k, t] != 0 and hi[k, t] != 0
-    return plain
+                lo[k, t], hi[k, t] = _extent_of_difference(x, hats[k], m, lo[k, t], hi[k, t])
 
 
 def _offset_counts(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-                   qmax: np.ndarray, constant: np.ndarray, step: int, lo: np.ndarray, inv: np.ndarray, top: np.float32,
+                   qmax: np.ndarray, mode: np.ndarray, step: int, lo: np.ndarray, inv: np.ndarray, top: np.float32,
                    counts: np.ndarray, taus: np.ndarray, betas: np.ndarray, hat: np.ndarray) -> None:  # fmt: skip
     """``counts[k, t]``: the bins (``_count``'s, with ``lo[k, t]`` and ``inv[k, t]``) of the offsets
     (θ_t − θ_pre) − β̂_k at elements 0, step, 2·step, …: the sample of every τ_t and of β gathered
@@ -291,7 +300,7 @@ def _offset_counts(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray, s
             for i in range(m):
                 out[i] = out[i] - p[i]
     for k in range(grids):
-        _base_block(betas, scale[k : k + 1], zero[k : k + 1], qmax[k : k + 1], constant[k : k + 1], sampled, hat.reshape(1, -1))
+        _base_block(betas, scale[k : k + 1], zero[k : k + 1], qmax[k : k + 1], mode[k : k + 1], sampled, hat.reshape(1, -1))
         for t in range(len(thetas)):
             c = counts[k, t]
             low, scaling = lo[k, t], inv[k, t]
@@ -318,7 +327,7 @@ def input_kernels(n: int) -> tuple[Callable[..., tuple[float, float, bool]], Cal
     return None if ranger is None or count is None else (ranger, count)
 
 
-def offset_kernels(n: int) -> tuple[Callable[..., tuple[bool, bool]], Callable[..., bool], Callable[..., None]] | None:
+def offset_kernels(n: int) -> tuple[Callable[..., tuple[bool, bool]], Callable[..., None], Callable[..., None]] | None:
     """The compiled passes of RTVQ's error-corrected offsets (``_beta``, ``_offset_ranges``,
     ``_offset_counts``), or None (as :func:`counter`)."""
     found = (_kernel("beta", _beta, n), _kernel("offset_ranges", _offset_ranges, n), _kernel("offset_counts", _offset_counts, n))
@@ -344,12 +353,34 @@ def _kernel(name: str, fn: Callable[..., Any], n: int) -> Callable[..., Any] | N
                 _jitted[name] = _missing
             else:
                 module = globals()
+                if module["_f32_bits"] is _f32_bits_python:  # the compiled loops call the intrinsic
+                    module["_f32_bits"] = _bitcast_intrinsic()
                 for callee in _KERNELS[name]:
                     if not hasattr(module[callee], "py_func"):  # not jitted yet
                         module[callee] = _jit(numba, module[callee])
                 _jitted[name] = module[_KERNELS[name][-1]]
     kernel = _jitted[name]
     return None if kernel is _missing else kernel
+
+
+def _bitcast_intrinsic() -> Callable[..., Any]:
+    """``_f32_bits`` for compiled code: the fp32 value's bits reinterpreted as an int32, in register
+    (a bitcast; the loops that use it vectorize, where going through memory halves their speed)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f32_bits(typingctx: Any, value: Any) -> Any:
+        if value != types.float32:
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.int32(types.float32), codegen
+
+    return cast(Callable[..., Any], f32_bits)
 
 
 def _missing(*args: object) -> None:  # pragma: no cover - a marker, never called

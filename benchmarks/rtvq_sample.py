@@ -1,11 +1,11 @@
-"""What the error-corrected offsets' histogram sample changes in RTVQ's bit allocation analysis.
+"""What the histogram sample of the task vectors and offsets changes in RTVQ's bit allocation analysis.
 
-``tvq.encode.budget.OFFSET_SAMPLE`` bins at most 1 Mi values per offset (ranges stay exact). This
-analyses one checkpoint family twice, with the whole ``SAMPLE`` (4 Mi) and with ``OFFSET_SAMPLE``,
+``tvq.encode.budget.RTVQ_SAMPLE`` bins at most 1 Mi values per task vector and offset (ranges stay exact). This
+analyses one checkpoint family twice, with the whole ``SAMPLE`` (4 Mi) and with ``RTVQ_SAMPLE``,
 and prints the time of each, the largest relative change of any tensor's option (error, bytes) and
 of the per-scheme sums, and whether the anchored and the free plans agree at several budgets:
 
-    python benchmarks/offset_sample.py --models /work/bench_llm/models   # base/, ft0/ … (make_models.py)
+    python benchmarks/rtvq_sample.py --models /work/bench_llm/models   # base/, ft0/ … (make_models.py)
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def main() -> None:
     T = len(finetuned)
     options = QuantizeOptions(residual=True, base_bits=3, bits=2, error_correction=True).validated()
     tables = {}
-    chosen = budget.OFFSET_SAMPLE
+    chosen = budget.RTVQ_SAMPLE
     for sample in (budget.SAMPLE, chosen):
-        budget.OFFSET_SAMPLE = sample
+        budget.RTVQ_SAMPLE = sample
         start = time.perf_counter()
         tables[sample] = budget.analyse(args.models / "base", finetuned, options, progress=False, threads=args.threads, cross=True)
-        print(f"offset sample {sample:>8,}: analysis {time.perf_counter() - start:.1f} s")
-    budget.OFFSET_SAMPLE = chosen
+        print(f"RTVQ sample {sample:>8,}: analysis {time.perf_counter() - start:.1f} s")
+    budget.RTVQ_SAMPLE = chosen
     whole, sampled = tables[budget.SAMPLE][0], tables[chosen][0]
     worst_error = worst_bytes = 0.0
     sums: dict[tuple[int, int | None, str | None], list[float]] = {}
