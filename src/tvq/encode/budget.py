@@ -173,14 +173,9 @@ def _base_estimate(beta: torch.Tensor, bits: int, options: QuantizeOptions, entr
         hat = fake_quantize_with(beta, options.quantizer, bits, **options.scheme_options())
         return hat, _code_bytes(beta, bits, options) + entry
     flat = beta.reshape(-1)
-    stats = stats if stats is not None else ValueStats.of(flat)
-    nbytes = _priced(stats, bits, options.quantizer, options)[1] + entry + (24 if options.quantizer == "mse" else 0)
-    if stats.constant:
+    qp, nbytes = _base_params(stats if stats is not None else ValueStats.of(flat), bits, options, entry)
+    if qp is None:
         return beta.clone(), nbytes
-    if options.quantizer == "minmax":  # ``fake_quantize_with(beta, "minmax", bits)``
-        qp = affine.choose_qparams(get_scheme("minmax", bits).spec(bits, {}), flat.float())
-    else:
-        qp = clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse")))
     return _dequantized(affine.quantize(flat, qp), qp, tuple(beta.shape), reuse), nbytes
 
 
@@ -190,7 +185,7 @@ def _base_params(stats: ValueStats, bits: int, options: QuantizeOptions, entry: 
     nbytes = _priced(stats, bits, options.quantizer, options)[1] + entry + (24 if options.quantizer == "mse" else 0)
     if stats.constant:
         return None, nbytes
-    if options.quantizer == "minmax":  # ``choose_qparams`` of the min–max spec: from β's own min and max
+    if options.quantizer == "minmax":  # ``fake_quantize_with(beta, "minmax", bits)``'s: from β's own min and max
         return affine.params_from_minmax(get_scheme("minmax", bits).spec(bits, {}), stats.lo, stats.hi), nbytes
     return clipped_params(bits, stats.lo, stats.hi, stats.best_clip(bits, _clips("mse"))), nbytes
 
