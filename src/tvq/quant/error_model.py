@@ -133,34 +133,7 @@ class ValueStats:
         share of the most frequent code)."""
         if self.constant:
             return [(0.0, 0.0, 1.0) for _ in clips]
-        qmax = 2**bits - 1
-        bins = self.count.numel() - 1
-        factor = torch.tensor(list(clips), dtype=torch.float64)
-        a_lo, a_hi = factor * self.lo, factor * self.hi
-        empty = a_hi <= a_lo
-        scale, zero_point = affine_from_range(a_lo, torch.where(empty, a_lo + 1, a_hi), bits)
-        bad = ~empty & ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(zero_point))
-        if bool(bad.any()):  # as the quantizer would refuse this grid (tvq.quant.affine._affine)
-            raise EncodeError(f"its range [{self.lo:.7g}, {self.hi:.7g}] cannot be quantized in float32 at {bits} bits")
-        scale, zero_point = scale[:, None], zero_point[:, None]
-        codes = torch.arange(qmax + 1, dtype=torch.float64)
-        rec = (codes - zero_point) / scale  # [clips, levels]: each code's reconstruction
-        # a bin goes to the code its centre rounds to: code k holds the bins from edge[k] to edge[k + 1]
-        boundary = (codes[:-1] + 0.5 - zero_point) / scale
-        first = torch.ceil((boundary - self.lo) / self.width - 0.5).clamp(0, bins).to(torch.int64)
-        edge = torch.cat([first.new_zeros(len(clips), 1), first, first.new_full((len(clips), 1), bins)], dim=1)
-
-        def per_code(prefix: torch.Tensor) -> torch.Tensor:
-            at = prefix[edge]
-            return at[:, 1:] - at[:, :-1]
-
-        n = per_code(self.count)
-        err = (n * rec * rec - 2 * rec * per_code(self.total) + per_code(self.squares)).sum(dim=1).clamp_min(0)
-        total = n.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        entropy = -(n * torch.log2(torch.where(n > 0, n / total, torch.ones_like(n)))).sum(dim=1)
-        p_max = (n.max(dim=1).values / total[:, 0]).clamp(0, 1)
-        return [(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p))
-                for v, h, p, e in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True)]  # fmt: skip
+        return _grids_all([self], bits, clips)[0]
 
     @staticmethod
     def best_of_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float] = (1.0,)) -> list[tuple[float, float, float]]:
@@ -168,10 +141,9 @@ class ValueStats:
         once (the analysis prices thousands of tensors × tasks × widths: per call, the fixed cost
         of a dozen small torch ops was most of its Python time)."""
         plain = [s for s in stats if not s.constant]
-        if len(plain) < 2:
-            return [s.best(bits, clips) for s in stats]
-        found = iter(_best_all(plain, bits, clips))
-        return [(0.0, 0.0, 1.0) if s.constant else next(found) for s in stats]
+        stacked = len({s.count.numel() for s in plain}) == 1  # as many bins (and some not constant)
+        found = iter(_grids_all(plain, bits, clips) if stacked else [s.grids(bits, clips) for s in plain])
+        return [(0.0, 0.0, 1.0) if s.constant else _least(next(found)) for s in stats]
 
     def best_clip(self, bits: int, clips: Sequence[float]) -> float:
         """The clip factor of least estimated error (the first of equals, as the MSE search)."""
@@ -184,7 +156,7 @@ class ValueStats:
 
     def _best(self, bits: int, clips: Sequence[float]) -> tuple[int, tuple[float, float, float]]:
         grids = self.grids(bits, clips)
-        i = min(range(len(grids)), key=lambda j: grids[j][0])
+        i = _least_at(grids)
         return i, grids[i]
 
     def error(self, bits: int, clips: Sequence[float] = (1.0,)) -> float:
@@ -192,27 +164,35 @@ class ValueStats:
         return min(self.affine_errors(bits, clips))
 
 
-def _best_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float]) -> list[tuple[float, float, float]]:
-    """``ValueStats.grids`` of several non-constant statistics with as many bins, stacked: every
-    element computed by the same float64 operations, each row reduced alone; then ``best``."""
+def _least_at(grids: list[tuple[float, float, float]]) -> int:
+    """The clip factor of least error (the first of equals, as the MSE search)."""
+    return min(range(len(grids)), key=lambda j: grids[j][0])
+
+
+def _least(grids: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return grids[_least_at(grids)]
+
+
+def _grids_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float]) -> list[list[tuple[float, float, float]]]:
+    """``ValueStats.grids`` of non-constant statistics with as many bins, stacked ``[tensor, clip,
+    code]``: each element by the same float64 operations whatever the stack, each row reduced alone."""
     qmax = 2**bits - 1
     bins = stats[0].count.numel() - 1
-    if any(s.count.numel() - 1 != bins for s in stats):
-        return [s.best(bits, clips) for s in stats]
     lo = torch.tensor([s.lo for s in stats], dtype=torch.float64)[:, None]
     hi = torch.tensor([s.hi for s in stats], dtype=torch.float64)[:, None]
     width = torch.tensor([s.width for s in stats], dtype=torch.float64)[:, None, None]
     factor = torch.tensor(list(clips), dtype=torch.float64)[None, :]
-    a_lo, a_hi = factor * lo, factor * hi  # [S, C]
+    a_lo, a_hi = factor * lo, factor * hi  # [tensors, clips]
     empty = a_hi <= a_lo
     scale, zero_point = affine_from_range(a_lo, torch.where(empty, a_lo + 1, a_hi), bits)
     bad = ~empty & ~(torch.isfinite(scale) & (scale > 0) & torch.isfinite(zero_point))
-    if bool(bad.any()):  # the first such tensor's message, as its own ``grids`` gives it
-        first = int(bad.any(dim=1).nonzero()[0, 0])
-        raise EncodeError(f"its range [{stats[first].lo:.7g}, {stats[first].hi:.7g}] cannot be quantized in float32 at {bits} bits")
+    if bool(bad.any()):  # as the quantizer would refuse this grid (tvq.quant.affine._affine); the first such tensor
+        first = stats[int(bad.any(dim=1).nonzero()[0, 0])]
+        raise EncodeError(f"its range [{first.lo:.7g}, {first.hi:.7g}] cannot be quantized in float32 at {bits} bits")
     scale, zero_point = scale[:, :, None], zero_point[:, :, None]
     codes = torch.arange(qmax + 1, dtype=torch.float64)
-    rec = (codes - zero_point) / scale  # [S, C, levels]
+    rec = (codes - zero_point) / scale  # [tensors, clips, levels]: each code's reconstruction
+    # a bin goes to the code its centre rounds to: code k holds the bins from edge[k] to edge[k + 1]
     boundary = (codes[:-1] + 0.5 - zero_point) / scale
     first_bin = torch.ceil((boundary - lo[:, :, None]) / width - 0.5).clamp(0, bins).to(torch.int64)
     S, C = len(stats), len(clips)
@@ -227,12 +207,8 @@ def _best_all(stats: Sequence[ValueStats], bits: int, clips: Sequence[float]) ->
     total = n.sum(dim=2, keepdim=True).clamp_min(1e-300)
     entropy = -(n * torch.log2(torch.where(n > 0, n / total, torch.ones_like(n)))).sum(dim=2)
     p_max = (n.max(dim=2).values / total[:, :, 0]).clamp(0, 1)
-    out = []
-    for row_err, row_h, row_p, row_empty in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True):
-        grids = [(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p))
-                 for v, h, p, e in zip(row_err, row_h, row_p, row_empty, strict=True)]  # fmt: skip
-        out.append(grids[min(range(len(grids)), key=lambda j: grids[j][0])])
-    return out
+    return [[(float("inf"), 0.0, 1.0) if e else (float(v), float(h), float(p)) for v, h, p, e in zip(*row, strict=True)]
+            for row in zip(err.tolist(), entropy.tolist(), p_max.tolist(), empty.tolist(), strict=True)]  # fmt: skip
 
 
 INDEX_BLOCK = 1 << 20  # bin indices counted per bincount (int32: 4 MiB per thread)

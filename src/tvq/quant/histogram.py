@@ -71,11 +71,9 @@ def _extent(x: np.ndarray, m: int, lo: np.float32, hi: np.float32) -> tuple[np.f
     """(min, max) of a block with ``lo`` and ``hi``, by order keys (``_key``: integer min and max
     vectorize, float ones do not here). Exact for every value but NaN and a zero's sign, which
     ``_finite`` and the caller see to (a NaN has a key too, so it goes unnoticed here)."""
-    mask = np.int32(0x7FFFFFFF)
     low, high = _key(lo), _key(hi)
     for i in range(m):
-        b = _f32_bits(x[i])
-        k = b ^ ((b >> np.int32(31)) & mask)
+        k = _key(x[i])
         low = min(low, k)
         high = max(high, k)
     return _unkey(low), _unkey(high)
@@ -233,11 +231,9 @@ def _beta(thetas: Any, pre: np.ndarray, bf16: bool, beta: np.ndarray) -> tuple[b
 
 def _extent_of_difference(x: np.ndarray, h: np.ndarray, m: int, lo: np.float32, hi: np.float32) -> tuple[np.float32, np.float32]:
     """(min, max) of x − h over a block with ``lo`` and ``hi`` (``_extent``), the difference never stored."""
-    mask = np.int32(0x7FFFFFFF)
     low, high = _key(lo), _key(hi)
     for i in range(m):
-        b = _f32_bits(x[i] - h[i])
-        k = b ^ ((b >> np.int32(31)) & mask)
+        k = _key(x[i] - h[i])
         low = min(low, k)
         high = max(high, k)
     return _unkey(low), _unkey(high)
