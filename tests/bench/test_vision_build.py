@@ -95,6 +95,10 @@ def test_the_grid_runs_on_a_vision_run(run_dir: Path, tmp_path: Path) -> None:
     assert {"zero_shot", "individual|fp32|fixed", "task_arithmetic|tvq4|fixed", "individual|tvq4|fixed"} <= set(r["cells"])
     info = open_run(run_dir).manifest["task_info"]["bars"]
     assert r["cells"]["individual|fp32|fixed"]["acc"]["bars"] == pytest.approx(info["finetuned"]["test"])
+    # a budget in bits per trained parameter (issue 15's unit): the written pack is measured within it
+    matrix.pack("budget-trained-1.5")
+    budget = r["precisions"]["budget-trained-1.5"]
+    assert 1.0 < budget["bits_per_trained_param"] <= 1.5 and budget["family"] == "budget per trained parameter"
     matrix.results["adamerging_steps"] = 2
     assert set(matrix.merged("adamerging", "fp32").acc) == {"bars"}
     from tvq.bench.fisher import diagonal_fisher

@@ -49,6 +49,7 @@ class Precision:
     paper: bool = True  # in the paper's tables (False: tvq's improvements)
     fisher: bool = False  # allocate with the diagonal Fisher as sensitivity (else the weights alone)
     budget_like: str | None = None  # allocate within the measured size of this precision's pack
+    budget_trained_bits: float | None = None  # a budget in bits per *trained* parameter per task (frozen tensors cost nothing)
     allocation: str = "anchored"  # tvq.encode.budget: on the largest fixed scheme that fits, or "free"
 
     @property
@@ -68,6 +69,8 @@ def scheme_family(precision: str) -> str:
         return "TVQ"
     if re.fullmatch(r"rtvq-b\d+o\d+(-ec)?", precision):
         return "RTVQ+EC" if precision.endswith("-ec") else "RTVQ"
+    if re.fullmatch(r"budget-trained-[\d.]+", precision):
+        return "budget per trained parameter"
     if re.fullmatch(r"budget-[\d.]+(-fisher)?", precision):
         return "budget, Fisher" if precision.endswith("-fisher") else "budget"
     return precision
@@ -112,6 +115,9 @@ PRECISIONS: dict[str, Precision] = {
         Precision("budget-as-tvq3", "budget = TVQ INT3's size (TVQ INT3 + upgrades)", {"bits": 3, "quantizer": "mse"}, paper=False,
                   budget_like="tvq3"),
         _p("budget-0.8-fisher", "budget 0.8 b, Fisher (RTVQ+EC, mse)", False, 0.8, True, **_RTVQ_EC_MSE),
+        # issue 15's frontier goals are in bits per trained parameter: budgets in that unit, the default TVQ request
+        *(Precision(f"budget-trained-{b}", f"budget {b} b/trained param (TVQ)", {"bits": 2}, paper=False, budget_trained_bits=b)
+          for b in (1.0, 1.25, 1.5)),
     ]
 }
 
@@ -259,9 +265,9 @@ class Matrix:
         if not (path / "manifest.json").is_file():
             finetuned = {t: self.run.finetuned_path(t) for t in self.run.tasks}
             options = QuantizeOptions(**(spec.options or {}))
-            if spec.budget_bits is not None or spec.budget_like is not None:
+            if spec.budget_bits is not None or spec.budget_like is not None or spec.budget_trained_bits is not None:
                 sensitivity = self.fisher() if spec.fisher else None
-                budget_bytes = pack_summary(self.pack(spec.budget_like))["total_bytes"] if spec.budget_like is not None else None
+                budget_bytes = self._budget_bytes(spec)
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,
                                        budget_bytes=budget_bytes, sensitivity=sensitivity, allocation=spec.allocation, progress=False,
                                        overwrite=True)  # fmt: skip
@@ -281,6 +287,14 @@ class Matrix:
             }
             self.save()
         return path
+
+    def _budget_bytes(self, spec: Precision) -> int | None:
+        """A budget given as bytes: another pack's measured size, or bits per trained parameter per task."""
+        if spec.budget_like is not None:
+            return int(pack_summary(self.pack(spec.budget_like))["total_bytes"])
+        if spec.budget_trained_bits is not None:
+            return int(spec.budget_trained_bits * self._trained_params() * len(self.run.tasks) / 8)
+        return None
 
     def fisher(self) -> dict[str, float]:
         """Per-tensor diagonal Fisher of the run (computed once, kept as ``fisher.json``)."""

@@ -149,7 +149,7 @@ def frontier_table(results: dict[str, Any], mode: str = FIXED) -> str:
     return "\n".join(out)
 
 
-MARKERS = {"FP32": "*", "FQ": "X", "TVQ": "o", "RTVQ": "s", "RTVQ+EC": "D", "budget": "^", "budget, Fisher": "v"}
+MARKERS = {"FP32": "*", "FQ": "X", "TVQ": "o", "RTVQ": "s", "RTVQ+EC": "D", "budget": "^", "budget, Fisher": "v", "budget per trained parameter": "<"}
 
 
 def _method_label(method: str) -> str:

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from tvq.encode.job import PRETRAINED, KeyJob, Source
+from tvq.encode.job import PRETRAINED, KeyJob, Source, task_groups
 from tvq.encode.options import BitPlan, QuantizeOptions
 from tvq.encode.pipeline import QuantizeReport, StreamStats, check_task_names, encode_all, quantize, task_file_name
 from tvq.errors import CheckpointError, ConfigError, where
@@ -134,10 +134,12 @@ def add_tasks(
         sources: dict[str, Source] = {n: (finetuned[n] if remote else readers[n]) for n in readers}
         pre_src = pre.path if remote else pre
         jobs = [
-            KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
-                   base_pack=str(pack_path) if options.residual and k in base_keys else None, digest_algorithm=algorithm)
+            group
             for k in keys
-        ]
+            for group in task_groups(KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
+                                            base_pack=str(pack_path) if options.residual and k in base_keys else None,
+                                            digest_algorithm=algorithm), pre.meta(k).numel)
+        ]  # fmt: skip
         stats = StreamStats.for_tasks(list(readers), algorithm, quant_keys)
         try:
             encode_all(jobs, writers, stats, executor, desc="add tasks", progress=progress)

@@ -7,7 +7,7 @@ the driver writes results in key order, so a pack is byte-identical whichever ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeAlias
@@ -42,6 +42,7 @@ class KeyJob:
     unsafe_pickle: bool = False
     digest_algorithm: str = DEFAULT_ALGORITHM  # of the inputs' content hashes (tvq.io.content_hash)
     device: str = "cpu"  # where the streamed min–max math runs (tvq.device); reading, hashing, writing stay on the host
+    first_group: bool = True  # False for a tensor's later task groups (``task_groups``): θ_pre is hashed and counted once
 
     @property
     def streams(self) -> bool:
@@ -63,6 +64,24 @@ class KeyJob:
             per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (4 if self.options.residual else 0)
             return meta.numel * per_element
         return meta.numel * (tasks + 4) * 4
+
+
+# Tasks per job of one large tensor: the compiled kernels' group (tvq.quant.kernels), so a job's
+# memory (its inputs, codes and coded bytes) no longer grows with the number of tasks.
+TASK_GROUP = 4
+GROUPED_NUMEL = 1 << 20  # smaller tensors stay one job: their memory is small and a job has a fixed cost
+
+
+def task_groups(job: KeyJob, numel: int) -> list[KeyJob]:
+    """``job`` split into jobs of ``TASK_GROUP`` tasks where every task's encoding is its own
+    (TVQ's streamed min–max: codes, parameters and statistics of a task do not depend on the
+    others, so the pack is byte-identical), the tensor is large and there are more tasks than
+    one group. RTVQ's base and the average need every task at once: those stay whole."""
+    names = list(job.finetuned)
+    if not job.streams or job.options.residual or job.with_average or len(names) <= TASK_GROUP or numel < GROUPED_NUMEL:
+        return [job]
+    return [replace(job, finetuned={n: job.finetuned[n] for n in names[i : i + TASK_GROUP]}, first_group=i == 0)
+            for i in range(0, len(names), TASK_GROUP)]  # fmt: skip
 
 
 @dataclass

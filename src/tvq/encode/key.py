@@ -102,12 +102,14 @@ def read_inputs(job: KeyJob, result: KeyResult) -> KeyInputs:
     checked to fit fp32 (the other dtypes always do)."""
     pre = resolve(job.pretrained, job.unsafe_pickle)
     theta_pre = pre.get(job.key)
-    result.bytes_read += theta_pre.numel() * theta_pre.element_size()
     inputs = KeyInputs(job.key, theta_pre, Path(pre.path), {})
+    if job.first_group:  # a tensor split by tasks (tvq.encode.job.task_groups) hashes and counts θ_pre once
+        result.bytes_read += theta_pre.numel() * theta_pre.element_size()
     if job.role == TensorRole.SKIP:
         return inputs
     check_fp32_range(theta_pre, pre.path, job.key)
-    result.digests[PRETRAINED] = tensor_digest(job.key, theta_pre, job.digest_algorithm)
+    if job.first_group:
+        result.digests[PRETRAINED] = tensor_digest(job.key, theta_pre, job.digest_algorithm)
     for name, source in job.finetuned.items():
         reader = resolve(source, job.unsafe_pickle)
         t = reader.get(job.key)

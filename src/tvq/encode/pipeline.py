@@ -1,8 +1,9 @@
 """FQ / TVQ / RTVQ: turn one pretrained and T fine-tuned checkpoints into a pack.
 
-Everything streams tensor by tensor: one job per tensor (tvq.encode.key), run by any
-executor, its results written in key order. Peak memory is about (T + 3) x the largest
-tensor, whatever the model size. Arithmetic is fp32, as in the paper's code, and the
+Everything streams tensor by tensor: one job per tensor (tvq.encode.key; a large TVQ tensor of
+many tasks, one per group of tasks), run by any executor, its results written in key order.
+Peak memory is about (T + 3) x the largest tensor whatever the model size (TVQ: about 7 x,
+whatever T). Arithmetic is fp32, as in the paper's code, and the
 operations are the paper's, in its order, so the stored codes are bit-identical to its output.
 """
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from tvq.device import parse_device
 from tvq.encode.checks import check_finite
-from tvq.encode.job import BASE, PRETRAINED, KeyJob, KeyResult, Source
+from tvq.encode.job import BASE, PRETRAINED, KeyJob, KeyResult, Source, task_groups
 from tvq.encode.key import encode_key
 from tvq.encode.options import QuantizeOptions
 from tvq.errors import CheckpointError, ConfigError, where
@@ -210,10 +211,11 @@ def quantize(
     if expect_digests:
         digest_algorithm = algorithm_of(next(iter(expect_digests.values())))
     jobs = [
-        KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None, unsafe_pickle=unsafe_pickle,
-               digest_algorithm=digest_algorithm, device=compute)
+        group
         for k in keys
-    ]
+        for group in task_groups(KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None,
+                                        unsafe_pickle=unsafe_pickle, digest_algorithm=digest_algorithm, device=compute), pre.meta(k).numel)
+    ]  # fmt: skip
 
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out, overwrite=overwrite))
