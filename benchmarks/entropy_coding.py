@@ -1,8 +1,9 @@
 """Entropy coding of packs (issue 15, part 1): bits on disk with the coder on and off, decode
 throughput, and merge time from coded vs plain packs, all measured in one run.
 
-Not a test. Inputs are the text benchmark's CI preset (MiniLM fine-tuned on 4 text tasks; build
-it with ``tvq bench run --preset ci`` or see README "The benchmark"). For each scheme it writes
+Not a test. Inputs are a text benchmark run (MiniLM fine-tuned on text tasks; by default the CI
+preset's 4, built with ``tvq bench run --preset ci``; ``--run`` another, e.g. the full preset's 8,
+``tvq bench build --preset full``; README "The benchmark"). For each scheme it writes
 the pack with ``entropy="off"`` and ``"auto"`` and reports, per task:
 
 * bits per parameter and per *trained* parameter (tensors fine-tuning changed; the frozen word
@@ -23,6 +24,7 @@ the pack with ``entropy="off"`` and ``"auto"`` and reports, per task:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
@@ -45,7 +47,6 @@ SCHEMES = {
     "TVQ INT4": QuantizeOptions(bits=4),
     "RTVQ B3O2": QuantizeOptions(bits=2, base_bits=3, residual=True),
 }
-TASKS = ("fortunes", "wn_verb", "tweets", "bing")
 
 
 def trained_params(pre_path: Path, ft_paths: dict[str, Path]) -> int:
@@ -121,16 +122,21 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path.home() / ".cache/tvq/bench/runs/ci")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tvq-entropy"))
     ap.add_argument("--ans", action="store_true", help="also measure constriction's ANS coder (pip install constriction)")
+    ap.add_argument("--tasks", help="comma-separated tasks of the run (default: all of them; the CI preset has 4, the full one 8)")
     args = ap.parse_args()
+    manifest = args.run / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest} not found: build a run first (README, 'The benchmark')")
+    tasks = args.tasks.split(",") if args.tasks else json.loads(manifest.read_text())["tasks"]
     torch.set_num_threads(1)  # tvq's executors run torch single-threaded per tensor; a shared machine also stalls torch's pool
     pre = args.run / "pretrained" / "model.safetensors"
-    fts = {t: args.run / t / "model.safetensors" for t in TASKS}
+    fts = {t: args.run / t / "model.safetensors" for t in tasks}
     missing = [p for p in [pre, *fts.values()] if not p.is_file()]
     if missing:
         raise SystemExit(f"{missing[0]} not found: build the CI preset first (README, 'The benchmark')")
     shutil.rmtree(args.workdir, ignore_errors=True)
     trained = trained_params(pre, fts)
-    print(f"{len(TASKS)} tasks; {trained:,} trained parameters; torch threads {torch.get_num_threads()}\n")
+    print(f"{len(tasks)} tasks; {trained:,} trained parameters; torch threads {torch.get_num_threads()}\n")
     head = ("| scheme | bits/param off | bits/param on | bits/trained param off | bits/trained param on | on/off | "
             "code entropy bits/trained param | codes on/off | decode MB/s off | decode MB/s on | quantize s off / on | "
             "TA merge s off / on | merges identical | on: codes / exact tensors (off) / headers+manifest (off) |")  # fmt: skip
@@ -145,12 +151,12 @@ def main() -> None:
             seconds[mode] = time.perf_counter() - t0
             info[mode] = pack_summary(paths[mode])
         packs = {mode: open_pack(p) for mode, p in paths.items()}
-        per_task = {mode: info[mode]["total_bytes"] * 8 / len(TASKS) for mode in info}
+        per_task = {mode: info[mode]["total_bytes"] * 8 / len(tasks) for mode in info}
         decode = {mode: min(read_codes(packs[mode]) for _ in range(3)) for mode in packs}  # best of 3: a shared machine
         merges = {mode: min((merge_seconds(pre, paths[mode]) for _ in range(2)), key=lambda r: r[0]) for mode in paths}
         identical = all(merges["off"][1][k].numpy().tobytes() == merges["auto"][1][k].numpy().tobytes() for k in merges["off"][1])
         e = info["auto"]["entropy"]
-        per = 8 / len(TASKS) / trained  # bytes of the whole pack -> bits per trained parameter per task
+        per = 8 / len(tasks) / trained  # bytes of the whole pack -> bits per trained parameter per task
         parts = {mode: (info[mode]["entropy"]["stored_bytes"], info[mode]["entropy"]["raw_stored_bytes"],
                         info[mode]["total_bytes"] - info[mode]["theoretical_bytes"]) for mode in info}  # fmt: skip
         entropy = code_entropy_bytes(packs["off"])
@@ -159,7 +165,7 @@ def main() -> None:
             f"{info['off']['bits_per_param']:.3f}", f"{info['auto']['bits_per_param']:.3f}",
             f"{per_task['off'] / trained:.3f}", f"{per_task['auto'] / trained:.3f}",
             f"{info['auto']['total_bytes'] / info['off']['total_bytes']:.3f}",
-            f"{entropy * 8 / len(TASKS) / trained:.3f}",
+            f"{entropy * 8 / len(tasks) / trained:.3f}",
             f"{e['stored_bytes'] / e['plain_bytes']:.3f}",
             f"{decode['off'][1] / 1e6 / decode['off'][0]:.0f}", f"{decode['auto'][1] / 1e6 / decode['auto'][0]:.0f}",
             f"{seconds['off']:.1f} / {seconds['auto']:.1f}",
