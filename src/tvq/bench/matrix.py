@@ -69,7 +69,7 @@ def scheme_family(precision: str) -> str:
         return "TVQ"
     if re.fullmatch(r"rtvq-b\d+o\d+(-ec)?", precision):
         return "RTVQ+EC" if precision.endswith("-ec") else "RTVQ"
-    if re.fullmatch(r"budget-trained-[\d.]+", precision):
+    if re.fullmatch(r"budget-trained-[\d.]+(-free)?", precision):
         return "budget per trained parameter"
     if re.fullmatch(r"budget-[\d.]+(-fisher)?", precision):
         return "budget, Fisher" if precision.endswith("-fisher") else "budget"
@@ -118,6 +118,9 @@ PRECISIONS: dict[str, Precision] = {
         # issue 15's frontier goals are in bits per trained parameter: budgets in that unit, the default TVQ request
         *(Precision(f"budget-trained-{b}", f"budget {b} b/trained param (TVQ)", {"bits": 2}, paper=False, budget_trained_bits=b)
           for b in (1.0, 1.25, 1.5)),
+        # the same budgets chosen freely by the error over min–max and MSE-clipped TVQ grids of every width, priced entropy-coded
+        *(Precision(f"budget-trained-{b}-free", f"budget {b} b/trained param (TVQ, free, mse)", {"bits": 2, "quantizer": "mse"},
+                    paper=False, budget_trained_bits=b, allocation="free") for b in (1.0, 1.5)),
     ]
 }
 
