@@ -3,6 +3,7 @@ memory independent of T): the same pack, byte for byte, the same errors, θ_pre 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,17 +57,18 @@ def test_grouped_jobs_write_the_same_pack(six: dict, monkeypatch: pytest.MonkeyP
     assert whole.bytes_read == split.bytes_read  # θ_pre counted once
 
 
-def test_only_streamed_tvq_of_many_tasks_is_split(six: dict) -> None:
+def test_only_streamed_tvq_of_many_tasks_is_split(six: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_module, "GROUPED_NUMEL", 300 * 256)  # big.weight's size: small.weight (40 x 30) stays whole
     fts = {n: str(p) for n, p in six["fts"].items()}
     job = KeyJob("big.weight", TensorRole.QUANTIZE, str(six["pre"]), fts, QuantizeOptions(bits=2).validated())
-    groups = task_groups(job, job_module.GROUPED_NUMEL)
+    groups = task_groups(job)
     assert [list(g.finetuned) for g in groups] == [["task0", "task1", "task2", "task3"], ["task4", "task5"]]
     assert [g.first_group for g in groups] == [True, False]
-    assert len(task_groups(job, job_module.GROUPED_NUMEL - 1)) == 1  # a small tensor stays one job
+    assert len(task_groups(replace(job, key="small.weight"))) == 1  # a small tensor stays one job
     rtvq = QuantizeOptions(bits=2, residual=True, base_bits=3, error_correction=True).validated()
-    assert len(task_groups(KeyJob("big.weight", TensorRole.QUANTIZE, str(six["pre"]), fts, rtvq), 1 << 30)) == 1  # the base needs all
+    assert len(task_groups(KeyJob("big.weight", TensorRole.QUANTIZE, str(six["pre"]), fts, rtvq))) == 1  # the base needs all
     kept = KeyJob("small.bias", TensorRole.KEEP, str(six["pre"]), fts, QuantizeOptions(bits=2).validated())
-    assert len(task_groups(kept, 1 << 30)) == 1
+    assert len(task_groups(kept)) == 1
 
 
 def test_adding_many_tasks_in_groups_is_the_same(six: dict, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,7 +138,7 @@ def add_tasks(
             for k in keys
             for group in task_groups(KeyJob(k, roles[k], pre_src, sources, options, unsafe_pickle=unsafe_pickle,
                                             base_pack=str(pack_path) if options.residual and k in base_keys else None,
-                                            digest_algorithm=algorithm), pre.meta(k).numel)
+                                            digest_algorithm=algorithm))
         ]  # fmt: skip
         stats = StreamStats.for_tasks(list(readers), algorithm, quant_keys)
         try:

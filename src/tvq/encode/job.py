@@ -72,13 +72,15 @@ TASK_GROUP = 4
 GROUPED_NUMEL = 1 << 20  # smaller tensors stay one job: their memory is small and a job has a fixed cost
 
 
-def task_groups(job: KeyJob, numel: int) -> list[KeyJob]:
+def task_groups(job: KeyJob) -> list[KeyJob]:
     """``job`` split into jobs of ``TASK_GROUP`` tasks where every task's encoding is its own
     (TVQ's streamed min–max: codes, parameters and statistics of a task do not depend on the
     others, so the pack is byte-identical), the tensor is large and there are more tasks than
     one group. RTVQ's base and the average need every task at once: those stay whole."""
     names = list(job.finetuned)
-    if not job.streams or job.options.residual or job.with_average or len(names) <= TASK_GROUP or numel < GROUPED_NUMEL:
+    if not job.streams or job.options.residual or job.with_average or len(names) <= TASK_GROUP:
+        return [job]
+    if resolve(job.pretrained, job.unsafe_pickle).meta(job.key).numel < GROUPED_NUMEL:
         return [job]
     return [replace(job, finetuned={n: job.finetuned[n] for n in names[i : i + TASK_GROUP]}, first_group=i == 0)
             for i in range(0, len(names), TASK_GROUP)]  # fmt: skip

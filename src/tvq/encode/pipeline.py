@@ -214,7 +214,7 @@ def quantize(
         group
         for k in keys
         for group in task_groups(KeyJob(k, roles[k], pre_src, ft_src, options, with_average=average_out is not None,
-                                        unsafe_pickle=unsafe_pickle, digest_algorithm=digest_algorithm, device=compute), pre.meta(k).numel)
+                                        unsafe_pickle=unsafe_pickle, digest_algorithm=digest_algorithm, device=compute))
     ]  # fmt: skip
 
     with ExitStack() as stack:
