@@ -133,7 +133,7 @@ def main() -> None:
     fts = {t: args.run / t / "model.safetensors" for t in tasks}
     missing = [p for p in [pre, *fts.values()] if not p.is_file()]
     if missing:
-        raise SystemExit(f"{missing[0]} not found: build the CI preset first (README, 'The benchmark')")
+        raise SystemExit(f"{missing[0]} not found: the run is incomplete (build it again: README, 'The benchmark')")
     shutil.rmtree(args.workdir, ignore_errors=True)
     trained = trained_params(pre, fts)
     print(f"{len(tasks)} tasks; {trained:,} trained parameters; torch threads {torch.get_num_threads()}\n")

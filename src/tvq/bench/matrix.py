@@ -53,6 +53,11 @@ class Precision:
     allocation: str = "anchored"  # tvq.encode.budget: on the largest fixed scheme that fits, or "free"
 
     @property
+    def budgeted(self) -> bool:
+        """Whether the pack is allocated under a budget (bits per parameter, per trained parameter, or another pack's size)."""
+        return self.budget_bits is not None or self.budget_like is not None or self.budget_trained_bits is not None
+
+    @property
     def family(self) -> str:
         """The scheme family a plot joins with lines (widths of one scheme), see ``scheme_family``."""
         return scheme_family(self.name)
@@ -268,7 +273,7 @@ class Matrix:
         if not (path / "manifest.json").is_file():
             finetuned = {t: self.run.finetuned_path(t) for t in self.run.tasks}
             options = QuantizeOptions(**(spec.options or {}))
-            if spec.budget_bits is not None or spec.budget_like is not None or spec.budget_trained_bits is not None:
+            if spec.budgeted:
                 sensitivity = self.fisher() if spec.fisher else None
                 budget_bytes = self._budget_bytes(spec)
                 quantize_within_budget(self.run.pretrained_path, finetuned, path, options, budget_bits=spec.budget_bits,

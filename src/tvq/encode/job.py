@@ -16,6 +16,7 @@ import torch
 
 from tvq.encode.options import QuantizeOptions
 from tvq.io.base_check import digest_line
+from tvq.io.checkpoint_base import TensorMeta
 from tvq.io.content_hash import DEFAULT_ALGORITHM
 from tvq.io.readers import CheckpointReader, open_checkpoint
 from tvq.io.stamps import input_stamp
@@ -52,13 +53,18 @@ class KeyJob:
         Both paths keep the statistics packs have always recorded (tvq.encode.tvq)."""
         return self.role == TensorRole.QUANTIZE and self.options.streams
 
+    @property
+    def pretrained_meta(self) -> TensorMeta:
+        """The pretrained tensor's dtype, shape and size, from its reader's header (nothing read)."""
+        return resolve(self.pretrained, self.unsafe_pickle).meta(self.key)
+
     def memory_estimate(self) -> int:
         """Peak bytes of encode_key for this tensor, roughly. The streamed path holds the
         inputs as stored, the packed codes and, for RTVQ, β̂ in fp32; the other about
         (tasks + 4) fp32 copies."""
         if self.role == TensorRole.SKIP:
             return 0
-        meta = resolve(self.pretrained, self.unsafe_pickle).meta(self.key)
+        meta = self.pretrained_meta
         tasks = len(self.finetuned)
         if self.streams:
             per_element = (tasks + 1) * meta.dtype.itemsize + tasks + (4 if self.options.residual else 0)
@@ -78,9 +84,7 @@ def task_groups(job: KeyJob) -> list[KeyJob]:
     others, so the pack is byte-identical), the tensor is large and there are more tasks than
     one group. RTVQ's base and the average need every task at once: those stay whole."""
     names = list(job.finetuned)
-    if not job.streams or job.options.residual or job.with_average or len(names) <= TASK_GROUP:
-        return [job]
-    if resolve(job.pretrained, job.unsafe_pickle).meta(job.key).numel < GROUPED_NUMEL:
+    if not job.streams or job.options.residual or job.with_average or len(names) <= TASK_GROUP or job.pretrained_meta.numel < GROUPED_NUMEL:
         return [job]
     return [replace(job, finetuned={n: job.finetuned[n] for n in names[i : i + TASK_GROUP]}, first_group=i == 0)
             for i in range(0, len(names), TASK_GROUP)]  # fmt: skip
